@@ -1,0 +1,136 @@
+"""Frozen configuration dataclasses. Field names follow OpenAI's hparams.json; defaults follow the book."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from jaxcls.errors import CheckpointError, ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """GPT-2's shape (OpenAI's hparams names) plus the switches the book's experiments need."""
+
+    n_vocab: int = 50257
+    n_ctx: int = 1024
+    n_embd: int = 768
+    n_head: int = 12
+    n_layer: int = 12
+    dropout: float = 0.0
+    causal: bool = True
+    dtype: str = "float32"
+    ln_epsilon: float = 1e-5
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+
+    def __post_init__(self):
+        for field in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"GPT2Config.{field} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"GPT2Config.dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ConfigError(f"GPT2Config.lora_rank must be a non-negative integer, got {self.lora_rank!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"GPT2Config.dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def replace(self, **changes: Any) -> "GPT2Config":
+        return dataclasses.replace(self, **changes)
+
+    def hparams(self) -> dict[str, int]:
+        """The five numbers OpenAI's hparams.json holds."""
+        return {k: getattr(self, k) for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")}
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any], source: str = "hparams", **overrides) -> "GPT2Config":
+        missing = [k for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer") if k not in hparams]
+        if missing:
+            raise CheckpointError(f"{source}: missing field(s) {', '.join(missing)}")
+        try:
+            return cls(**{k: hparams[k] for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")},
+                       **overrides)
+        except ConfigError as e:
+            raise CheckpointError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json", **overrides) -> "GPT2Config":
+        """From a Hugging Face GPT2Config dict; refuses variants this model does not implement."""
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise CheckpointError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU")
+        n_embd = hf.get("n_embd")
+        if hf.get("n_inner") not in (None, 4 * n_embd if isinstance(n_embd, int) else None):
+            raise CheckpointError(f"{source}: n_inner {hf['n_inner']!r} != 4 * n_embd is not supported")
+        if hf.get("scale_attn_by_inverse_layer_idx"):
+            raise CheckpointError(f"{source}: scale_attn_by_inverse_layer_idx=true is not supported")
+        if hf.get("scale_attn_weights") is False:
+            raise CheckpointError(f"{source}: scale_attn_weights=false is not supported")
+        hparams = {
+            "n_vocab": hf.get("vocab_size"),
+            "n_ctx": hf.get("n_positions", hf.get("n_ctx")),
+            "n_embd": n_embd,
+            "n_head": hf.get("n_head"),
+            "n_layer": hf.get("n_layer"),
+        }
+        hparams = {k: v for k, v in hparams.items() if v is not None}
+        eps = hf.get("layer_norm_epsilon", 1e-5)
+        return cls.from_hparams(hparams, source, ln_epsilon=float(eps), **overrides)
+
+
+GPT2_SIZES: dict[str, GPT2Config] = {
+    "gpt2-small": GPT2Config(n_embd=768, n_head=12, n_layer=12),
+    "gpt2-medium": GPT2Config(n_embd=1024, n_head=16, n_layer=24),
+    "gpt2-large": GPT2Config(n_embd=1280, n_head=20, n_layer=36),
+    "gpt2-xl": GPT2Config(n_embd=1600, n_head=25, n_layer=48),
+}
+SIZE_ALIASES = {"124M": "gpt2-small", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl",
+                "gpt2": "gpt2-small"}
+# Small random-init presets for tests, CI and CPU experiments without pretrained weights.
+TINY_SIZES: dict[str, GPT2Config] = {
+    "tiny": GPT2Config(n_ctx=64, n_embd=16, n_head=2, n_layer=2),
+    "mini": GPT2Config(n_ctx=256, n_embd=128, n_head=4, n_layer=4),
+}
+
+
+def canonical_size(name: str) -> str | None:
+    """'124M' or 'gpt2' -> 'gpt2-small'; None when `name` is not a released size."""
+    name = SIZE_ALIASES.get(name, name)
+    return name if name in GPT2_SIZES else None
+
+
+def preset(name: str) -> GPT2Config:
+    """A released size ('gpt2-small', '124M', ...) or a small random-init preset ('tiny', 'mini')."""
+    size = canonical_size(name)
+    if size is not None:
+        return GPT2_SIZES[size]
+    if name in TINY_SIZES:
+        return TINY_SIZES[name]
+    names = sorted(GPT2_SIZES) + sorted(SIZE_ALIASES) + sorted(TINY_SIZES)
+    raise ConfigError(f"unknown model size {name!r}; known: {', '.join(names)}")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or a CheckpointError naming the file."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj

@@ -1,0 +1,215 @@
+"""GPT-2 in Flax NNX, top to bottom. Attribute paths are the checkpoint's names:
+`h/11/attn/c_attn/kernel` is OpenAI's `model/h11/attn/c_attn/w` and HF's `h.11.attn.c_attn.weight`."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcls.config import GPT2Config
+
+POOLINGS = ("last_real", "last", "first", "mean")
+
+
+def compute_dtype(config: GPT2Config):
+    return jnp.dtype(config.dtype)
+
+
+def dropout(x, rate: float, key):
+    """Inverted dropout; the identity when `key` is None (evaluation) or the rate is zero."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def fold(key, i: int):
+    return None if key is None else jax.random.fold_in(key, i)
+
+
+class Linear(nnx.Module):
+    """GPT-2's Conv1D: kernel stored [in, out] as both checkpoints store it, plus an optional LoRA
+    adapter. As in the book (appendix E) the low-rank update is scaled by alpha, not alpha / rank."""
+
+    def __init__(self, n_in: int, n_out: int, *, config: GPT2Config, std: float = 0.02,
+                 rngs: nnx.Rngs):
+        self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (n_in, n_out), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((n_out,), jnp.float32))
+        self.dtype = compute_dtype(config)
+        self.lora_alpha = float(config.lora_alpha)
+        if config.lora_rank:
+            bound = 1.0 / math.sqrt(n_in)  # torch's kaiming_uniform_(a=sqrt(5)), as the book's LoRALayer
+            self.lora_a = nnx.Param(jax.random.uniform(
+                rngs.params(), (n_in, config.lora_rank), jnp.float32, -bound, bound))
+            self.lora_b = nnx.Param(jnp.zeros((config.lora_rank, n_out), jnp.float32))
+        else:
+            self.lora_a = self.lora_b = None
+
+    def __call__(self, x):
+        x = x.astype(self.dtype)
+        y = x @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            low = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+            y = y + self.lora_alpha * low
+        return y
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
+        self.config = config
+        proj_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2's scaled init of residual projections
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, config=config, rngs=rngs)
+        self.c_proj = Linear(config.n_embd, config.n_embd, config=config, std=proj_std, rngs=rngs)
+
+    def __call__(self, x, mask, dropout_key=None):
+        cfg = self.config
+        B, T, C = x.shape
+        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
+        q, k, v = (t.reshape(B, T, cfg.n_head, cfg.head_dim) for t in (q, k, v))  # (B, T, nh, hd)
+        if dropout_key is None or cfg.dropout == 0.0:
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        else:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.head_dim)
+            if mask is not None:
+                scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+            probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+            probs = dropout(probs, cfg.dropout, dropout_key)
+            y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return self.c_proj(y.reshape(B, T, C))
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
+        proj_std = 0.02 / math.sqrt(2 * config.n_layer)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, config=config, rngs=rngs)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, config=config, std=proj_std, rngs=rngs)
+
+    def __call__(self, x):
+        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))
+
+
+def layer_norm(config: GPT2Config, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(config.n_embd, epsilon=config.ln_epsilon, dtype=compute_dtype(config),
+                         rngs=rngs)
+
+
+class Block(nnx.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
+        self.dropout_rate = config.dropout
+        self.ln_1 = layer_norm(config, rngs)
+        self.attn = Attention(config, rngs=rngs)
+        self.ln_2 = layer_norm(config, rngs)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, mask, dropout_key=None):
+        x = x + dropout(self.attn(self.ln_1(x), mask, fold(dropout_key, 0)), self.dropout_rate,
+                        fold(dropout_key, 1))
+        return x + dropout(self.mlp(self.ln_2(x)), self.dropout_rate, fold(dropout_key, 2))
+
+
+def build_mask(config: GPT2Config, T: int, lengths=None):
+    """Boolean mask (B or 1, 1, T, T): causal if the config says so, and keys past each text's
+    length hidden when `lengths` is given. None when nothing is masked."""
+    mask = jnp.tril(jnp.ones((T, T), bool))[None, None] if config.causal else None
+    if lengths is not None:
+        keys = (jnp.arange(T)[None, :] < jnp.asarray(lengths)[:, None])[:, None, None, :]
+        mask = keys if mask is None else mask & keys
+    return mask
+
+
+class GPT2(nnx.Module):
+    """The GPT-2 backbone; `__call__` returns the final hidden states after `ln_f`."""
+
+    def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype = compute_dtype(config)
+        init = nnx.initializers.normal(0.02)
+        self.wte = nnx.Embed(config.n_vocab, config.n_embd, dtype=dtype, embedding_init=init, rngs=rngs)
+        self.wpe = nnx.Embed(config.n_ctx, config.n_embd, dtype=dtype, embedding_init=init, rngs=rngs)
+        self.h = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layer)])
+        self.ln_f = layer_norm(config, rngs)
+
+    def embed(self, token_ids, dropout_key=None):
+        T = token_ids.shape[-1]
+        if T > self.config.n_ctx:
+            raise ValueError(f"sequence length {T} exceeds the context length n_ctx={self.config.n_ctx}")
+        x = self.wte(token_ids) + self.wpe(jnp.arange(T))[None]
+        return dropout(x, self.config.dropout, dropout_key)
+
+    def run_blocks(self, x, mask, start: int = 0, stop: int | None = None, dropout_key=None):
+        """Blocks [start, stop): the frozen-prefix cache runs the two halves separately."""
+        stop = self.config.n_layer if stop is None else stop
+        for i in range(start, stop):
+            x = self.h[i](x, mask, fold(dropout_key, i))
+        return x
+
+    def __call__(self, token_ids, attention_mask=None, *, dropout_key=None):
+        """token_ids (B, T) -> hidden (B, T, n_embd). `attention_mask` (B, T), 1 for real tokens,
+        keeps padding out of attention; without it every position is attended (as HF does)."""
+        lengths = None if attention_mask is None else jnp.sum(attention_mask, axis=-1)
+        mask = build_mask(self.config, token_ids.shape[-1], lengths)
+        x = self.embed(token_ids, fold(dropout_key, -1))
+        return self.ln_f(self.run_blocks(x, mask, dropout_key=dropout_key))
+
+    def lm_logits(self, hidden):
+        """The tied LM head: hidden (..., n_embd) -> float32 logits (..., n_vocab)."""
+        return self.wte.attend(hidden).astype(jnp.float32)
+
+
+def pool(hidden, lengths, pooling: str):
+    """hidden (B, T, C) -> (B, C). `last_real` and `mean` use the true lengths, never a search for
+    the padding id, which can occur inside a text."""
+    if pooling == "last":
+        return hidden[:, -1]
+    if pooling == "first":
+        return hidden[:, 0]
+    if lengths is None:
+        lengths = jnp.full(hidden.shape[:1], hidden.shape[1])
+    if pooling == "last_real":
+        return jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    if pooling == "mean":
+        real = (jnp.arange(hidden.shape[1])[None, :] < lengths[:, None])[..., None]
+        total = jnp.sum(jnp.where(real, hidden.astype(jnp.float32), 0.0), axis=1)
+        return (total / jnp.maximum(lengths, 1)[:, None]).astype(hidden.dtype)
+    raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLINGS}")
+
+
+class GPT2Classifier(GPT2):
+    """GPT-2 with its LM head replaced by `head` (n_embd -> num_classes) on a pooled token."""
+
+    def __init__(self, config: GPT2Config, num_classes: int, *, pooling: str = "last_real",
+                 rngs: nnx.Rngs):
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLINGS}")
+        super().__init__(config, rngs=rngs)
+        self.pooling = pooling
+        self.num_classes = num_classes
+        self.head = nnx.Linear(config.n_embd, num_classes, rngs=rngs)
+
+    def uses_padding_mask(self) -> bool:
+        """The book's literal `last` pooling reads a padding position, so it runs unmasked as the
+        book does; every other pooling keeps padding out of attention."""
+        return self.pooling != "last"
+
+    def prefix(self, token_ids, lengths, stop: int, dropout_key=None):
+        """Hidden states entering block `stop`."""
+        mask = build_mask(self.config, token_ids.shape[-1],
+                              lengths if self.uses_padding_mask() else None)
+        return self.run_blocks(self.embed(token_ids, fold(dropout_key, -1)), mask, 0, stop, dropout_key)
+
+    def suffix(self, x, lengths, start: int, dropout_key=None):
+        """Blocks from `start`, ln_f, pooling and head: x (B, T, C) -> float32 logits (B, classes)."""
+        mask = build_mask(self.config, x.shape[1], lengths if self.uses_padding_mask() else None)
+        hidden = self.ln_f(self.run_blocks(x, mask, start, dropout_key=dropout_key))
+        pooled = pool(hidden, lengths, self.pooling)
+        return self.head(pooled.astype(jnp.float32))
+
+    def __call__(self, token_ids, lengths=None, *, dropout_key=None):
+        """token_ids (B, T), lengths (B,) -> float32 logits (B, num_classes)."""
+        x = self.prefix(token_ids, lengths, 0, dropout_key)
+        return self.suffix(x, lengths, 0, dropout_key)

@@ -1,0 +1,174 @@
+"""From a checkpoint folder (or a size name) to a filled NNX module: strict about every tensor."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxcls import names
+from jaxcls.config import GPT2Config, canonical_size, read_json
+from jaxcls.errors import CheckpointError
+from jaxcls.model import GPT2
+
+OPENAI_MARKERS = ("checkpoint", "model.ckpt.index", "hparams.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint's tensors keyed by Flax path, with the config its own files state."""
+
+    config: GPT2Config
+    tensors: dict  # Flax path tuple -> np.ndarray in the Flax layout
+    layout: str  # "openai" or "hf"
+    folder: Path
+
+
+def layout_of(folder: Path) -> str:
+    if any((folder / m).exists() for m in OPENAI_MARKERS) or any(folder.glob("*.ckpt.index")):
+        return "openai"
+    if (folder / "config.json").exists() or any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
+        return "hf"
+    raise CheckpointError(
+        f"{folder}: not a GPT-2 checkpoint folder: expected OpenAI's files (checkpoint, hparams.json, "
+        "model.ckpt.index, model.ckpt.data-00000-of-00001, ...) or Hugging Face's "
+        "(config.json, model.safetensors)")
+
+
+def resolve_checkpoint_dir(path_or_name: str | Path, *, download: bool = True,
+                           progress: bool = True) -> Path:
+    """A folder as given, or a released size ('gpt2-small', '124M') from the cache, downloaded
+    there on first use."""
+    path = Path(path_or_name).expanduser()
+    if path.is_file() and path.suffix == ".safetensors":
+        return path.parent
+    if path.is_dir():
+        return path
+    size = canonical_size(str(path_or_name))
+    if size is None:
+        raise CheckpointError(f"{path_or_name}: no such checkpoint folder, and not a released size "
+                              "(gpt2-small/124M, gpt2-medium/355M, gpt2-large/774M, gpt2-xl/1558M)")
+    from jaxcls import download
+
+    folder = download.cache_home() / "models" / download.SIZE_DIRS[size]
+    complete = all((folder / f).is_file() for f in download.OPENAI_FILES)
+    if not complete:
+        if not download:
+            raise CheckpointError(f"{folder}: checkpoint {size} is not downloaded; "
+                                  f"run `jaxcls download {size}`")
+        download.download_checkpoint(size, progress=progress)
+    return folder
+
+
+def expected_shapes(config: GPT2Config) -> dict:
+    """Flax path -> shape of every parameter a GPT-2 checkpoint of this config holds."""
+    abstract = nnx.eval_shape(lambda: GPT2(config, rngs=nnx.Rngs(0)))
+    return {p: tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+            if names.in_checkpoint(p)}
+
+
+def _to_float32(arr: np.ndarray, where: str) -> np.ndarray:
+    if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
+        raise CheckpointError(f"{where}: dtype {arr.dtype} is not a floating-point type")
+    return arr
+
+
+def _match(raw: dict, table: dict, shapes: dict, *, file: Path, config_file: Path,
+           config: GPT2Config, reshape: Callable) -> dict:
+    """Every expected tensor present with its shape, nothing unknown left over."""
+    out = {}
+    for name, arr in raw.items():
+        if name not in table:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} is not a parameter of GPT-2 as {config_file.name} describes it "
+                f"({config.hparams()})")
+        path = table[name]
+        want = shapes[path]
+        arr = _to_float32(arr, f"{file}: tensor {name!r}")
+        got = reshape(path, arr)
+        if got is None or tuple(got.shape) != want:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has shape {tuple(arr.shape)}, but {config_file.name} "
+                f"({config.hparams()}) implies {want}")
+        out[path] = got
+    missing = [n for n, p in table.items() if p not in out]
+    if missing:
+        raise CheckpointError(f"{file}: missing tensor(s) {', '.join(missing[:5])}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    return out
+
+
+def read_openai(folder: Path, *, verify: bool = False, **overrides) -> Checkpoint:
+    from jaxcls import openai_ckpt
+
+    hparams_file = folder / "hparams.json"
+    config = GPT2Config.from_hparams(openai_ckpt.read_hparams(folder), str(hparams_file), **overrides)
+    raw = openai_ckpt.read_openai_checkpoint(folder, verify=verify)
+    shapes = expected_shapes(config)
+    table = {names.to_openai(p): p for p in shapes}
+
+    def reshape(path, arr):
+        if names.openai_kernel_squeezed(path):
+            return arr[0] if arr.ndim == 3 and arr.shape[0] == 1 else None
+        return arr
+
+    index = openai_ckpt.resolve_prefix(folder).with_suffix(".index")
+    tensors = _match(raw, table, shapes, file=index, config_file=hparams_file, config=config,
+                     reshape=reshape)
+    return Checkpoint(config, tensors, "openai", folder)
+
+
+def read_hf(folder: Path, **overrides) -> Checkpoint:
+    from jaxcls import hf_ckpt
+
+    config_file = folder / "config.json"
+    config = GPT2Config.from_hf_config(read_json(config_file), str(config_file), **overrides)
+    file = hf_ckpt.find_weights_file(folder)
+    raw = {names.strip_hf_prefix(k): v for k, v in hf_ckpt.read_safetensors(file).items()}
+    raw = {k: v for k, v in raw.items() if not names.HF_IGNORED.fullmatch(k)}
+    shapes = expected_shapes(config)
+    table = {names.to_hf(p): p for p in shapes}
+    tensors = _match(raw, table, shapes, file=file, config_file=config_file, config=config,
+                     reshape=lambda path, arr: arr)
+    return Checkpoint(config, tensors, "hf", folder)
+
+
+def read_checkpoint(path_or_name: str | Path, *, verify: bool = False, download: bool = True,
+                    **overrides) -> Checkpoint:
+    """Tensors and config of an OpenAI or HF checkpoint; `overrides` set GPT2Config's switches
+    (dtype, causal, dropout, lora_rank, lora_alpha)."""
+    folder = resolve_checkpoint_dir(path_or_name, download=download)
+    if layout_of(folder) == "openai":
+        return read_openai(folder, verify=verify, **overrides)
+    return read_hf(folder, **overrides)
+
+
+def materialize(make_model: Callable[[], nnx.Module], tensors: dict) -> nnx.Module:
+    """Build `make_model()` with the given tensors, without first filling the checkpoint's
+    parameters randomly: only the rest (a new head, LoRA adapters) is initialized, under jit,
+    where XLA drops the unused random draws."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
+    flat = nnx.to_flat_state(abstract)
+    fresh_paths = {p for p, _ in flat if p not in tensors}
+
+    def init_fresh():
+        _, state = nnx.split(make_model())
+        return {p: v.get_value() for p, v in nnx.to_flat_state(state) if p in fresh_paths}
+
+    fresh = jax.jit(init_fresh)() if fresh_paths else {}
+    leaves = []
+    for path, var in flat:
+        value = fresh[path] if path in fresh else jnp.asarray(tensors[path], dtype=var.get_value().dtype)
+        leaves.append((path, var.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def load_pretrained(path_or_name: str | Path, *, verify: bool = False, **overrides) -> GPT2:
+    """A GPT-2 backbone holding a checkpoint's weights; its config at `.config`."""
+    ckpt = read_checkpoint(path_or_name, verify=verify, **overrides)
+    return materialize(lambda: GPT2(ckpt.config, rngs=nnx.Rngs(0)), ckpt.tensors)
