@@ -1,0 +1,5 @@
+import sys
+
+from jaxcls.cli import main
+
+sys.exit(main())

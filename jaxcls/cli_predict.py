@@ -1,0 +1,5 @@
+"""Placeholder until this feature's subcommands land."""
+
+
+def register(sub) -> None:
+    pass
