@@ -134,3 +134,83 @@ def read_json(path: Path) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
+
+
+PADDINGS = ("auto", "longest", "context", "buckets", "none")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every `jaxcls train` flag, one field each. The defaults reproduce the book's chapter 6 run,
+    except `pooling` (`last_real`, which makes padding irrelevant; `--pooling last` is the book's)."""
+
+    checkpoint: str = "gpt2-small"  # a checkpoint folder, a released size, or 'tiny'/'mini' (random)
+    weights: str = "pretrained"  # or "random": the same shape, freshly initialized
+    data: str = "sms-spam"  # "sms-spam" or a CSV/TSV/JSONL file (then split 70/10/20)
+    data_path: str | None = None  # a local SMSSpamCollection or its zip, for sms-spam
+    validation: str | None = None
+    test: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    pooling: str = "last_real"
+    trainable: str = "last_block"
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    padding: str = "auto"  # auto: buckets unless pooling is 'last'; longest|context|buckets|none|N
+    causal: bool = True
+    dropout: float = 0.0
+    dtype: str = "float32"
+    epochs: int = 5
+    batch_size: int = 8
+    accumulation: int = 1  # micro-batches of batch_size per optimizer update
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    clip_norm: float | None = None
+    class_weights: str = "none"  # none | balanced | comma-separated weights per class
+    label_smoothing: float = 0.0
+    seed: int = 123
+    eval_freq: int = 50
+    eval_iter: int = 5
+    keep_best: bool = False  # keep the parameters of the epoch with the lowest validation loss
+    drop_last: bool = True  # the book drops the last partial training batch
+    cache: bool = True  # reuse frozen-prefix activations across epochs where that is exact
+    cache_budget_mb: int = 4096
+    max_steps: int | None = None  # stop early (tests, benchmarks)
+    save_every: int = 200  # steps between resumable train-state saves
+    save_full: bool = False  # save every weight, not only the trained ones
+    out: str | None = None
+
+    def __post_init__(self):
+        from jaxcls.model import POOLINGS
+
+        def need(cond, field, what):
+            if not cond:
+                raise ConfigError(f"TrainConfig.{field}: {what}, got {getattr(self, field)!r}")
+
+        need(self.weights in ("pretrained", "random"), "weights", "must be 'pretrained' or 'random'")
+        need(self.pooling in POOLINGS, "pooling", f"must be one of {POOLINGS}")
+        need(str(self.padding) in PADDINGS or str(self.padding).isdigit(), "padding",
+             f"must be one of {PADDINGS} or a positive integer")
+        need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
+        for field in ("epochs", "batch_size", "accumulation", "eval_freq", "eval_iter", "save_every"):
+            need(isinstance(getattr(self, field), int) and getattr(self, field) > 0, field,
+                 "must be a positive integer")
+        need(self.lr > 0, "lr", "must be positive")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        need(self.lora_rank > 0, "lora_rank", "must be positive")
+        need(self.max_steps is None or self.max_steps > 0, "max_steps", "must be positive")
+        need(self.clip_norm is None or self.clip_norm > 0, "clip_norm", "must be positive")
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def resolved_padding(self) -> str:
+        """'auto' means length buckets, unless the pooling reads a padding position (the book's
+        literal 'last'), which needs the book's fixed padding to the longest training text."""
+        if self.padding == "auto":
+            return "longest" if self.pooling == "last" else "buckets"
+        return str(self.padding)

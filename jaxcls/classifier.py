@@ -1,0 +1,271 @@
+"""`Classifier`: a GPT-2 text classifier you can fit, evaluate, save, load and serve."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from flax import nnx
+
+from jaxcls import freeze
+from jaxcls.config import GPT2Config, TrainConfig, preset, read_json
+from jaxcls.data import DataSplits, TextDataset
+from jaxcls.errors import CheckpointError, ConfigError
+from jaxcls.fileio import atomic_write_bytes, atomic_write_json
+from jaxcls.model import GPT2Classifier
+from jaxcls.names import in_checkpoint, path_str
+from jaxcls.tokenizer import encode, encoding_from_files, load_tokenizer, tokenizer_files
+
+FORMAT = "jaxcls-classifier"
+META = "classifier.json"
+WEIGHTS = "weights.safetensors"
+
+
+def file_sha256(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def base_weight_files(folder: Path, layout: str) -> list[Path]:
+    if layout == "openai":
+        from jaxcls.openai_ckpt import resolve_prefix
+
+        prefix = resolve_prefix(folder)
+        return [prefix.with_name(prefix.name + ".index"), prefix.with_name(prefix.name + ".data-00000-of-00001")]
+    from jaxcls.hf_ckpt import find_weights_file
+
+    return [find_weights_file(folder)]
+
+
+def _flat_params(state) -> dict[str, np.ndarray]:
+    return {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
+
+
+class Classifier:
+    """A GPT2Classifier with its tokenizer, label names and the padding it was trained with."""
+
+    def __init__(self, model: GPT2Classifier, tokenizer, label_names: Sequence[str], *,
+                 pad_length: int | None = None, trainable: str = "last_block",
+                 base: dict | None = None, tokenizer_dir: Path | None = None):
+        if len(label_names) != model.num_classes:
+            raise ConfigError(f"{len(label_names)} label names for a head of {model.num_classes} classes")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.label_names = tuple(label_names)
+        self.pad_length = pad_length
+        self.trainable = trainable
+        self.base = base  # {"path", "layout", "sha256"} of the pretrained checkpoint, if any
+        self.tokenizer_dir = tokenizer_dir
+        self.report: dict | None = None
+        self._predictors: dict = {}
+
+    # ---- construction ----
+    @classmethod
+    def from_pretrained(cls, path_or_name: str | Path, num_classes: int | None = None, *,
+                        label_names: Sequence[str] | None = None, trainable: str = "last_block",
+                        pooling: str = "last_real", weights: str = "pretrained", seed: int = 123,
+                        lora_rank: int = 16, lora_alpha: float = 16.0, dtype: str = "float32",
+                        causal: bool = True, dropout: float = 0.0, tokenizer: str | Path | None = None,
+                        verify: bool = False) -> "Classifier":
+        """GPT-2 from a checkpoint folder or size name with a new `num_classes` head; `weights=
+        'random'` keeps only the shape (also the 'tiny' and 'mini' presets, which have no files)."""
+        if label_names is None:
+            if num_classes is None:
+                raise ConfigError("from_pretrained needs num_classes or label_names")
+            label_names = [str(i) for i in range(num_classes)]
+        num_classes = len(label_names)
+        overrides = dict(dtype=dtype, causal=causal, dropout=dropout,
+                         lora_rank=lora_rank if trainable == "lora" else 0, lora_alpha=lora_alpha)
+
+        def make(config):
+            return lambda: GPT2Classifier(config, num_classes, pooling=pooling, rngs=nnx.Rngs(seed))
+
+        from jaxcls.weights import materialize, read_checkpoint, resolve_checkpoint_dir, layout_of
+
+        folder = None
+        if str(path_or_name) in ("tiny", "mini") or (weights == "random" and not Path(path_or_name).is_dir()):
+            config = preset(str(path_or_name)).replace(**overrides)
+            model, base = make(config)(), None
+        else:
+            folder = resolve_checkpoint_dir(path_or_name)
+            ckpt = read_checkpoint(folder, verify=verify, **overrides)
+            if weights == "random":
+                model, base = make(ckpt.config)(), None
+            else:
+                model = materialize(make(ckpt.config), ckpt.tensors)
+                base = {"path": str(folder.resolve()), "layout": ckpt.layout}
+        tok_dir = Path(tokenizer) if tokenizer else folder
+        tok = load_tokenizer(tok_dir)
+        tok_dir = tok_dir if tok_dir is not None and tokenizer_files(tok_dir) else None
+        return cls(model, tok, label_names, trainable=trainable, base=base, tokenizer_dir=tok_dir)
+
+    # ---- training ----
+    def fit(self, train, validation=None, test=None, *, out: str | Path | None = None,
+            resume: bool = False, progress: bool = False, log=print, **config) -> dict:
+        """Fine-tune on `train` (a TextDataset, a DataSplits, or (texts, labels)); `config` takes
+        TrainConfig's fields. Returns the report: per-split accuracy, P/R/F1, confusion matrix."""
+        from jaxcls.fit import fit
+
+        splits = train if isinstance(train, DataSplits) else DataSplits(
+            self._dataset(train, "train"), self._dataset(validation, "validation"),
+            self._dataset(test, "test"), self.label_names)
+        if tuple(splits.label_names) != self.label_names:
+            raise ConfigError(f"data labels {splits.label_names} differ from the classifier's {self.label_names}")
+        cfg = config.pop("train_config", None) or TrainConfig(**config)
+        cfg = cfg.replace(pooling=self.model.pooling, trainable=self.trainable)
+        result = fit(self.model, self.encode, splits, cfg, out=Path(out) if out else None,
+                     resume=resume, progress=progress, log=log)
+        self.model = nnx.merge(result.graphdef, result.trainable, result.frozen)
+        self.pad_length = result.pad_length
+        self._predictors.clear()
+        self.report = result.report
+        return result.report
+
+    def _dataset(self, d, split) -> TextDataset | None:
+        if d is None or isinstance(d, TextDataset):
+            return d
+        texts, labels = d
+        lookup = {n: i for i, n in enumerate(self.label_names)}
+        ids = [lookup[l] if l in lookup else int(l) for l in labels]
+        return TextDataset(tuple(texts), np.asarray(ids, np.int32), self.label_names, f"<{split}>")
+
+    # ---- inference ----
+    def encode(self, text: str) -> list[int]:
+        return encode(self.tokenizer, text)
+
+    @property
+    def pooling(self) -> str:
+        return self.model.pooling
+
+    @property
+    def max_length(self) -> int:
+        return self.pad_length or self.model.config.n_ctx
+
+    def predictor(self, **kw):
+        """A cached bucketed Predictor; one per distinct setting, so nothing recompiles per call."""
+        from jaxcls.predict import Predictor
+
+        key = tuple(sorted(kw.items()))
+        if key not in self._predictors:
+            self._predictors[key] = Predictor(self.model, self.encode, pad_length=self.pad_length, **kw)
+        return self._predictors[key]
+
+    def predict_proba(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+        return self.predictor(batch_size=batch_size).predict(list(texts))[1]
+
+    def predict(self, texts: Sequence[str], *, batch_size: int = 32, return_probs: bool = False):
+        ids, probs = self.predictor(batch_size=batch_size).predict(list(texts))
+        labels = [self.label_names[i] for i in ids]
+        return (labels, probs) if return_probs else labels
+
+    def warmup(self, *, batch_size: int = 32) -> int:
+        return self.predictor(batch_size=batch_size).warmup()
+
+    def evaluate(self, data: TextDataset, *, batch_size: int = 32) -> dict:
+        from jaxcls.metrics import classification_report
+
+        ids, _ = self.predictor(batch_size=batch_size).predict(list(data.texts))
+        return classification_report(data.labels, ids, self.label_names)
+
+    # ---- files ----
+    def save(self, directory: str | Path, *, full: bool = False) -> Path:
+        """Weights (only the trained subtree unless `full` or there is no base checkpoint), the
+        settings, label names and tokenizer files; classifier.json is written last, so a folder
+        without it is not a classifier."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        from safetensors.numpy import save as st_save
+
+        params = nnx.state(self.model, nnx.Param)
+        delta = not full and self.base is not None
+        if delta:
+            pattern = freeze.trainable_pattern(self.trainable, self.model.config.n_layer)
+            keep = freeze.is_trainable(pattern)
+            flat = {k: v for k, v in _flat_params(params).items()}
+            names = {path_str(p) for p, _ in nnx.to_flat_state(params)
+                     if keep(p, None) or not in_checkpoint(p)}
+            flat = {k: v for k, v in flat.items() if k in names}
+            if "sha256" not in self.base:
+                folder = Path(self.base["path"])
+                self.base = {**self.base, "sha256": file_sha256(base_weight_files(folder, self.base["layout"]))}
+        else:
+            flat = _flat_params(params)
+        atomic_write_bytes(directory / WEIGHTS, st_save({k: np.ascontiguousarray(v) for k, v in flat.items()}))
+        if self.tokenizer_dir is not None:
+            for f in tokenizer_files(self.tokenizer_dir):
+                if f.resolve() != (directory / f.name).resolve():
+                    atomic_write_bytes(directory / f.name, f.read_bytes())
+        atomic_write_json(directory / META, {
+            "format": FORMAT, "version": 1,
+            "config": dataclasses.asdict(self.model.config),
+            "num_classes": self.model.num_classes, "label_names": list(self.label_names),
+            "pooling": self.pooling, "pad_length": self.pad_length, "trainable": self.trainable,
+            "saved": "delta" if delta else "full", "base": self.base if delta else None,
+        })
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, *, base: str | Path | None = None) -> "Classifier":
+        """A saved classifier; `base` overrides where its pretrained checkpoint is, when only the
+        trained weights were saved."""
+        from safetensors.numpy import load_file
+
+        from jaxcls.weights import materialize, read_checkpoint
+
+        directory = Path(directory)
+        meta = read_json(directory / META)
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{directory / META}: not a jaxcls classifier (format {meta.get('format')!r})")
+        try:
+            config = GPT2Config(**meta["config"])
+            num_classes, label_names, pooling = meta["num_classes"], meta["label_names"], meta["pooling"]
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{directory / META}: missing or malformed field ({e})") from None
+        try:
+            saved = {tuple(int(p) if p.isdigit() else p for p in k.split("/")): v
+                     for k, v in load_file(str(directory / WEIGHTS)).items()}
+        except FileNotFoundError:
+            raise CheckpointError(f"{directory / WEIGHTS}: file not found") from None
+        except Exception as e:
+            raise CheckpointError(f"{directory / WEIGHTS}: unreadable ({e})") from None
+        tensors = dict(saved)
+        if meta["saved"] == "delta":
+            ref = meta["base"]
+            folder = Path(base or ref["path"])
+            if not folder.is_dir():
+                raise CheckpointError(
+                    f"{directory}: stores only its trained weights and needs its base checkpoint "
+                    f"{ref['path']} ({ref['layout']} layout, sha256 {ref['sha256'][:16]}...), which is "
+                    "not there; pass base=... (CLI: --base) with the folder holding it")
+            got = file_sha256(base_weight_files(folder, ref["layout"]))
+            if got != ref["sha256"]:
+                raise CheckpointError(
+                    f"{folder}: its weights hash to sha256 {got[:16]}..., but {directory / META} was "
+                    f"trained on {ref['sha256'][:16]}...: a different base checkpoint")
+            ckpt = read_checkpoint(folder, **{k: getattr(config, k) for k in
+                                              ("dtype", "causal", "dropout", "lora_rank", "lora_alpha")})
+            tensors = {**ckpt.tensors, **saved}
+        make = lambda: GPT2Classifier(config, num_classes, pooling=pooling, rngs=nnx.Rngs(0))
+        abstract = nnx.to_flat_state(nnx.state(nnx.eval_shape(make), nnx.Param))
+        expected = {p: tuple(v.shape) for p, v in abstract}
+        for p, arr in saved.items():
+            if p not in expected or tuple(arr.shape) != expected[p]:
+                raise CheckpointError(f"{directory / WEIGHTS}: tensor {path_str(p)!r} "
+                                      f"{'is unknown' if p not in expected else f'has shape {arr.shape}, expected {expected[p]}'}")
+        missing = [path_str(p) for p in expected if p not in tensors]
+        if missing:
+            raise CheckpointError(f"{directory / WEIGHTS}: missing tensor(s) {', '.join(missing[:5])}")
+        model = materialize(make, tensors)
+        files = tokenizer_files(directory)
+        tok = encoding_from_files(*files) if files else load_tokenizer(None)
+        return cls(model, tok, label_names, pad_length=meta.get("pad_length"),
+                   trainable=meta.get("trainable", "last_block"),
+                   base=meta.get("base"), tokenizer_dir=directory if files else None)

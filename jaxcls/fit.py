@@ -1,0 +1,385 @@
+"""The training loop: data to fixed-shape batches, the jitted step, evaluation, saves, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxcls import data as data_lib
+from jaxcls import freeze, train, trainstate
+from jaxcls.config import TrainConfig
+from jaxcls.errors import CheckpointError, ConfigError, TrainingError
+from jaxcls.fileio import atomic_open, atomic_write_json
+from jaxcls.metrics import classification_report
+from jaxcls.tokenizer import PAD_ID
+
+FETCH_EVERY = 10  # steps between reading metrics back from the device (and NaN checks)
+
+
+@dataclasses.dataclass
+class Group:
+    """Examples padded to one shared length."""
+
+    length: int
+    ids: np.ndarray  # (n, length) int32
+    lengths: np.ndarray  # (n,) int32
+    labels: np.ndarray  # (n,) int32
+    features: np.ndarray | None = None  # cached frozen-prefix output per example
+
+
+@dataclasses.dataclass
+class SplitData:
+    name: str
+    groups: list[Group]
+    order: list[tuple[int, int]]  # example i -> (group, row)
+    truncated: int
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def prepare_split(name, seqs, labels, *, mode: str, pad_length: int | None, n_ctx: int,
+                  truncated: int) -> SplitData:
+    """Group a split's token arrays by padded length: one group for fixed padding, a few
+    power-of-two buckets, or (`none`) one group per exact length, so nothing is padded."""
+    if pad_length is not None:
+        truncated += sum(len(s) > pad_length for s in seqs)
+        seqs = [s[:pad_length] for s in seqs]
+        targets = np.full(len(seqs), pad_length)
+    else:
+        lengths = np.array([len(s) for s in seqs])
+        if mode == "none":
+            targets = lengths
+        else:
+            targets = data_lib.length_buckets(lengths, data_lib.default_bucket_lengths(n_ctx))
+    groups, order = [], [None] * len(seqs)
+    for g, length in enumerate(sorted(set(int(t) for t in targets))):
+        members = np.flatnonzero(targets == length)
+        ids, lens = data_lib.pad_batch([seqs[i] for i in members], length, PAD_ID)
+        groups.append(Group(length, ids, lens, np.asarray(labels)[members].astype(np.int32)))
+        for row, i in enumerate(members):
+            order[i] = (g, row)
+    return SplitData(name, groups, order, truncated)
+
+
+def plan_batches(split: SplitData, rows: int, *, shuffle: bool, seed: int, epoch: int,
+                 drop_last: bool) -> list[tuple[int, np.ndarray]]:
+    """(group, row indices) per batch; a pure function of (seed, epoch), so a resumed run replays
+    the same order. One group: the book's loader. Several: shuffle within each, then the batches."""
+    if len(split.groups) == 1:
+        n = len(split.groups[0].ids)
+        return [(0, b) for b in data_lib.batches(n, rows, shuffle=shuffle, seed=seed, epoch=epoch,
+                                                 drop_last=drop_last)]
+    rng = np.random.default_rng((seed, epoch))
+    plan = []
+    for g, group in enumerate(split.groups):
+        idx = rng.permutation(len(group.ids)) if shuffle else np.arange(len(group.ids))
+        plan += [(g, idx[i:i + rows]) for i in range(0, len(idx), rows)]
+    if shuffle:
+        plan = [plan[i] for i in rng.permutation(len(plan))]
+    return plan
+
+
+def make_batch(split: SplitData, group: int, idx: np.ndarray, rows: int, micro: int,
+               use_features: bool) -> train.Batch:
+    """Host arrays (micro, rows / micro, ...); missing rows repeat the first with weight 0."""
+    g = split.groups[group]
+    fill = np.concatenate([idx, np.full(rows - len(idx), idx[0])]).astype(np.int64)
+    weights = (np.arange(rows) < len(idx)).astype(np.float32)
+    inputs = g.features[fill] if use_features else g.ids[fill]
+    parts = (inputs, g.lengths[fill], g.labels[fill], weights)
+    return train.Batch(*(p.reshape(micro, rows // micro, *p.shape[1:]) for p in parts))
+
+
+@dataclasses.dataclass
+class FitResult:
+    trainable: nnx.State
+    frozen: nnx.State
+    graphdef: object
+    history: list[dict]
+    report: dict
+    pad_length: int | None
+
+
+class _Signals:
+    """SIGINT/SIGTERM set a flag; the loop saves and stops at the next step boundary."""
+
+    def __init__(self):
+        self.stop = None
+
+    def __enter__(self):
+        self._old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.stop = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(TrainingError):
+    pass
+
+
+def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, cfg: TrainConfig, *,
+        out: Path | None = None, resume: bool = False, progress: bool = True,
+        log: Callable[[str], None] = print) -> FitResult:
+    """Fine-tune `model` (a GPT2Classifier) in place of its trainable parameters."""
+    n_ctx, n_layer = model.config.n_ctx, model.config.n_layer
+    num_classes = len(splits.label_names)
+    mode = cfg.resolved_padding()
+    enc = {}
+    for name in ("train", "validation", "test"):
+        ds = getattr(splits, name)
+        if ds is not None:
+            enc[name] = (*data_lib.encode_texts(encode, ds.texts, n_ctx, source=ds.source), ds.labels)
+    pad_length = (data_lib.resolve_pad_length(mode, enc["train"][0], n_ctx)
+                  if mode in ("longest", "context") or mode.isdigit() else None)
+    if pad_length is None and not model.uses_padding_mask():
+        raise ConfigError(f"padding {mode!r} with pooling 'last' would pool at padding positions "
+                          "that differ between batches; use --padding longest/context/N, or "
+                          "--pooling last_real")
+    data = {name: prepare_split(name, s, y, mode=mode, pad_length=pad_length, n_ctx=n_ctx, truncated=t)
+            for name, (s, t, y) in enc.items()}
+    for name, d in data.items():
+        if d.truncated:
+            log(f"{name}: {d.truncated} of {len(d)} texts truncated to "
+                f"{pad_length or n_ctx} tokens")
+
+    pattern = freeze.trainable_pattern(cfg.trainable, n_layer)
+    graphdef, trainable, frozen = freeze.split_trainable(model, pattern)
+    n_train, n_frozen = freeze.count_params(trainable), freeze.count_params(frozen)
+    log(freeze.describe(n_train, n_train + n_frozen))
+
+    # The frozen prefix is a fixed function of each example when the trainable set is a suffix
+    # of the network and nothing in the frozen part is random (dropout).
+    start = freeze.first_trainable_block(cfg.trainable, n_layer)
+    spec = train.StepSpec(num_classes, label_smoothing=cfg.label_smoothing,
+                          class_weights=train.class_weights(cfg, splits.train.labels, num_classes))
+    cached = cfg.cache and start is not None and start > 0 and model.config.dropout == 0.0
+    if cached:
+        feature_spec = dataclasses.replace(spec, start_block=start, pooled=start == n_layer)
+        need = sum(len(g.ids) * (1 if feature_spec.pooled else g.length) for d in data.values()
+                   for g in d.groups) * model.config.n_embd * jnp.dtype(model.config.dtype).itemsize
+        if need > cfg.cache_budget_mb * 2**20:
+            log(f"frozen-prefix cache needs {need / 2**20:.0f} MiB, over the {cfg.cache_budget_mb} MiB "
+                "budget (--cache-budget-mb): training without it")
+            cached = False
+    if cached:
+        spec = feature_spec
+        t0 = time.perf_counter()
+        features_step = train.make_features_step(graphdef, spec)
+        for d in data.values():
+            for g in d.groups:
+                chunks = []
+                for i in range(0, len(g.ids), cfg.batch_size):
+                    rows = np.arange(i, min(i + cfg.batch_size, len(g.ids)))
+                    fill = np.concatenate([rows, np.full(cfg.batch_size - len(rows), rows[0])])
+                    f = features_step(trainable, frozen, g.ids[fill], g.lengths[fill])
+                    chunks.append(np.asarray(f)[:len(rows)])
+                g.features = np.concatenate(chunks)
+        log(f"frozen prefix cached ({'pooled features' if spec.pooled else f'blocks 0..{start - 1}'}) "
+            f"in {time.perf_counter() - t0:.1f}s")
+
+    rows = cfg.batch_size * cfg.accumulation
+    steps_per_epoch = len(plan_batches(data["train"], rows, shuffle=True, seed=cfg.seed, epoch=0,
+                                       drop_last=cfg.drop_last))
+    if steps_per_epoch == 0:
+        raise ConfigError(f"batch_size x accumulation = {rows} exceeds the {len(data['train'])} "
+                          "training examples (with drop_last)")
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    tx = train.make_optimizer(cfg, total_steps)
+    opt_state = tx.init(trainable)
+    train_step = train.make_train_step(graphdef, tx, spec)
+    eval_step = train.make_eval_step(graphdef, spec)
+
+    def evaluate(split: SplitData, plan=None, max_batches=None):
+        """Mean loss and predictions (in plan order) over a split or its first batches."""
+        plan = plan or plan_batches(split, cfg.batch_size, shuffle=False, seed=0, epoch=0, drop_last=False)
+        plan = plan[:max_batches] if max_batches else plan
+        sums, logits_all, labels_all = [], [], []
+        for g, idx in plan:
+            b = make_batch(split, g, idx[:cfg.batch_size], cfg.batch_size, 1, cached)
+            s, w, logits = eval_step(trainable, frozen, *(x[0] for x in b))
+            sums.append((s, w))
+            logits_all.append((logits, len(idx[:cfg.batch_size])))
+            labels_all.append(split.groups[g].labels[idx[:cfg.batch_size]])
+        sums = jax.device_get(sums)
+        loss = sum(s for s, _ in sums) / max(sum(w for _, w in sums), 1e-12)
+        preds = np.concatenate([np.argmax(np.asarray(l)[:n], -1) for l, n in logits_all]) if plan else np.zeros(0, int)
+        labels = np.concatenate(labels_all) if plan else np.zeros(0, int)
+        return float(loss), preds, labels
+
+    state_dir = Path(out) / "state" if out else None
+    step, epoch, done_in_epoch, history = 0, 0, 0, []
+    best = None
+    if resume and state_dir and (latest := trainstate.latest_state(state_dir)):
+        (trainable, opt_state), meta = trainstate.load_state(latest, (trainable, opt_state))
+        if meta["config"] != _resumable(cfg):
+            diff = sorted(k for k in meta["config"] if meta["config"][k] != _resumable(cfg).get(k))
+            raise ConfigError(f"{latest}: saved with other settings ({', '.join(diff)}); "
+                              "resume with the same options or use a new --out")
+        step, epoch, done_in_epoch, history = meta["step"], meta["epoch"], meta["done_in_epoch"], meta["history"]
+        best = meta.get("best")
+        log(f"resumed from {latest} (step {step}, epoch {epoch + 1}, batch {done_in_epoch})")
+    if out:
+        _rewrite_jsonl(Path(out) / "metrics.jsonl", history)
+
+    def save(final_of_epoch: bool):
+        if state_dir is None:
+            return
+        meta = {"config": _resumable(cfg), "epoch": epoch + final_of_epoch,
+                "done_in_epoch": 0 if final_of_epoch else done_in_epoch, "history": history, "best": best}
+        trainstate.save_state(state_dir, step, (trainable, opt_state), meta)
+
+    base_key = jax.random.PRNGKey(cfg.seed)
+    pending: list[tuple[int, tuple, jax.Array]] = []  # (step, batch ids, device loss) not yet checked
+    t_start = time.perf_counter()
+    seen_since, t_since = 0, time.perf_counter()
+    bar = _progress(progress, total_steps)
+
+    def check_pending():
+        """Read losses back in one transfer; a non-finite one stops before anything is saved."""
+        nonlocal seen_since, t_since
+        if not pending:
+            return None
+        losses = jax.device_get([l for _, _, l in pending])
+        for (s, where, _), loss in zip(pending, losses):
+            if not math.isfinite(float(loss)):
+                raise TrainingError(f"loss is {float(loss)} at step {s} (epoch {where[0] + 1}, batch "
+                                    f"{where[1]}, group of length {where[2]}); parameters after the "
+                                    f"last good save are discarded{' (see ' + str(state_dir) + ')' if state_dir else ''}")
+        rate = seen_since / max(time.perf_counter() - t_since, 1e-9)
+        seen_since, t_since = 0, time.perf_counter()
+        pending.clear()
+        return float(losses[-1]), rate
+
+    with _Signals() as signals, bar:
+        task = bar.add_task("train", total=total_steps, completed=min(step, total_steps), loss=float("nan"), rate=0.0)
+        while epoch < cfg.epochs and step < total_steps:
+            plan = plan_batches(data["train"], rows, shuffle=True, seed=cfg.seed, epoch=epoch,
+                                drop_last=cfg.drop_last)
+            for b_index in range(done_in_epoch, len(plan)):
+                g, idx = plan[b_index]
+                batch = make_batch(data["train"], g, idx, rows, cfg.accumulation, cached)
+                key = jax.random.fold_in(base_key, step)
+                trainable, opt_state, metrics = train_step(trainable, frozen, opt_state, batch, key)
+                step += 1
+                done_in_epoch = b_index + 1
+                seen_since += len(idx)
+                pending.append((step, (epoch, b_index, data["train"].groups[g].length), metrics["loss"]))
+                last_of_epoch = b_index == len(plan) - 1
+                if step % FETCH_EVERY == 0 or step % cfg.eval_freq == 0 or last_of_epoch or \
+                        step % cfg.save_every == 0 or signals.stop or step >= total_steps:
+                    loss, rate = check_pending()
+                    bar.update(task, completed=step, loss=loss, rate=rate)
+                if step % cfg.eval_freq == 0:
+                    tr, _, _ = evaluate(data["train"], plan, cfg.eval_iter)
+                    va = evaluate(data["validation"], None, cfg.eval_iter)[0] if "validation" in data else None
+                    entry = {"step": step, "epoch": epoch + 1, "train_loss": tr, "val_loss": va,
+                             "examples_seen": step * rows, "elapsed_s": time.perf_counter() - t_start}
+                    history.append(entry)
+                    _append_jsonl(out, entry)
+                if signals.stop:
+                    save(False)
+                    raise Interrupted(f"stopped by {signals.stop} at step {step}; "
+                                      + (f"state saved in {state_dir}; continue with --resume"
+                                         if state_dir else "nothing saved (no --out)"))
+                if step >= total_steps:
+                    break
+                if step % cfg.save_every == 0 and not last_of_epoch:
+                    save(False)
+            if done_in_epoch == len(plan):
+                entry = {"epoch": epoch + 1, "step": step, "train_acc": _acc(evaluate(data["train"], plan, cfg.eval_iter))}
+                if "validation" in data:
+                    va_loss, p, y = evaluate(data["validation"])
+                    entry.update(val_acc=float(np.mean(p == y)), val_loss_full=va_loss)
+                    if cfg.keep_best and (best is None or va_loss < best["val_loss"]):
+                        best = {"val_loss": va_loss, "epoch": epoch + 1}
+                        _save_best(out, trainable)
+                history.append(entry)
+                _append_jsonl(out, entry)
+                epoch, done_in_epoch = epoch + 1, 0
+                save(True)
+            else:
+                save(False)
+        check_pending()
+
+    if cfg.keep_best and best is not None and out:
+        trainable = _load_best(out, trainable)
+        log(f"keeping epoch {best['epoch']} (lowest validation loss {best['val_loss']:.4f})")
+    wall = time.perf_counter() - t_start
+    report = {"splits": {}, "trainable_params": n_train, "total_params": n_train + n_frozen,
+              "wall_time_s": wall, "steps": step, "padding": mode, "pad_length": pad_length,
+              "cached_prefix": bool(cached), "label_names": list(splits.label_names)}
+    for name, d in data.items():
+        loss, p, y = evaluate(d)
+        r = classification_report(y, p, splits.label_names)
+        report["splits"][name] = {"loss": loss, "n": len(d), "truncated": d.truncated, **r}
+    return FitResult(trainable, frozen, graphdef, history, report, pad_length)
+
+
+def _acc(result):
+    _, p, y = result
+    return float(np.mean(p == y)) if len(y) else None
+
+
+def _resumable(cfg: TrainConfig) -> dict:
+    """The settings a resumed run must share with the saved one."""
+    d = dataclasses.asdict(cfg)
+    for k in ("out", "save_every", "cache", "cache_budget_mb"):
+        d.pop(k)
+    return json.loads(json.dumps(d))
+
+
+def _append_jsonl(out, entry):
+    if out:
+        with open(Path(out) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def _rewrite_jsonl(path: Path, history):
+    """metrics.jsonl holds exactly the history of the state resumed from, not lines written after."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "w") as f:
+        for e in history:
+            f.write(json.dumps(e) + "\n")
+
+
+def _save_best(out, trainable):
+    if out:
+        trainstate.save_state(Path(out) / "best", 0, trainable, {})
+
+
+def _load_best(out, trainable):
+    path = trainstate.latest_state(Path(out) / "best")
+    if path is None:
+        raise CheckpointError(f"{out}/best: no saved best epoch")
+    return trainstate.load_state(path, trainable)[0]
+
+
+def _progress(enabled: bool, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} ex/s"),
+                    TimeRemainingColumn(), disable=not enabled, transient=False)

@@ -1,0 +1,158 @@
+"""Fine-tuning numerics: pure, jitted functions of pytrees. The loop that feeds them is in fit.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxcls.config import TrainConfig
+from jaxcls.errors import ConfigError
+from jaxcls.model import pool
+
+
+class Batch(NamedTuple):
+    """One optimizer step's data, with a leading micro-batch axis A (gradient accumulation).
+    `inputs` are token ids (A, B, T), or cached frozen-prefix features (A, B, T, C) / (A, B, C)."""
+
+    inputs: jax.Array
+    lengths: jax.Array  # (A, B) int32
+    labels: jax.Array  # (A, B) int32
+    weights: jax.Array  # (A, B) float32; 0 marks filler rows that keep shapes fixed
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What the jitted step computes, as hashable static data."""
+
+    num_classes: int
+    start_block: int = 0  # 0: inputs are token ids; k > 0: hidden states entering block k
+    pooled: bool = False  # inputs are pooled final features: only the head runs (linear probe)
+    label_smoothing: float = 0.0
+    class_weights: tuple[float, ...] | None = None
+
+
+def forward(model, inputs, lengths, spec: StepSpec, dropout_key=None):
+    """Logits from whatever the batch holds: token ids, a cached prefix, or pooled features."""
+    if spec.pooled:
+        return model.head(inputs.astype(jnp.float32))
+    if spec.start_block:
+        return model.suffix(inputs, lengths, spec.start_block, dropout_key)
+    return model(inputs, lengths, dropout_key=dropout_key)
+
+
+def frozen_features(model, token_ids, lengths, spec: StepSpec):
+    """The part of the network that no step changes: hidden states entering `start_block`, or
+    the pooled final features when only the head trains."""
+    if spec.pooled:
+        x = model.prefix(token_ids, lengths, model.config.n_layer)
+        return pool(model.ln_f(x), lengths, model.pooling)
+    return model.prefix(token_ids, lengths, spec.start_block)
+
+
+def loss_terms(logits, labels, weights, spec: StepSpec):
+    """(sum of weighted per-example cross-entropy, sum of weights): the ratio is the batch loss,
+    and sums add up exactly across micro-batches, which makes accumulation equal a larger batch."""
+    targets = jax.nn.one_hot(labels, spec.num_classes)
+    if spec.label_smoothing:
+        targets = optax.smooth_labels(targets, spec.label_smoothing)
+    ce = optax.softmax_cross_entropy(logits, targets)
+    if spec.class_weights is not None:
+        weights = weights * jnp.asarray(spec.class_weights, jnp.float32)[labels]
+    return jnp.sum(weights * ce), jnp.sum(weights)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, spec: StepSpec):
+    """-> jitted `train_step(trainable, frozen, opt_state, batch, key) -> (trainable, opt_state,
+    metrics)`. Gradients exist only for `trainable`; its buffers and the optimizer state are donated."""
+
+    def loss_sum(trainable, frozen, inputs, lengths, labels, weights, key):
+        model = nnx.merge(graphdef, trainable, frozen)
+        logits = forward(model, inputs, lengths, spec, key)
+        return loss_terms(logits, labels, weights, spec)
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 2))
+    def train_step(trainable, frozen, opt_state, batch: Batch, key):
+        def micro(carry, xs):
+            grads, total, weight = carry
+            inputs, lengths, labels, weights, i = xs
+            (s, w), g = grad_fn(trainable, frozen, inputs, lengths, labels, weights,
+                                jax.random.fold_in(key, i))
+            return (jax.tree.map(jnp.add, grads, g), total + s, weight + w), None
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        steps = jnp.arange(batch.inputs.shape[0])
+        (grads, total, weight), _ = jax.lax.scan(
+            micro, (zeros, jnp.float32(0), jnp.float32(0)), (*batch, steps))
+        weight = jnp.maximum(weight, 1e-12)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        return trainable, opt_state, {"loss": total / weight, "grad_norm": optax.global_norm(grads)}
+
+    return train_step
+
+
+def make_eval_step(graphdef, spec: StepSpec):
+    """-> jitted `eval_step(trainable, frozen, inputs, lengths, labels, weights) -> (loss sum,
+    weight sum, logits)`."""
+
+    @jax.jit
+    def eval_step(trainable, frozen, inputs, lengths, labels, weights):
+        model = nnx.merge(graphdef, trainable, frozen)
+        logits = forward(model, inputs, lengths, spec)
+        s, w = loss_terms(logits, labels, weights, spec)
+        return s, w, logits
+
+    return eval_step
+
+
+def make_features_step(graphdef, spec: StepSpec):
+    @jax.jit
+    def features_step(trainable, frozen, token_ids, lengths):
+        return frozen_features(nnx.merge(graphdef, trainable, frozen), token_ids, lengths, spec)
+
+    return features_step
+
+
+def learning_rate(cfg: TrainConfig, total_steps: int):
+    """A constant rate (the book), or linear warmup then cosine decay to zero (optax's schedule)."""
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps,
+                                                  max(total_steps, cfg.warmup_steps + 1))
+    if cfg.warmup_steps:
+        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps),
+                                     optax.constant_schedule(cfg.lr)], [cfg.warmup_steps])
+    return cfg.lr
+
+
+def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW over the trainable tree (the book's torch.optim.AdamW: decay on every parameter),
+    optionally after global-norm clipping."""
+    adamw = optax.adamw(learning_rate(cfg, total_steps), weight_decay=cfg.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm else adamw
+
+
+def class_weights(cfg: TrainConfig, train_labels: np.ndarray, num_classes: int):
+    """None, 'balanced' (n / (classes * count), scikit-learn's rule) or explicit weights."""
+    if cfg.class_weights == "none":
+        return None
+    if cfg.class_weights == "balanced":
+        counts = np.bincount(train_labels, minlength=num_classes).astype(np.float64)
+        return tuple(float(len(train_labels) / (num_classes * max(c, 1))) for c in counts)
+    try:
+        weights = tuple(float(w) for w in cfg.class_weights.split(","))
+    except ValueError:
+        raise ConfigError(f"class_weights: {cfg.class_weights!r} is not 'none', 'balanced' or "
+                          "comma-separated numbers") from None
+    if len(weights) != num_classes or min(weights) < 0:
+        raise ConfigError(f"class_weights: need {num_classes} non-negative numbers, got {cfg.class_weights!r}")
+    return weights
