@@ -1,5 +1,301 @@
-"""Placeholder until this feature's subcommands land."""
+"""`jaxcls classify`, `jaxcls eval` and `jaxcls serve`: use a classifier saved by `jaxcls train`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from jaxcls.errors import ConfigError, DataError
+
+LONG_MODES = ("truncate", "sliding")
 
 
 def register(sub) -> None:
-    pass
+    p = sub.add_parser("classify", help="classify texts (arguments, a file or stdin) with a saved classifier")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (or use --input)")
+    _model_options(p)
+    p.add_argument("--input", metavar="FILE", help="a .txt (a text per line), .csv, .tsv or .jsonl file, "
+                                                   "or - for stdin (a text per line); streamed in chunks")
+    p.add_argument("--text-column", default=None, help='the column or key holding the text (default "text")')
+    p.add_argument("--output", metavar="FILE", help="write predictions to a .jsonl or .csv file "
+                                                    "(default: a table for TEXT arguments, JSONL on stdout for --input)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="keep only the K most likely classes' probabilities in the output")
+    p.add_argument("--chunk-size", type=int, default=4096, help="texts read per chunk with --input")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary on stderr")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("eval", help="accuracy, per-class precision/recall/F1 and confusion matrix on labelled data")
+    _model_options(p)
+    p.add_argument("--data", required=True, metavar="SPEC",
+                   help="sms-spam (the book's data set), or a .csv/.tsv/.jsonl file with text and label columns")
+    p.add_argument("--data-path", default=None, help="sms-spam only: the SMSSpamCollection file, zip or folder")
+    p.add_argument("--split", default="test", choices=("test", "validation", "train", "all"),
+                   help="which split (a single file is split 70/10/20 by --seed, as in training); "
+                        "all: every row (default: test)")
+    p.add_argument("--text-column", default=None)
+    p.add_argument("--label-column", default=None)
+    p.add_argument("--seed", type=int, default=None, help="the split seed used in training (default 123)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="serve a saved classifier over HTTP (POST /classify, GET /)")
+    _model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-texts", type=int, default=1024, help="most texts per request")
+    p.set_defaults(func=cmd_serve)
+
+
+def _model_options(p) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="a folder written by `jaxcls train`")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--long", choices=LONG_MODES, default="truncate",
+                   help="texts over the maximum length: keep the first tokens (truncate, as in training) "
+                        "or average overlapping windows (sliding)")
+    p.add_argument("--window-stride", type=int, default=None, help="tokens between sliding windows "
+                                                                   "(default: half the maximum length)")
+    p.add_argument("--compilation-cache", metavar="DIR", default=None,
+                   help="keep compiled programs in DIR so the next run starts faster (a folder only you can write)")
+
+
+def _load(args):
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.compilation_cache:
+        from jaxcls.predict import enable_compilation_cache
+
+        enable_compilation_cache(args.compilation_cache)
+    from jaxcls.classifier import Classifier
+
+    return Classifier.load(args.model)
+
+
+def _predictor_kw(args, **extra) -> dict:
+    kw = {"batch_size": args.batch_size, "long": args.long, **extra}
+    if args.window_stride is not None:
+        kw["window_stride"] = args.window_stride
+    return kw
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(file=sys.stderr)
+
+
+def _shorten(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _report_long(stats: dict, clf, predictor, console) -> None:
+    n = stats["long_texts"]
+    if not n:
+        return
+    L = predictor.max_length
+    if predictor.long == "truncate":
+        console.print(f"{n} of {stats['texts']} texts had more than {L} tokens and were truncated to their "
+                      f"first {L} (--long sliding classifies every part)", highlight=False)
+    else:
+        console.print(f"{n} of {stats['texts']} texts had more than {L} tokens; their {stats['windows']} "
+                      f"windows were classified and averaged", highlight=False)
+    if stats["empty"]:
+        console.print(f"{stats['empty']} empty texts were classified as a lone padding token", highlight=False)
+
+
+def _stats_since(predictor, before: dict) -> dict:
+    now = predictor.stats.as_dict()
+    return {k: now[k] - before.get(k, 0) for k in now}
+
+
+def cmd_classify(args) -> int:
+    from jaxcls.inputs import PredictionWriter
+
+    if args.texts and args.input:
+        raise ConfigError("give TEXT arguments or --input, not both")
+    if not args.texts and not args.input:
+        raise ConfigError("nothing to classify: give TEXT arguments or --input FILE (- for stdin)")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.output:  # check the name before loading anything
+        _check_output(args.output)
+    clf = _load(args)
+    predictor = clf.predictor(**_predictor_kw(args))
+    before = predictor.stats.as_dict()
+    err = _stderr()
+    if args.texts:
+        ids, probs = predictor.predict(list(args.texts))
+        if args.output:
+            with PredictionWriter(clf.label_names, args.output, top_k=args.top_k) as w:
+                w.write(args.texts, ids, probs)
+            if not args.quiet:
+                err.print(f"wrote {len(ids)} predictions to {args.output}", highlight=False)
+        else:
+            _print_table(args.texts, ids, probs, clf.label_names, args.top_k)
+    else:
+        _classify_stream(args, clf, predictor, err)
+    if not args.quiet:
+        _report_long(_stats_since(predictor, before), clf, predictor, err)
+    return 0
+
+
+def _check_output(path: str) -> None:
+    from pathlib import Path
+
+    if Path(path).suffix.lower() not in (".jsonl", ".ndjson", ".csv", ".tsv"):
+        raise DataError(f"{path}: unknown output type; use .jsonl or .csv (or .tsv)")
+
+
+def _print_table(texts, ids, probs, label_names, top_k) -> None:
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_edge=False)
+    table.add_column("text")
+    table.add_column("label")
+    table.add_column("probability", justify="right")
+    if top_k is not None and top_k > 1:
+        table.add_column(f"top {min(top_k, len(label_names))}")
+    for text, i, p in zip(texts, ids, probs):
+        row = [_shorten(text), label_names[int(i)], f"{float(p[int(i)]):.4f}"]
+        if top_k is not None and top_k > 1:
+            ranked = np.argsort(-p, kind="stable")[:top_k]
+            row.append(", ".join(f"{label_names[j]} {float(p[j]):.3f}" for j in ranked))
+        table.add_row(*row)
+    Console(file=sys.stdout).print(table)
+
+
+def _classify_stream(args, clf, predictor, err) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from jaxcls.inputs import PredictionWriter, TextReader
+
+    reader = TextReader(args.input, text_column=args.text_column, chunk_size=args.chunk_size)
+    if args.output:
+        writer = PredictionWriter(clf.label_names, args.output, top_k=args.top_k)
+    else:
+        writer = PredictionWriter(clf.label_names, stream=sys.stdout, top_k=args.top_k)
+    progress = Progress(TextColumn("classifying"), BarColumn(), TextColumn("{task.fields[n]} texts"),
+                        TimeElapsedColumn(), console=err, disable=args.quiet)
+    with writer, progress:
+        task = progress.add_task("classify", total=reader.total_bytes, n=0)
+        for chunk in reader:
+            ids, probs = predictor.predict(chunk)
+            writer.write(chunk, ids, probs)
+            progress.update(task, completed=reader.bytes_read, n=reader.rows)
+    if not args.quiet:
+        where = f" to {args.output}" if args.output else ""
+        err.print(f"classified {reader.rows} texts from {args.input}{where}", highlight=False)
+    if reader.invalid_lines:
+        err.print(f"warning: {reader.invalid_lines} lines of {args.input} were not valid UTF-8 "
+                  f"(first: line {reader.first_invalid_line}); bad bytes were read as U+FFFD",
+                  highlight=False)
+
+
+def _eval_dataset(args, clf):
+    """(texts, label indices into clf.label_names, description)."""
+    import numpy as np
+
+    from jaxcls.data import load_data, read_table
+
+    names = tuple(clf.label_names)
+    if args.data in ("sms-spam", "sms_spam"):
+        splits = load_data("sms-spam", path=args.data_path, seed=args.seed, progress=not args.json)
+        parts = [splits.train, splits.validation, splits.test] if args.split == "all" else [getattr(splits, args.split)]
+        texts = [t for d in parts for t in d.texts]
+        lookup = {}
+        for n in splits.label_names:
+            if n not in names:
+                raise DataError(f"sms-spam: label {n!r} is not one of the classifier's labels {list(names)}")
+            lookup[n] = names.index(n)
+        labels = np.array([lookup[d.label_names[i]] for d in parts for i in d.labels], np.int32)
+        return texts, labels, f"sms-spam:{args.split}"
+    if args.data_path is not None:
+        raise ConfigError("--data-path applies to --data sms-spam only")
+    if args.split == "all":
+        texts, raw = read_table(args.data, text_column=args.text_column, label_column=args.label_column)
+        return texts, _labels_by_name(raw, names, args.data), f"{args.data}:all"
+    splits = load_data(args.data, text_column=args.text_column, label_column=args.label_column,
+                       seed=args.seed, label_names=list(names))
+    data = getattr(splits, args.split)
+    if data is None:
+        raise DataError(f"{args.data}: there is no {args.split} split")
+    if tuple(data.label_names) != names:  # load_splits was given our names; stay safe anyway
+        data_labels = [data.label_names[i] for i in data.labels]
+        return list(data.texts), _labels_by_name(data_labels, names, args.data), data.source
+    return list(data.texts), np.asarray(data.labels, np.int32), data.source
+
+
+def _labels_by_name(raw, names, source) -> "np.ndarray":
+    """Labels as the classifier's class indices: by name; integers that are no name are indices."""
+    import numpy as np
+
+    out = np.empty(len(raw), np.int32)
+    for k, v in enumerate(raw):
+        if str(v) in names:
+            out[k] = names.index(str(v))
+        elif isinstance(v, int) and 0 <= v < len(names):
+            out[k] = v
+        else:
+            raise DataError(f"{source}: row {k + 1}: label {v!r} is not one of the classifier's "
+                            f"labels {list(names)}")
+    return out
+
+
+def cmd_eval(args) -> int:
+    from jaxcls.metrics import classification_report
+
+    clf = _load(args)
+    texts, labels, source = _eval_dataset(args, clf)
+    predictor = clf.predictor(**_predictor_kw(args))
+    before = predictor.stats.as_dict()
+    ids, _ = predictor.predict(texts)
+    report = classification_report(labels, ids, clf.label_names)
+    stats = _stats_since(predictor, before)
+    if args.json:
+        print(json.dumps({"data": source, **report, "long_texts": stats["long_texts"]}, indent=2))
+    else:
+        _print_report(report, source)
+        _report_long(stats, clf, predictor, _stderr())
+    return 0
+
+
+def _print_report(report: dict, source: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(file=sys.stdout)
+    out.print(f"{source}: {report['n']} texts, accuracy {report['accuracy']:.4f}, "
+              f"macro F1 {report['macro_f1']:.4f}", highlight=False)
+    table = Table(title="per class", show_edge=False)
+    for col in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, m in report["per_class"].items():
+        table.add_row(name, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(m["support"]))
+    out.print(table)
+    cm = Table(title="confusion matrix (rows: true, columns: predicted)", show_edge=False)
+    cm.add_column("true \\ predicted")
+    for name in report["label_names"]:
+        cm.add_column(name, justify="right")
+    for name, row in zip(report["label_names"], report["confusion_matrix"]):
+        cm.add_row(name, *(str(x) for x in row))
+    out.print(cm)
+
+
+def cmd_serve(args) -> int:
+    from jaxcls.serve import serve
+
+    if args.max_texts < 1:
+        raise ConfigError(f"--max-texts must be >= 1, got {args.max_texts}")
+    clf = _load(args)
+    # A request with a single text runs a one-row batch instead of a full batch of dummies.
+    kw = _predictor_kw(args, row_buckets=(1, args.batch_size))
+    try:
+        serve(clf, args.host, args.port, max_texts=args.max_texts, predictor_kw=kw)
+    except KeyboardInterrupt:
+        print("jaxcls: stopped", file=sys.stderr)
+    except OSError as e:
+        raise ConfigError(f"cannot serve on {args.host}:{args.port} ({e})") from None
+    return 0

@@ -48,8 +48,14 @@ class SplitData:
         return len(self.order)
 
 
+def pad_id_for(n_vocab: int) -> int:
+    """GPT-2 pads with <|endoftext|>; a smaller vocabulary pads with its last id (padding is
+    masked or, for the book's `last` pooling, the same for every example)."""
+    return min(PAD_ID, n_vocab - 1)
+
+
 def prepare_split(name, seqs, labels, *, mode: str, pad_length: int | None, n_ctx: int,
-                  truncated: int) -> SplitData:
+                  truncated: int, pad_id: int = PAD_ID) -> SplitData:
     """Group a split's token arrays by padded length: one group for fixed padding, a few
     power-of-two buckets, or (`none`) one group per exact length, so nothing is padded."""
     if pad_length is not None:
@@ -65,7 +71,7 @@ def prepare_split(name, seqs, labels, *, mode: str, pad_length: int | None, n_ct
     groups, order = [], [None] * len(seqs)
     for g, length in enumerate(sorted(set(int(t) for t in targets))):
         members = np.flatnonzero(targets == length)
-        ids, lens = data_lib.pad_batch([seqs[i] for i in members], length, PAD_ID)
+        ids, lens = data_lib.pad_batch([seqs[i] for i in members], length, pad_id)
         groups.append(Group(length, ids, lens, np.asarray(labels)[members].astype(np.int32)))
         for row, i in enumerate(members):
             order[i] = (g, row)
@@ -156,7 +162,8 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
         raise ConfigError(f"padding {mode!r} with pooling 'last' would pool at padding positions "
                           "that differ between batches; use --padding longest/context/N, or "
                           "--pooling last_real")
-    data = {name: prepare_split(name, s, y, mode=mode, pad_length=pad_length, n_ctx=n_ctx, truncated=t)
+    data = {name: prepare_split(name, s, y, mode=mode, pad_length=pad_length, n_ctx=n_ctx, truncated=t,
+                                pad_id=pad_id_for(model.config.n_vocab))
             for name, (s, t, y) in enc.items()}
     for name, d in data.items():
         if d.truncated:

@@ -12,6 +12,7 @@ from flax import nnx
 from jaxcls.config import GPT2Config
 
 POOLINGS = ("last_real", "last", "first", "mean")
+EMBED_STREAM = 1 << 20  # dropout key stream of the embeddings; blocks use their index
 
 
 def compute_dtype(config: GPT2Config):
@@ -153,7 +154,7 @@ class GPT2(nnx.Module):
         keeps padding out of attention; without it every position is attended (as HF does)."""
         lengths = None if attention_mask is None else jnp.sum(attention_mask, axis=-1)
         mask = build_mask(self.config, token_ids.shape[-1], lengths)
-        x = self.embed(token_ids, fold(dropout_key, -1))
+        x = self.embed(token_ids, fold(dropout_key, EMBED_STREAM))
         return self.ln_f(self.run_blocks(x, mask, dropout_key=dropout_key))
 
     def lm_logits(self, hidden):
@@ -200,7 +201,7 @@ class GPT2Classifier(GPT2):
         """Hidden states entering block `stop`."""
         mask = build_mask(self.config, token_ids.shape[-1],
                               lengths if self.uses_padding_mask() else None)
-        return self.run_blocks(self.embed(token_ids, fold(dropout_key, -1)), mask, 0, stop, dropout_key)
+        return self.run_blocks(self.embed(token_ids, fold(dropout_key, EMBED_STREAM)), mask, 0, stop, dropout_key)
 
     def suffix(self, x, lengths, start: int, dropout_key=None):
         """Blocks from `start`, ln_f, pooling and head: x (B, T, C) -> float32 logits (B, classes)."""

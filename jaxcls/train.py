@@ -96,7 +96,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, spec: StepSpec):
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        return trainable, opt_state, {"loss": total / weight, "grad_norm": optax.global_norm(grads)}
+        return trainable, opt_state, {"loss": total / weight, "grad_norm": optax.tree.norm(grads)}
 
     return train_step
 

@@ -1,0 +1,328 @@
+"""Texts to classify, streamed in chunks, and prediction files written atomically.
+
+Readers never hold a whole file: they read line by line and hand out lists of at most
+`chunk_size` texts, so a file larger than memory streams through the predictor.
+
+Invalid UTF-8 is not fatal here (unlike training data, see jaxcls.data): a line holding bytes that
+are not UTF-8 is decoded with U+FFFD replacement characters and classified anyway, so every input
+row still gets its prediction. The reader counts such lines (`invalid_lines`) and remembers the
+first one (`first_invalid_line`); `jaxcls classify` reports both on stderr.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import IO, Iterator, Sequence
+
+import numpy as np
+
+from jaxcls.errors import DataError
+from jaxcls.fileio import atomic_open
+
+CHUNK_SIZE = 4096
+TEXT_SUFFIXES = (".txt", ".text")
+CSV_SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+INPUT_KINDS = "'-' (stdin), .txt, .csv, .tsv, .jsonl"
+
+
+def input_format(path: str | os.PathLike) -> str:
+    """'lines' (stdin, .txt), 'csv', 'tsv' or 'jsonl', from the name."""
+    if str(path) == "-":
+        return "lines"
+    suffix = Path(path).suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        return "lines"
+    if suffix in CSV_SUFFIXES:
+        return "tsv" if CSV_SUFFIXES[suffix] == "\t" else "csv"
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl"
+    raise DataError(f"{path}: unknown input type {suffix or '(none)'!r}; supported: {INPUT_KINDS}")
+
+
+class TextReader:
+    """Iterate over chunks (lists) of the texts in `path`.
+
+    - `-`: standard input, a text per line; `.txt`: a text per line. Blank lines are skipped; the
+      line ending is removed, other whitespace is kept.
+    - `.csv` / `.tsv`: a header row, then the column `text_column` (default: the one column named
+      "text" in any letter case). Quoted fields may span lines. An empty cell is an empty text.
+    - `.jsonl`: an object per line with the key `text_column` (default "text"), or a bare JSON
+      string. Blank lines are skipped.
+
+    Errors (missing column, ragged row, malformed JSON) raise DataError naming the file and line.
+    `rows` counts the texts read so far, `bytes_read` the bytes consumed (for a progress bar;
+    `total_bytes` is the file's size, None for stdin).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, text_column: str | None = None,
+                 chunk_size: int = CHUNK_SIZE, stdin: IO[bytes] | None = None):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.path = str(path)
+        self.format = input_format(path)
+        self.text_column = text_column
+        self.chunk_size = int(chunk_size)
+        self._stdin = stdin
+        self.rows = 0
+        self.bytes_read = 0
+        self.invalid_lines = 0
+        self.first_invalid_line: int | None = None
+        if self.path == "-":
+            self.total_bytes = None
+        else:
+            p = Path(self.path)
+            if not p.is_file():
+                raise DataError(f"{p}: no such file")
+            self.total_bytes = p.stat().st_size
+
+    # -- decoding -----------------------------------------------------------------------------
+
+    def _open(self) -> IO[bytes]:
+        if self.path == "-":
+            return self._stdin if self._stdin is not None else sys.stdin.buffer
+        return open(self.path, "rb")
+
+    def _lines(self, raw: IO[bytes]) -> Iterator[tuple[int, str]]:
+        """(1-based line number, decoded line with its ending). b"\\n" never occurs inside a UTF-8
+        multi-byte sequence, so splitting bytes on it first is safe."""
+        for number, data in enumerate(raw, start=1):
+            self.bytes_read += len(data)
+            if number == 1 and data.startswith(b"\xef\xbb\xbf"):
+                data = data[3:]
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError:
+                line = data.decode("utf-8", errors="replace")
+                self.invalid_lines += 1
+                if self.first_invalid_line is None:
+                    self.first_invalid_line = number
+            yield number, line
+
+    # -- formats ------------------------------------------------------------------------------
+
+    def _texts(self) -> Iterator[str]:
+        raw = self._open()
+        try:
+            if self.format == "lines":
+                yield from self._plain(raw)
+            elif self.format == "jsonl":
+                yield from self._jsonl(raw)
+            else:
+                yield from self._csv(raw, "\t" if self.format == "tsv" else ",")
+        finally:
+            if raw is not self._stdin and self.path != "-":
+                raw.close()
+
+    def _plain(self, raw):
+        for _, line in self._lines(raw):
+            text = line.rstrip("\r\n")
+            if text.strip():
+                self.rows += 1
+                yield text
+
+    def _jsonl(self, raw):
+        for number, line in self._lines(raw):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{self.path}: line {number}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if isinstance(obj, str):
+                text = obj
+            elif isinstance(obj, dict):
+                key = self._column(list(obj), f"line {number}: ")
+                text = obj[key]
+                if not isinstance(text, str):
+                    raise DataError(f"{self.path}: line {number}: {key!r} must be a string, "
+                                    f"got {type(text).__name__}")
+            else:
+                raise DataError(f"{self.path}: line {number}: expected a JSON object or string, "
+                                f"got {type(obj).__name__}")
+            self.rows += 1
+            yield text
+
+    def _csv(self, raw, sep):
+        numbered = self._lines(raw)
+        current = [0]
+
+        def lines():
+            for number, line in numbered:
+                current[0] = number
+                yield line
+
+        reader = csv.reader(lines(), delimiter=sep, strict=True)
+        header, index, start = None, 0, 1
+        try:
+            for row in reader:
+                line_no, start = start, current[0] + 1
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                if header is None:
+                    header = row
+                    index = header.index(self._column(header, "header: "))
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{self.path}: line {line_no}: {len(row)} fields where the header has "
+                                    f"{len(header)}; check quoting and separators")
+                self.rows += 1
+                yield row[index]
+        except csv.Error as e:
+            raise DataError(f"{self.path}: line {start}: malformed {self.format.upper()} ({e})") from None
+        if header is None:
+            raise DataError(f"{self.path}: empty file (no header line)")
+
+    def _column(self, columns: Sequence[str], where: str) -> str:
+        if self.text_column is not None:
+            if self.text_column in columns:
+                return self.text_column
+        else:
+            matches = [c for c in columns if c.strip().lower() == "text"]
+            if len(matches) == 1:
+                return matches[0]
+        wanted = self.text_column or "text"
+        raise DataError(f"{self.path}: {where}no column {wanted!r}; columns: {list(columns)} "
+                        "(choose one with --text-column)")
+
+    # -- chunks -------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[list[str]]:
+        chunk: list[str] = []
+        for text in self._texts():
+            chunk.append(text)
+            if len(chunk) >= self.chunk_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+
+def read_texts(path, **kw) -> list[str]:
+    """All texts of `path` at once (small files, tests)."""
+    return [t for chunk in TextReader(path, **kw) for t in chunk]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers
+
+
+def _num(p) -> float:
+    """Six significant digits: enough for a probability, short in a file."""
+    return float(f"{float(p):.6g}")
+
+
+class PredictionWriter:
+    """Prediction rows to `.jsonl`/`.ndjson` or `.csv`/`.tsv` (`path`), or JSONL to `stream`.
+
+    Each row has the text, its `label` and that label's `probability`, and the class
+    probabilities: all of them (JSONL `probs` {name: p} in label order; CSV one `p_<name>`
+    column each), or with `top_k` the k most likely in decreasing order (JSONL `probs` holds those
+    k; CSV columns label_1, prob_1, ..., label_k, prob_k). Probabilities keep six significant
+    digits. A file is written to a temporary name and renamed into place on `close()`, so a
+    reader never sees half a file; after an error (`abort()`, or leaving the `with` block by an
+    exception) nothing is left behind.
+    """
+
+    def __init__(self, label_names: Sequence[str], path: str | os.PathLike | None = None, *,
+                 stream: IO[str] | None = None, top_k: int | None = None, include_text: bool = True):
+        if (path is None) == (stream is None):
+            raise ValueError("give exactly one of path and stream")
+        self.label_names = tuple(label_names)
+        C = len(self.label_names)
+        if top_k is not None and top_k < 1:
+            raise DataError(f"top-k must be >= 1, got {top_k}")
+        self.top_k = None if top_k is None else min(int(top_k), C)
+        self.include_text = include_text
+        self.rows = 0
+        self._ctx = None
+        if path is not None:
+            suffix = Path(path).suffix.lower()
+            if suffix in JSONL_SUFFIXES:
+                self.format = "jsonl"
+            elif suffix in (".csv", ".tsv"):
+                self.format = suffix[1:]
+            else:
+                raise DataError(f"{path}: unknown output type {suffix or '(none)'!r}; "
+                                "use .jsonl or .csv (or .tsv)")
+            self._ctx = atomic_open(path, "wb")
+            self._raw = self._ctx.__enter__()
+            self._out = io.TextIOWrapper(self._raw, encoding="utf-8", newline="")
+        else:
+            self.format = "jsonl"
+            self._out = stream
+        self.path = None if path is None else Path(path)
+        self._csv = None
+        if self.format in ("csv", "tsv"):
+            self._csv = csv.writer(self._out, delimiter="," if self.format == "csv" else "\t",
+                                   lineterminator="\n")
+            head = ["text"] if include_text else []
+            head += ["label", "probability"]
+            if self.top_k is None:
+                head += [f"p_{n}" for n in self.label_names]
+            else:
+                for k in range(1, self.top_k + 1):
+                    head += [f"label_{k}", f"prob_{k}"]
+            self._csv.writerow(head)
+
+    def write(self, texts: Sequence[str] | None, ids, probs) -> None:
+        """One row per prediction: class ids [N] and probabilities [N, C]."""
+        probs = np.asarray(probs)
+        ids = np.asarray(ids)
+        for i in range(len(ids)):
+            p = probs[i]
+            label = self.label_names[int(ids[i])]
+            if self.top_k is None:
+                ranked = list(range(len(self.label_names)))
+            else:
+                ranked = [int(j) for j in np.argsort(-p, kind="stable")[: self.top_k]]
+            text = texts[i] if (self.include_text and texts is not None) else None
+            if self._csv is not None:
+                row = [text] if self.include_text else []
+                row += [label, _num(p[int(ids[i])])]
+                if self.top_k is None:
+                    row += [_num(p[j]) for j in ranked]
+                else:
+                    for j in ranked:
+                        row += [self.label_names[j], _num(p[j])]
+                self._csv.writerow(row)
+            else:
+                obj = {"text": text} if self.include_text else {}
+                obj.update(label=label, probability=_num(p[int(ids[i])]),
+                           probs={self.label_names[j]: _num(p[j]) for j in ranked})
+                self._out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            self.rows += 1
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self._out.flush()
+            self._out.detach()
+            ctx, self._ctx = self._ctx, None
+            ctx.__exit__(None, None, None)
+        else:
+            self._out.flush()
+
+    def abort(self) -> None:
+        """Drop a file being written (the temporary is removed; an older file stays)."""
+        if self._ctx is not None:
+            self._out.detach()
+            ctx, self._ctx = self._ctx, None
+            try:
+                ctx.__exit__(DataError, DataError("aborted"), None)
+            except DataError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False

@@ -1,0 +1,285 @@
+"""Batched inference with a bounded number of compiles.
+
+Texts are tokenized once, sorted by length and cut into batches of a few fixed shapes
+(rows x bucket length). Each shape compiles once (`predict_step`); the last partial batch of a
+bucket is filled up with dummy rows so no new shape appears. Results come back in input order.
+
+Padding never changes a result for the `last_real`, `mean` and `first` poolings (padding is
+masked out of attention), so any bucket gives the numbers a one-text batch of exactly its length
+gives. The book's literal `last` pooling reads the final padded position and attends over
+padding, so a `last` classifier is served with one bucket of exactly the `pad_length` it was
+trained with: every text is truncated and padded to that length, as it was in training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxcls.data import default_bucket_lengths, length_buckets
+from jaxcls.errors import ConfigError
+
+LONG_MODES = ("truncate", "sliding")
+PAD_ID = 50256  # <|endoftext|>, as jaxcls.tokenizer.PAD_ID
+
+_traces = threading.local()  # tracing runs in the calling thread, so a thread-local count is exact
+
+
+def _trace_count() -> int:
+    return getattr(_traces, "n", 0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def predict_step(graphdef, state, ids, lengths):
+    """ids int32 [B, T], lengths int32 [B] -> float32 logits [B, C]. One compile per
+    (graphdef, B, T); the Python body (and so the counter) runs only when JAX traces."""
+    _traces.n = _trace_count() + 1
+    model = nnx.merge(graphdef, state)
+    return model(ids, lengths).astype(jnp.float32)
+
+
+def enable_compilation_cache(path: str | Path, *, min_compile_time_secs: float = 0.0) -> Path:
+    """Keep compiled programs in `path` across processes (JAX's persistent compilation cache), so
+    a second `jaxcls classify`/`serve` loads its buckets from disk instead of compiling them.
+
+    Every program is cached (JAX's defaults skip those that compile in under a second). Works even
+    if something was compiled already in this process. The folder is trusted: anyone who can write
+    to it can make this process run code, so never point it at a shared, writable folder."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    path = Path(path).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    compilation_cache.reset_cache()  # JAX decides once whether the cache is on; ask again
+    return path
+
+
+@dataclasses.dataclass
+class PredictStats:
+    """Counts over a Predictor's lifetime (they add up across calls)."""
+
+    texts: int = 0  # texts classified
+    truncated: int = 0  # texts longer than max_length, cut to their first max_length tokens
+    long_texts: int = 0  # texts longer than max_length (truncated or windowed)
+    windows: int = 0  # windows classified for long texts in "sliding" mode
+    empty: int = 0  # texts with no tokens, classified as a single padding token
+    batches: int = 0  # model calls
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+class Predictor:
+    """Classify texts with `model` (a `GPT2Classifier`) in fixed-shape batches.
+
+    encode: text -> token ids (e.g. `lambda t: jaxcls.tokenizer.encode(enc, t)`).
+    pad_length: the fixed length a classifier was trained with (needed for `last` pooling):
+        one bucket of exactly that length; texts are truncated and padded to it.
+    batch_size: rows per model call; a partial batch is filled with dummy rows.
+    bucket_lengths: the padded lengths batches may have (default 32, 64, 128, ... up to n_ctx);
+        the largest is `max_length`. Not allowed together with pad_length.
+    row_buckets: row counts a batch may have (default: only batch_size). E.g. (1, 8, 32) lets a
+        server answer a single text without computing 31 dummy rows, at the price of more compiles.
+    long: "truncate" keeps the first max_length tokens of a longer text (the book's choice);
+        "sliding" classifies windows of max_length tokens, `window_stride` apart (default
+        max_length // 2), the last window ending at the text's end, and averages their logits.
+
+    A text with no tokens (the empty string) has no token to pool; it is classified as a single
+    padding token (length 1), which gives a well-defined, text-independent prediction, and is
+    counted in `stats.empty`.
+
+    The weights are split from the model once, here: a model trained further afterwards needs
+    `refresh()`. `num_compiles` counts the traces (compiles, or persistent-cache loads) this
+    predictor caused; it never exceeds len(row_buckets) * len(bucket_lengths). Calls are serialized
+    by a lock, so one predictor can serve several threads.
+    """
+
+    def __init__(
+        self,
+        model,
+        encode: Callable[[str], Sequence[int]],
+        *,
+        pad_length: int | None = None,
+        batch_size: int = 32,
+        bucket_lengths: Sequence[int] | None = None,
+        row_buckets: Sequence[int] | None = None,
+        long: str = "truncate",
+        window_stride: int | None = None,
+        pad_id: int = PAD_ID,
+    ):
+        n_ctx = int(model.config.n_ctx)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if long not in LONG_MODES:
+            raise ConfigError(f"long must be one of {LONG_MODES}, got {long!r}")
+        if pad_length is not None:
+            if isinstance(pad_length, bool) or not 1 <= int(pad_length) <= n_ctx:
+                raise ConfigError(f"pad_length must be in 1..n_ctx={n_ctx}, got {pad_length!r}")
+            pad_length = int(pad_length)
+            if bucket_lengths is not None and tuple(bucket_lengths) != (pad_length,):
+                raise ConfigError(
+                    f"bucket_lengths {tuple(bucket_lengths)} conflict with pad_length {pad_length}: "
+                    "a classifier trained with a fixed pad length is served with exactly that length")
+            buckets = (pad_length,)
+        elif bucket_lengths is None:
+            buckets = default_bucket_lengths(n_ctx)
+        else:
+            buckets = tuple(sorted({int(b) for b in bucket_lengths}))
+            if not buckets or buckets[0] < 1 or buckets[-1] > n_ctx:
+                raise ConfigError(f"bucket_lengths must lie in 1..n_ctx={n_ctx}, got {tuple(bucket_lengths)}")
+        if getattr(model, "pooling", None) == "last" and pad_length is None:
+            warnings.warn(
+                "pooling 'last' without pad_length: a text's result depends on the bucket length it "
+                "is padded to; pass the pad length the classifier was trained with", stacklevel=2)
+        rows = (int(batch_size),) if row_buckets is None else tuple(sorted({int(r) for r in row_buckets}))
+        if rows[0] < 1 or rows[-1] != batch_size:
+            raise ConfigError(f"row_buckets must be positive and end with batch_size {batch_size}, got {rows}")
+        self.max_length = buckets[-1]
+        if window_stride is None:
+            window_stride = max(1, self.max_length // 2)
+        if long == "sliding" and not 1 <= int(window_stride) <= self.max_length:
+            raise ConfigError(f"window_stride must be in 1..{self.max_length}, got {window_stride!r}")
+        self.model = model
+        self.encode = encode
+        self.pad_length = pad_length
+        self.batch_size = int(batch_size)
+        self.bucket_lengths = buckets
+        self.row_buckets = rows
+        self.long = long
+        self.window_stride = int(window_stride)
+        self.pad_id = int(pad_id)
+        self.num_classes = int(model.num_classes)
+        self.num_compiles = 0
+        self.stats = PredictStats()
+        self._lock = threading.RLock()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Take the model's current weights (after further training, say)."""
+        with self._lock:
+            self._graphdef, self._state = nnx.split(self.model)
+
+    # -- tokens -----------------------------------------------------------------------------
+
+    def _windows(self, ids: np.ndarray) -> list[np.ndarray]:
+        L, n = self.max_length, len(ids)
+        if n <= L:
+            return [ids]
+        if self.long == "truncate":
+            return [ids[:L]]
+        starts = list(range(0, n - L + 1, self.window_stride))
+        if starts[-1] + L < n:
+            starts.append(n - L)
+        return [ids[s : s + L] for s in starts]
+
+    def _tokenize(self, texts: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Sequences to run and, for each, the index of the text it belongs to."""
+        seqs, owner = [], []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text at index {i} is {type(text).__name__}, not str")
+            ids = np.asarray(self.encode(text), dtype=np.int32).reshape(-1)
+            if ids.size == 0:
+                ids = np.array([self.pad_id], np.int32)
+                self.stats.empty += 1
+            parts = self._windows(ids)
+            if len(ids) > self.max_length:
+                self.stats.long_texts += 1
+                if self.long == "truncate":
+                    self.stats.truncated += 1
+                else:
+                    self.stats.windows += len(parts)
+            seqs.extend(parts)
+            owner.extend([i] * len(parts))
+        return seqs, np.asarray(owner, np.int64)
+
+    # -- batches ----------------------------------------------------------------------------
+
+    def _run(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        before = _trace_count()
+        out = predict_step(self._graphdef, self._state, ids, lengths)
+        out = np.asarray(out)
+        self.num_compiles += _trace_count() - before
+        self.stats.batches += 1
+        return out
+
+    def _batch(self, seqs: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = next(r for r in self.row_buckets if r >= len(seqs))
+        ids = np.full((rows, length), self.pad_id, np.int32)
+        lengths = np.ones((rows,), np.int32)  # dummy rows: one padding token
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = s
+            lengths[r] = len(s)
+        return ids, lengths
+
+    def _logits_of(self, seqs: list[np.ndarray]) -> np.ndarray:
+        out = np.zeros((len(seqs), self.num_classes), np.float32)
+        if not seqs:
+            return out
+        lengths = np.array([len(s) for s in seqs], np.int64)
+        order = np.argsort(lengths, kind="stable")
+        buckets = length_buckets(lengths[order], self.bucket_lengths)
+        for bucket in np.unique(buckets):
+            members = order[buckets == bucket]
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start : start + self.batch_size]
+                ids, lens = self._batch([seqs[j] for j in chunk], int(bucket))
+                out[chunk] = self._run(ids, lens)[: len(chunk)]
+        return out
+
+    # -- public -----------------------------------------------------------------------------
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        """float32 [N, C] logits in input order; a windowed text gets its windows' mean."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, not one string")
+        texts = list(texts)
+        with self._lock:
+            seqs, owner = self._tokenize(texts)
+            per_seq = self._logits_of(seqs)
+            self.stats.texts += len(texts)
+        if len(seqs) == len(texts):  # one sequence per text, in order
+            return per_seq
+        total = np.zeros((len(texts), self.num_classes), np.float64)
+        np.add.at(total, owner, per_seq)
+        counts = np.bincount(owner, minlength=len(texts))
+        return (total / counts[:, None]).astype(np.float32)
+
+    def predict(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(class ids int64 [N], probabilities float32 [N, C]) in input order."""
+        probs = softmax(self.logits(texts))
+        return np.argmax(probs, axis=-1), probs
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every (rows, length) batch shape this predictor can run."""
+        return [(r, b) for b in self.bucket_lengths for r in self.row_buckets]
+
+    def warmup(self) -> int:
+        """Compile every batch shape now; returns the number of new compiles (0 when warm)."""
+        with self._lock:
+            before = self.num_compiles
+            for rows, length in self.shapes():
+                ids = np.full((rows, length), self.pad_id, np.int32)
+                self._run(ids, np.ones((rows,), np.int32))
+                self.stats.batches -= 1  # warm-up calls are not work
+            return self.num_compiles - before
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    if z.size == 0:
+        return z.astype(np.float32)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)

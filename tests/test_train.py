@@ -1,0 +1,216 @@
+"""Training numerics: freezing, the jitted step, accumulation, determinism, the prefix cache."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from conftest import TOKENIZER_DIR
+from jaxcls import freeze, train
+from jaxcls.config import GPT2Config, TrainConfig
+from jaxcls.data import DataSplits, TextDataset
+from jaxcls.errors import ConfigError, TrainingError
+from jaxcls.fit import fit
+from jaxcls.model import GPT2Classifier
+from jaxcls.names import path_str
+
+CFG = GPT2Config(n_vocab=200, n_ctx=32, n_embd=16, n_head=2, n_layer=3)
+
+
+def model(seed=0, **kw):
+    return GPT2Classifier(CFG.replace(**kw), 2, pooling="last_real", rngs=nnx.Rngs(seed))
+
+
+def toy_splits(n=48, seed=0):
+    """Texts of digits whose label is whether the text contains '7': learnable, varied lengths."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for i in range(n):
+        words = [str(rng.integers(0, 7)) for _ in range(rng.integers(2, 20))]
+        if i % 2:
+            words[rng.integers(0, len(words))] = "7"
+        texts.append(" ".join(words))
+        labels.append(i % 2)
+    ds = lambda a, b, name: TextDataset(tuple(texts[a:b]), np.array(labels[a:b], np.int32), ("no", "yes"), name)
+    return DataSplits(ds(0, n - 16, "train"), ds(n - 16, n - 8, "validation"), ds(n - 8, n, "test"), ("no", "yes"))
+
+
+def encode(text):
+    return [int(w) + 1 for w in text.split()]
+
+
+def run(cfg: TrainConfig, seed=0, splits=None, **model_kw):
+    m = model(seed, **model_kw)
+    res = fit(m, encode, splits or toy_splits(), cfg, progress=False, log=lambda s: None)
+    return res
+
+
+def flat(state):
+    return {path_str(p): v if isinstance(v, str) else np.asarray(v.get_value())
+            for p, v in nnx.to_flat_state(state)}
+
+
+@pytest.mark.parametrize("preset,expect", [
+    ("head", {"head/bias", "head/kernel"}),
+    ("last_block", None),
+    ("lora", None),
+])
+def test_presets_select_the_right_paths(preset, expect):
+    m = model(lora_rank=4) if preset == "lora" else model()
+    _, tr, fr = freeze.split_trainable(m, freeze.trainable_pattern(preset, CFG.n_layer))
+    names = set(flat(tr))
+    if expect:
+        assert names == expect
+    elif preset == "last_block":
+        assert all(n.startswith(("h/2/", "ln_f/", "head/")) for n in names)
+        assert "h/2/attn/c_attn/kernel" in names and "ln_f/scale" in names and "h/1/ln_1/scale" not in names
+    else:
+        assert all(n.endswith(("lora_a", "lora_b")) or n.startswith("head/") for n in names)
+        assert len([n for n in names if n.endswith("lora_a")]) == 4 * CFG.n_layer
+    labels = flat(freeze.optax_labels(nnx.state(m, nnx.Param), freeze.trainable_pattern(preset, CFG.n_layer)))
+    assert {k for k, v in labels.items() if v == "train"} == names
+
+
+def test_bad_trainable_values_are_config_errors():
+    with pytest.raises(ConfigError, match="K must be"):
+        freeze.trainable_pattern("last_k_blocks:9", 3)
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        freeze.split_trainable(model(), freeze.trainable_pattern("nothing/.*", 3))
+    with pytest.raises(ConfigError, match="TrainConfig.pooling"):
+        TrainConfig(pooling="max")
+
+
+def one_step(m, preset, spec=None):
+    graphdef, tr, fr = freeze.split_trainable(m, freeze.trainable_pattern(preset, CFG.n_layer))
+    tx = optax.adamw(1e-2, weight_decay=0.1)
+    step = train.make_train_step(graphdef, tx, spec or train.StepSpec(2))
+    rng = np.random.default_rng(0)
+    batch = train.Batch(jnp.asarray(rng.integers(0, 200, (1, 4, 12)), jnp.int32), jnp.full((1, 4), 12, jnp.int32),
+                        jnp.asarray([[0, 1, 0, 1]], jnp.int32), jnp.ones((1, 4), jnp.float32))
+    return step, (tr, fr, tx.init(tr), batch, jax.random.PRNGKey(0))
+
+
+def test_frozen_leaves_bit_identical_and_trainable_move():
+    m = model()
+    step, (tr, fr, opt, batch, key) = one_step(m, "last_block")
+    fr_before, tr_before = flat(fr), flat(tr)
+    new_tr, _, metrics = step(tr, fr, opt, batch, key)
+    assert all(np.array_equal(fr_before[k], v) for k, v in flat(fr).items())
+    assert any(not np.array_equal(tr_before[k], v) for k, v in flat(new_tr).items())
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def test_no_backward_pass_through_frozen_blocks():
+    """XLA's own FLOP count: training only the last block costs about a forward pass plus the
+    last block's backward, far below training everything."""
+    def flops(preset):
+        step, args = one_step(model(), preset)
+        return step.lower(*args).compile().cost_analysis()["flops"]
+
+    f_last, f_all, f_head = flops("last_block"), flops("all"), flops("head")
+    assert f_head < f_last < 0.75 * f_all
+
+
+def test_optax_mask_over_full_tree_equals_the_split():
+    m = model()
+    pattern = freeze.trainable_pattern("last_block", CFG.n_layer)
+    step, (tr, fr, opt, batch, key) = one_step(m, "last_block")
+    new_tr, _, _ = step(tr, fr, opt, batch, key)
+    # The same freeze, stated as optax labels over the whole parameter tree.
+    graphdef, params = nnx.split(model(), nnx.Param)
+    labels = freeze.optax_labels(params, pattern)
+    tx = freeze.masked_optimizer(optax.adamw(1e-2, weight_decay=0.1), labels)
+    full_step = train.make_train_step(graphdef, tx, train.StepSpec(2))
+    new_params, _, _ = full_step(params, nnx.State({}), tx.init(params), batch, key)
+    full, split_new = flat(new_params), flat(new_tr)
+    for k, v in split_new.items():
+        np.testing.assert_allclose(full[k], v, rtol=1e-6, atol=1e-7)
+    untouched = flat(nnx.state(model(), nnx.Param))
+    assert all(np.array_equal(full[k], untouched[k]) for k in full if k not in split_new)
+
+
+BASE = TrainConfig(epochs=2, batch_size=8, lr=1e-3, eval_freq=3, eval_iter=2, padding="buckets",
+                   cache=False, drop_last=True)
+
+
+def test_gradient_accumulation_equals_the_larger_batch():
+    """One SGD step (the update is the gradient itself) on 8 rows, whole or as 2 x 4 micro-batches,
+    with uneven filler weights so that a per-micro-batch mean would differ."""
+    graphdef, tr, fr = freeze.split_trainable(model(), freeze.trainable_pattern("last_block", 3))
+    tx = optax.sgd(1.0)
+    step = train.make_train_step(graphdef, tx, train.StepSpec(2, class_weights=(1.0, 2.5)))
+    rng = np.random.default_rng(1)
+    ids = jnp.asarray(rng.integers(0, 200, (8, 12)), jnp.int32)
+    lengths = jnp.asarray(rng.integers(3, 13, 8), jnp.int32)
+    labels = jnp.asarray([0, 1, 1, 1, 0, 1, 0, 0], jnp.int32)
+    weights = jnp.asarray([1, 1, 1, 0, 1, 1, 1, 1], jnp.float32)
+    whole = train.Batch(ids[None], lengths[None], labels[None], weights[None])
+    split = train.Batch(*(x.reshape(2, 4, *x.shape[1:]) for x in (ids, lengths, labels, weights)))
+    key = jax.random.PRNGKey(0)
+    a, _, ma = step(jax.tree.map(jnp.copy, tr), fr, tx.init(tr), whole, key)
+    b, _, mb = step(jax.tree.map(jnp.copy, tr), fr, tx.init(tr), split, key)
+    np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-6)
+    for k, v in flat(a).items():
+        np.testing.assert_allclose(flat(b)[k], v, rtol=1e-5, atol=1e-7)
+
+
+def test_accumulation_in_the_loop_follows_the_larger_batch():
+    big = run(BASE.replace(batch_size=8, accumulation=1))
+    acc = run(BASE.replace(batch_size=4, accumulation=2))
+    # Same batches in the same order; Adam amplifies summation-order noise to ~1e-5, while a
+    # different batch composition moves weights by ~lr = 1e-3 per step.
+    moved = max(np.abs(v - flat(nnx.state(model(), nnx.Param))[k]).max() for k, v in flat(big.trainable).items())
+    assert moved > 1e-3
+    for k, v in flat(big.trainable).items():
+        np.testing.assert_allclose(flat(acc.trainable)[k], v, atol=1e-4)
+
+
+def test_deterministic_for_a_seed():
+    a, b = run(BASE), run(BASE)
+    assert all(np.array_equal(v, flat(b.trainable)[k]) for k, v in flat(a.trainable).items())
+    assert [h.get("train_loss") for h in a.history] == [h.get("train_loss") for h in b.history]
+
+
+def test_prefix_cache_is_exact():
+    for preset in ("last_block", "head"):
+        cfg = BASE.replace(trainable=preset)
+        plain, cached = run(cfg), run(cfg.replace(cache=True))
+        assert cached.report["cached_prefix"] and not plain.report["cached_prefix"]
+        l1 = [h["train_loss"] for h in plain.history if "train_loss" in h]
+        l2 = [h["train_loss"] for h in cached.history if "train_loss" in h]
+        np.testing.assert_allclose(l1, l2, rtol=1e-5)
+        for k, v in flat(plain.trainable).items():
+            np.testing.assert_allclose(flat(cached.trainable)[k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_falls_and_report_is_complete():
+    res = run(BASE.replace(epochs=6, trainable="all", lr=3e-3))
+    losses = [h["train_loss"] for h in res.history if "train_loss" in h]
+    assert losses[-1] < losses[0]
+    rep = res.report
+    assert set(rep["splits"]) == {"train", "validation", "test"}
+    assert rep["splits"]["train"]["n"] == 32 and rep["trainable_params"] == rep["total_params"]
+    assert len(rep["splits"]["test"]["confusion_matrix"]) == 2
+
+
+def test_label_smoothing_and_class_weights_change_the_loss():
+    logits = jnp.array([[2.0, -1.0], [0.5, 0.2]])
+    labels = jnp.array([0, 1])
+    w = jnp.ones(2)
+    plain = train.loss_terms(logits, labels, w, train.StepSpec(2))
+    smooth = train.loss_terms(logits, labels, w, train.StepSpec(2, label_smoothing=0.2))
+    weighted = train.loss_terms(logits, labels, w, train.StepSpec(2, class_weights=(1.0, 3.0)))
+    ce = -jax.nn.log_softmax(logits)[jnp.arange(2), labels]
+    np.testing.assert_allclose(plain[0], ce.sum(), rtol=1e-6)
+    np.testing.assert_allclose(weighted[0] / weighted[1], (ce[0] + 3 * ce[1]) / 4, rtol=1e-6)
+    assert not np.isclose(smooth[0], plain[0])
+
+
+def test_nan_loss_stops_with_step_and_batch_named():
+    cfg = BASE.replace(lr=1e30, trainable="all", epochs=3)
+    with pytest.raises(TrainingError, match=r"at step \d+ \(epoch \d+, batch \d+"):
+        run(cfg)
