@@ -1,0 +1,104 @@
+"""Smoke tests for the PyTorch benchmark peers (skipped where torch is absent)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `benchmarks`
+
+from benchmarks import torch_peers as tp  # noqa: E402
+
+TINY = tp.SIZES["tiny"]
+TIMING_KEYS = {"system", "examples_per_s", "tokens_per_s", "step_time_s_median", "step_times_s", "warmup_s", "peak_rss_mb", "total_params"}
+
+
+def _check_timing(res: dict, steps: int) -> None:
+    assert "error" not in res, res
+    assert TIMING_KEYS <= res.keys()
+    assert len(res["step_times_s"]) == steps
+    assert all(t > 0 for t in res["step_times_s"])
+    assert res["examples_per_s"] > 0 and res["tokens_per_s"] > 0
+    assert res["total_params"] > 0
+    json.dumps(res)  # plain, serialisable
+
+
+def test_torch_info_is_json():
+    info = tp.torch_info()
+    assert info["torch_version"] == torch.__version__
+    json.dumps(info)
+
+
+@pytest.mark.parametrize("impl,system", [("book", "pytorch-book-eager"), ("hf", "hf-transformers")])
+def test_measure_train_tiny(impl, system):
+    if impl == "hf":
+        pytest.importorskip("transformers")
+    res = tp.measure_train(impl, TINY, trainable="last_block", batch=2, seq_len=16, steps=2, warmup=1, threads=1)
+    _check_timing(res, 2)
+    assert res["system"] == system
+    assert 0 < res["trainable_params"] < res["total_params"]
+
+
+@pytest.mark.parametrize("impl", ["book", "hf"])
+def test_measure_infer_tiny(impl):
+    if impl == "hf":
+        pytest.importorskip("transformers")
+    res = tp.measure_infer(impl, TINY, batch=2, seq_len=16, steps=2, warmup=1, threads=1)
+    _check_timing(res, 2)
+
+
+def test_freezing_presets_book():
+    model = tp.BookGPT(TINY)
+    counts = {t: sum(p.numel() for p in tp.apply_freezing("book", model, t)) for t in tp.TRAINABLE_PRESETS}
+    emb = TINY["n_embd"]
+    assert counts["head"] == emb * 2 + 2
+    assert counts["head"] < counts["last_block"] < counts["all"]
+    assert counts["all"] == sum(p.numel() for p in model.parameters())
+
+
+def test_book_matches_hf_with_shared_weights(tmp_path):
+    """Loading the same GPT-2 backbone into both peers gives the same logits."""
+    pytest.importorskip("transformers")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    hf = tp.build_model("hf", TINY, seed=1).eval()
+    state = {k: v.contiguous() for k, v in hf.transformer.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file(state, str(path))
+    book = tp.build_model("book", TINY, seed=2, weights=str(path)).eval()
+    with torch.no_grad():
+        book.out_head.weight.copy_(hf.score.weight)
+        book.out_head.bias.zero_()
+        x = torch.randint(0, 50000, (2, 12))
+        a = tp._classify("book", book, x)
+        b = tp._classify("hf", hf, x)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+    # the loader also fills a fresh HF model with the same backbone
+    hf2 = tp.build_model("hf", TINY, seed=3, weights=str(path)).eval()
+    with torch.no_grad():
+        hf2.score.weight.copy_(hf.score.weight)
+        c = tp._classify("hf", hf2, x)
+    np.testing.assert_allclose(c.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_finetune_sms_tiny_runs():
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        return rng.integers(0, 50256, (n, 12)), rng.integers(0, 2, n)
+
+    (tx, ty), (vx, vy), (sx, sy) = split(20), split(6), split(6)
+    res = tp.finetune_sms(
+        "book", TINY, train_ids=tx, train_labels=ty, val_ids=vx, val_labels=vy, test_ids=sx, test_labels=sy,
+        epochs=1, batch=4, trainable="last_block", eval_freq=2, eval_iter=1, threads=1,
+    )
+    assert res["train_steps"] == 5 and res["examples_seen"] == 20
+    assert res["history"]["step"] == [0, 2, 4]
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
+        assert 0.0 <= res[key] <= 1.0
+    json.dumps(res)
