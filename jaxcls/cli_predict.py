@@ -81,7 +81,7 @@ def _predictor_kw(args, **extra) -> dict:
 def _stderr():
     from rich.console import Console
 
-    return Console(file=sys.stderr)
+    return Console(file=sys.stderr, soft_wrap=True)
 
 
 def _shorten(text: str, width: int = 60) -> str:
@@ -90,14 +90,12 @@ def _shorten(text: str, width: int = 60) -> str:
 
 
 def _report_long(stats: dict, clf, predictor, console) -> None:
-    n = stats["long_texts"]
-    if not n:
-        return
-    L = predictor.max_length
-    if predictor.long == "truncate":
+    """Say on stderr how many texts were cut, windowed or empty."""
+    n, L = stats["long_texts"], predictor.max_length
+    if n and predictor.long == "truncate":
         console.print(f"{n} of {stats['texts']} texts had more than {L} tokens and were truncated to their "
                       f"first {L} (--long sliding classifies every part)", highlight=False)
-    else:
+    elif n:
         console.print(f"{n} of {stats['texts']} texts had more than {L} tokens; their {stats['windows']} "
                       f"windows were classified and averaged", highlight=False)
     if stats["empty"]:
@@ -152,19 +150,24 @@ def _print_table(texts, ids, probs, label_names, top_k) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(file=sys.stdout)
+    show_top = top_k is not None and top_k > 1
+    longest = max(5, *(len(n) for n in label_names))
+    others = longest + 22 + ((longest + 8) * min(top_k, len(label_names)) + 3 if show_top else 0)
     table = Table(show_edge=False)
-    table.add_column("text")
+    # the text is cut to what the terminal leaves beside the other columns
+    table.add_column("text", no_wrap=True, overflow="ellipsis", max_width=max(20, console.width - others))
     table.add_column("label")
     table.add_column("probability", justify="right")
-    if top_k is not None and top_k > 1:
+    if show_top:
         table.add_column(f"top {min(top_k, len(label_names))}")
     for text, i, p in zip(texts, ids, probs):
-        row = [_shorten(text), label_names[int(i)], f"{float(p[int(i)]):.4f}"]
-        if top_k is not None and top_k > 1:
+        row = [_shorten(text, 200), label_names[int(i)], f"{float(p[int(i)]):.4f}"]
+        if show_top:
             ranked = np.argsort(-p, kind="stable")[:top_k]
             row.append(", ".join(f"{label_names[j]} {float(p[j]):.3f}" for j in ranked))
         table.add_row(*row)
-    Console(file=sys.stdout).print(table)
+    console.print(table)
 
 
 def _classify_stream(args, clf, predictor, err) -> None:
@@ -228,7 +231,7 @@ def _eval_dataset(args, clf):
     return list(data.texts), np.asarray(data.labels, np.int32), data.source
 
 
-def _labels_by_name(raw, names, source) -> "np.ndarray":
+def _labels_by_name(raw, names, source):
     """Labels as the classifier's class indices: by name; integers that are no name are indices."""
     import numpy as np
 
@@ -275,7 +278,7 @@ def _print_report(report: dict, source: str) -> None:
     for name, m in report["per_class"].items():
         table.add_row(name, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(m["support"]))
     out.print(table)
-    cm = Table(title="confusion matrix (rows: true, columns: predicted)", show_edge=False)
+    cm = Table(title="confusion matrix", show_edge=False)
     cm.add_column("true \\ predicted")
     for name in report["label_names"]:
         cm.add_column(name, justify="right")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -104,9 +103,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/health":
             self._json(200, {"status": "ok"})
         elif path == "/info":
-            with self.server.lock:
-                info = self.server.info()
-            self._json(200, info)
+            self._json(200, self.server.info())  # no lock: answers while a batch runs
         elif path in ("/", "/index.html"):
             self._send(200, PAGE.encode("utf-8"), "text/html; charset=utf-8")
         elif path == "/classify":
@@ -192,6 +189,7 @@ def make_server(classifier, host: str = "127.0.0.1", port: int = 0, *, warmup: b
 def serve(classifier, host: str = "127.0.0.1", port: int = 8000, **kw) -> None:
     """Serve until interrupted (Ctrl-C)."""
     kw.setdefault("log", True)
+    print("jaxcls: compiling the batch shapes before serving...", file=sys.stderr, flush=True)
     server = make_server(classifier, host, port, **kw)
     print(f"jaxcls: serving {', '.join(classifier.label_names)} classifier on {server.url} "
           "(Ctrl-C to stop)", file=sys.stderr, flush=True)

@@ -1,0 +1,210 @@
+"""Bucketed inference: same numbers as one text at a time, a bounded number of compiles."""
+
+import warnings
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import TOKENIZER_DIR
+from jaxcls.config import TINY_SIZES
+from jaxcls.data import pad_batch
+from jaxcls.errors import ConfigError
+from jaxcls.model import GPT2Classifier
+from jaxcls.names import path_str
+from jaxcls.predict import Predictor, enable_compilation_cache, softmax
+from jaxcls.tokenizer import PAD_ID, encode, encoding_from_files
+
+pytestmark = pytest.mark.skipif(not TOKENIZER_DIR.is_dir(), reason=f"{TOKENIZER_DIR} not present")
+CFG = TINY_SIZES["tiny"]  # n_ctx 64
+WORDS = ["free", "win", "cash", "now", "call", "hello", "lunch", "tomorrow", "ok", "lol", "the",
+         "café", "naïve", "日本語", "🎉", "😀👍", "Ünïcödé", "42", "£1000", "!!!", "<|endoftext|>"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    enc = encoding_from_files(TOKENIZER_DIR / "vocab.bpe", TOKENIZER_DIR / "encoder.json")
+    return lambda text: encode(enc, text)
+
+
+@pytest.fixture(scope="module")
+def texts():
+    rng = np.random.default_rng(0)
+    out = [" ".join(rng.choice(WORDS, rng.integers(1, 30))) for _ in range(196)]
+    out += ["", " ".join(rng.choice(WORDS, 200)), "x", "🎉" * 40]  # empty, long, 1 token, long emoji
+    return out
+
+
+def model_of(pooling, seed=0, num_classes=5):  # 5 classes: shapes no other test compiles
+    return GPT2Classifier(CFG, num_classes, pooling=pooling, rngs=nnx.Rngs(seed))
+
+
+# ---- a NumPy classifier, float64, one text at its exact length ------------------------------
+
+def _ln(x, g, b, eps=1e-5):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * g + b
+
+
+def np_params(model):
+    return {path_str(k): np.asarray(v.get_value(), np.float64)
+            for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def np_classify(model, ids, p=None):
+    """Logits of one unpadded sequence."""
+    p = np_params(model) if p is None else p
+    T, H = len(ids), model.config.n_head
+    x = p["wte/embedding"][ids] + p["wpe/embedding"][:T]
+    causal = np.tril(np.ones((T, T), bool))
+    for i in range(model.config.n_layer):
+        q = lambda n: p[f"h/{i}/{n}"]
+        h = _ln(x, q("ln_1/scale"), q("ln_1/bias")) @ q("attn/c_attn/kernel") + q("attn/c_attn/bias")
+        C = x.shape[-1]
+        qs, ks, vs = (h[:, j * C:(j + 1) * C].reshape(T, H, C // H).transpose(1, 0, 2) for j in range(3))
+        att = np.where(causal, qs @ ks.transpose(0, 2, 1) / np.sqrt(C // H), -np.inf)
+        att = np.exp(att - att.max(-1, keepdims=True))
+        y = ((att / att.sum(-1, keepdims=True)) @ vs).transpose(1, 0, 2).reshape(T, C)
+        x = x + y @ q("attn/c_proj/kernel") + q("attn/c_proj/bias")
+        h = _ln(x, q("ln_2/scale"), q("ln_2/bias")) @ q("mlp/c_fc/kernel") + q("mlp/c_fc/bias")
+        h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+        x = x + h @ q("mlp/c_proj/kernel") + q("mlp/c_proj/bias")
+    x = _ln(x, p["ln_f/scale"], p["ln_f/bias"])
+    pooled = {"last_real": x[-1], "first": x[0], "mean": x.mean(0)}[model.pooling]
+    return pooled @ p["head/kernel"] + p["head/bias"]
+
+
+def reference_ids(tok, text, L=CFG.n_ctx):
+    ids = tok(text)
+    return np.array(ids[:L] if ids else [PAD_ID])
+
+
+# ---- tests -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pooling", ["last_real", "mean", "first"])
+def test_bucketed_equals_one_text_at_a_time(tok, texts, pooling):
+    model = model_of(pooling)
+    buckets = (16, 64)
+    pred = Predictor(model, tok, batch_size=7, bucket_lengths=buckets)  # batch 7: shapes unique to this test
+    got = pred.logits(texts)
+    assert got.shape == (len(texts), 5) and got.dtype == np.float32
+    params = np_params(model)
+    want = np.stack([np_classify(model, reference_ids(tok, t), params) for t in texts])
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+    assert got.std(axis=0).min() > 1e-2  # texts really differ, so a mixed-up order would show
+    lengths = [min(max(len(tok(t)), 1), 64) for t in texts]
+    used = {min(b for b in buckets if b >= n) for n in lengths}
+    assert pred.num_compiles == len(used) == 2
+    assert pred.stats.truncated == sum(len(tok(t)) > 64 for t in texts) >= 2
+    assert pred.stats.empty == 1 and pred.stats.texts == len(texts)
+    # a shuffled call gives the same rows, shuffled, and compiles nothing new
+    perm = np.random.default_rng(1).permutation(len(texts))
+    np.testing.assert_array_equal(pred.logits([texts[i] for i in perm]), got[perm])
+    assert pred.num_compiles == 2
+
+
+def test_predict_warmup_and_compile_bound(tok, texts):
+    model = model_of("last_real", seed=1)
+    pred = Predictor(model, tok, batch_size=6, bucket_lengths=(64,), row_buckets=(1, 6))
+    assert pred.shapes() == [(1, 64), (6, 64)]
+    assert pred.warmup() == 2 and pred.warmup() == 0
+    ids, probs = pred.predict(texts[:50])
+    ids1, probs1 = pred.predict(texts[7:8])  # a single text runs a one-row batch
+    assert pred.num_compiles == 2
+    np.testing.assert_allclose(probs.sum(-1), 1, atol=1e-5)
+    np.testing.assert_array_equal(ids, probs.argmax(-1))
+    np.testing.assert_allclose(probs1[0], probs[7], atol=1e-6)
+    np.testing.assert_allclose(probs, softmax(pred.logits(texts[:50])), atol=1e-7)
+
+
+def test_empty_input_and_empty_strings(tok):
+    model = model_of("mean", seed=2)
+    pred = Predictor(model, tok, batch_size=4, bucket_lengths=(64,))  # shapes shared with the next test
+    logits = pred.logits([])
+    ids, probs = pred.predict([])
+    assert logits.shape == (0, 5) and ids.shape == (0,) and probs.shape == (0, 5)
+    assert pred.num_compiles == 0
+    # "" is classified as a lone padding token, not an error
+    got = pred.logits(["", "hello", ""])
+    np.testing.assert_allclose(got[0], np_classify(model, np.array([PAD_ID])), atol=2e-4)
+    np.testing.assert_array_equal(got[0], got[2])
+    assert pred.stats.empty == 2
+    with pytest.raises(TypeError):
+        pred.logits("a single string")
+
+
+def test_long_texts_truncate_and_sliding(tok):
+    model = model_of("mean", seed=3)
+    text = " ".join(["word"] * 149)  # 149 tokens
+    ids = np.array(tok(text))
+    assert len(ids) == 149
+    trunc = Predictor(model, tok, batch_size=4, bucket_lengths=(64,))
+    np.testing.assert_allclose(trunc.logits([text])[0], np_classify(model, ids[:64]), atol=2e-4)
+    assert trunc.stats.truncated == 1 and trunc.stats.windows == 0
+
+    slide = Predictor(model, tok, batch_size=4, bucket_lengths=(64,), long="sliding")
+    got = slide.logits(["short text", text])
+    starts = [0, 32, 64, 85]  # stride 32; the last window ends at the text's end
+    params = np_params(model)
+    want = np.mean([np_classify(model, ids[s:s + 64], params) for s in starts], axis=0)
+    np.testing.assert_allclose(got[1], want, atol=2e-4)
+    np.testing.assert_allclose(got[0], np_classify(model, np.array(tok("short text"))), atol=2e-4)
+    assert slide.stats.windows == 4 and slide.stats.truncated == 0 and slide.stats.long_texts == 1
+    slide50 = Predictor(model, tok, batch_size=4, bucket_lengths=(64,), long="sliding", window_stride=50)
+    slide50.logits([text])
+    assert slide50.stats.windows == 3  # 0, 50, 85
+
+
+def test_fixed_pad_length_reproduces_training_padding(tok, texts):
+    """`last` pooling reads the final padded position: served with the training pad length, the
+    predictor gives exactly what the model gave on the training batch."""
+    model = model_of("last", seed=4)
+    pad = 20
+    pred = Predictor(model, tok, pad_length=pad, batch_size=8)
+    assert pred.bucket_lengths == (pad,) and pred.max_length == pad
+    sample = [t for t in texts[:40] if t]
+    got = pred.logits(sample)
+    ids, lengths = pad_batch([np.array(tok(t)[:pad]) for t in sample], pad)
+    graphdef, state = nnx.split(model)
+    want = jax.jit(lambda s, i, n: nnx.merge(graphdef, s)(i, n))(state, ids, lengths)
+    np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
+    assert pred.num_compiles == 1
+    assert pred.stats.truncated == sum(len(tok(t)) > pad for t in sample) > 0
+    with pytest.warns(UserWarning, match="pad_length"):
+        Predictor(model, tok)
+
+
+def test_bad_options(tok):
+    model = model_of("last_real")
+    with pytest.raises(ConfigError, match="long"):
+        Predictor(model, tok, long="wrap")
+    with pytest.raises(ConfigError, match="pad_length"):
+        Predictor(model, tok, pad_length=20, bucket_lengths=(16, 32))
+    with pytest.raises(ConfigError, match="pad_length"):
+        Predictor(model, tok, pad_length=65)
+    with pytest.raises(ConfigError, match="bucket_lengths"):
+        Predictor(model, tok, bucket_lengths=(32, 128))
+    with pytest.raises(ConfigError, match="batch_size"):
+        Predictor(model, tok, batch_size=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Predictor(model, tok).bucket_lengths == (32, 64)  # the default buckets
+
+
+def test_compilation_cache_writes_entries(tok, tmp_path):
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {n: getattr(jax.config, n) for n in names}
+    try:
+        folder = enable_compilation_cache(tmp_path / "xla")
+        pred = Predictor(model_of("first", seed=5), tok, batch_size=3, bucket_lengths=(24,))
+        pred.logits(["a text"])
+        assert pred.num_compiles == 1
+        assert any(folder.iterdir())
+    finally:
+        from jax.experimental.compilation_cache import compilation_cache
+
+        for n, v in saved.items():
+            jax.config.update(n, v)
+        compilation_cache.reset_cache()

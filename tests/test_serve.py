@@ -1,0 +1,126 @@
+"""The HTTP server, on 127.0.0.1 with an OS-chosen port, in a thread."""
+
+import http.client
+import json
+import threading
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import TOKENIZER_DIR
+from jaxcls.classifier import Classifier
+from jaxcls.config import TINY_SIZES
+from jaxcls.model import GPT2Classifier
+from jaxcls.serve import make_server
+from jaxcls.tokenizer import encoding_from_files
+
+pytestmark = pytest.mark.skipif(not TOKENIZER_DIR.is_dir(), reason=f"{TOKENIZER_DIR} not present")
+KW = {"batch_size": 4, "bucket_lengths": (64,), "row_buckets": (1, 4)}
+
+
+@pytest.fixture(scope="module")
+def server():
+    enc = encoding_from_files(TOKENIZER_DIR / "vocab.bpe", TOKENIZER_DIR / "encoder.json")
+    model = GPT2Classifier(TINY_SIZES["tiny"], 3, rngs=nnx.Rngs(0))
+    clf = Classifier(model, enc, ["ham", "spam", "other"])
+    srv = make_server(clf, "127.0.0.1", 0, predictor_kw=KW, max_texts=5, max_body_bytes=4096)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def request(server, method, path, body=None, headers=None):
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        kind = resp.getheader("Content-Type", "")
+        return resp.status, (json.loads(data) if kind.startswith("application/json") else data.decode())
+    finally:
+        conn.close()
+
+
+def test_health_info_and_page(server):
+    assert server.server_address[0] == "127.0.0.1"
+    assert request(server, "GET", "/health") == (200, {"status": "ok"})
+    status, info = request(server, "GET", "/info")
+    assert status == 200
+    assert info["labels"] == ["ham", "spam", "other"] and info["pooling"] == "last_real"
+    assert info["pad_length"] is None and info["max_length"] == info["n_ctx"] == 64
+    # both shapes compiled at startup (fewer if another test compiled the same shapes first)
+    assert info["num_compiles"] <= 2 == len(server.predictor.shapes())
+    status, page = request(server, "GET", "/")
+    assert status == 200 and "<textarea" in page and 'fetch("/classify"' in page
+
+
+def test_classify(server):
+    compiles_at_start = server.predictor.num_compiles
+    texts = ["Win a free prize now!!!", "see you at lunch", "", "naïve 🎉 " * 30]
+    status, out = request(server, "POST", "/classify", {"texts": texts})
+    assert status == 200 and len(out["predictions"]) == 4
+    want = server.predictor.predict(texts)[1]
+    for p, w in zip(out["predictions"], want):
+        assert set(p) == {"label", "probability", "probs"}
+        assert list(p["probs"]) == ["ham", "spam", "other"]
+        np.testing.assert_allclose(list(p["probs"].values()), w, atol=1e-6)
+        assert p["label"] == ["ham", "spam", "other"][int(np.argmax(w))]
+        assert p["probability"] == p["probs"][p["label"]]
+    status, one = request(server, "POST", "/classify", {"text": texts[1]})
+    assert status == 200 and len(one["predictions"]) == 1
+    np.testing.assert_allclose(one["predictions"][0]["probability"], out["predictions"][1]["probability"],
+                               atol=1e-6)
+    assert request(server, "GET", "/info")[1]["num_compiles"] == compiles_at_start  # none while serving
+
+
+def test_concurrent_requests(server):
+    results = {}
+
+    def worker(i):
+        results[i] = request(server, "POST", "/classify", {"texts": [f"text number {i}"] * (i + 1)})
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert all(results[i][0] == 200 and len(results[i][1]["predictions"]) == i + 1 for i in range(4))
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ("{not json", 400, "not valid UTF-8 JSON"),
+    (b"\xff\xfe", 400, "not valid UTF-8 JSON"),
+    ([1, 2], 400, "expected a JSON object"),
+    ({}, 400, "exactly one of"),
+    ({"text": "a", "texts": ["b"]}, 400, "exactly one of"),
+    ({"text": 5}, 400, '"text" must be a string'),
+    ({"texts": "abc"}, 400, '"texts" must be a list'),
+    ({"texts": []}, 400, "is empty"),
+    ({"texts": ["a", None]}, 400, r'"texts"[1] must be a string'),
+    ({"texts": ["a"] * 6}, 413, "at most 5"),
+    ({"text": "x" * 5000}, 413, "over the limit of 4096"),
+])
+def test_bad_requests(server, body, status, message):
+    got, out = request(server, "POST", "/classify", body, {"Content-Type": "application/json"})
+    assert got == status and message in out["error"]
+
+
+def test_missing_length_and_unknown_paths(server):
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.putrequest("POST", "/classify")
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 411 and "Content-Length" in json.loads(resp.read())["error"]
+    conn.close()
+    assert request(server, "GET", "/nope")[0] == 404
+    assert request(server, "POST", "/nope", {"text": "a"})[0] == 404
+    assert request(server, "GET", "/classify")[0] == 405
+    assert request(server, "POST", "/health", {})[0] == 405
+    assert request(server, "GET", "/health")[0] == 200  # still serving
