@@ -178,6 +178,8 @@ class TrainConfig:
     drop_last: bool = True  # the book drops the last partial training batch
     cache: bool = True  # reuse frozen-prefix activations across epochs where that is exact
     cache_budget_mb: int = 4096
+    data_parallel: bool = False  # split each batch over all devices (and processes)
+    fsdp: bool = False  # also shard large parameters and optimizer state over the devices
     max_steps: int | None = None  # stop early (tests, benchmarks)
     save_every: int = 200  # steps between resumable train-state saves
     save_full: bool = False  # save every weight, not only the trained ones

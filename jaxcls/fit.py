@@ -158,9 +158,16 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
             enc[name] = (*data_lib.encode_texts(encode, ds.texts, n_ctx, source=ds.source), ds.labels)
     pad_length = (data_lib.resolve_pad_length(mode, enc["train"][0], n_ctx)
                   if mode in ("longest", "context") or mode.isdigit() else None)
-    if pad_length is None and not model.uses_padding_mask():
-        raise ConfigError(f"padding {mode!r} with pooling 'last' would pool at padding positions "
-                          "that differ between batches; use --padding longest/context/N, or "
+    if mode == "none":
+        # Unpadded texts pooled at their last token are exactly last_real pooling with the padding
+        # masked, which lets length buckets stand in for one compile per distinct length.
+        if model.pooling == "last":
+            model.pooling = "last_real"
+            log("padding none: pooling at the last token of unpadded texts = last_real with length buckets")
+        mode = "buckets"
+    if mode == "buckets" and not model.uses_padding_mask():
+        raise ConfigError("padding 'buckets' with pooling 'last' would pool at padding positions "
+                          "that differ between buckets; use --padding longest/context/N/none, or "
                           "--pooling last_real")
     data = {name: prepare_split(name, s, y, mode=mode, pad_length=pad_length, n_ctx=n_ctx, truncated=t,
                                 pad_id=pad_id_for(model.config.n_vocab))
@@ -172,6 +179,20 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
 
     pattern = freeze.trainable_pattern(cfg.trainable, n_layer)
     graphdef, trainable, frozen = freeze.split_trainable(model, pattern)
+    mesh = dist = p_sh = o_sh = None
+    if cfg.data_parallel or cfg.fsdp or jax.process_count() > 1:
+        from jaxcls import distributed as dist
+
+        mesh = dist.data_mesh()
+        dist.check_batch_rows(cfg.batch_size, mesh)
+        p_sh = dist.shardings(trainable, mesh, fsdp=cfg.fsdp)
+        trainable = dist.place(trainable, p_sh)
+        frozen = dist.replicate(frozen, mesh)
+        log(f"data parallel over {mesh.size} devices ({jax.process_count()} processes)"
+            + (", parameters sharded (FSDP)" if cfg.fsdp else ""))
+    main_process = dist is None or dist.is_main_process()
+    if not main_process:
+        log = lambda s: None  # noqa: E731
     n_train, n_frozen = freeze.count_params(trainable), freeze.count_params(frozen)
     log(freeze.describe(n_train, n_train + n_frozen))
 
@@ -215,8 +236,14 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     tx = train.make_optimizer(cfg, total_steps)
-    opt_state = tx.init(trainable)
-    train_step = train.make_train_step(graphdef, tx, spec)
+    if mesh is None:
+        opt_state = tx.init(trainable)
+        train_step = train.make_train_step(graphdef, tx, spec)
+    else:
+        opt_state = dist.init_opt_state(tx, trainable, mesh, fsdp=cfg.fsdp)
+        o_sh = dist.shardings(opt_state, mesh, fsdp=cfg.fsdp)
+        train_step = (dist.make_sharded_train_step(graphdef, tx, spec, mesh, p_sh, o_sh) if cfg.fsdp
+                      else train.make_train_step(graphdef, tx, spec))
     eval_step = train.make_eval_step(graphdef, spec)
 
     def evaluate(split: SplitData, plan=None, max_batches=None):
@@ -241,6 +268,8 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
     best = None
     if resume and state_dir and (latest := trainstate.latest_state(state_dir)):
         (trainable, opt_state), meta = trainstate.load_state(latest, (trainable, opt_state))
+        if mesh is not None:
+            trainable, opt_state = dist.place(trainable, p_sh), dist.place(opt_state, o_sh)
         if meta["config"] != _resumable(cfg):
             diff = sorted(k for k in meta["config"] if meta["config"][k] != _resumable(cfg).get(k))
             raise ConfigError(f"{latest}: saved with other settings ({', '.join(diff)}); "
@@ -248,7 +277,7 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
         step, epoch, done_in_epoch, history = meta["step"], meta["epoch"], meta["done_in_epoch"], meta["history"]
         best = meta.get("best")
         log(f"resumed from {latest} (step {step}, epoch {epoch + 1}, batch {done_in_epoch})")
-    if out:
+    if out and main_process:
         _rewrite_jsonl(Path(out) / "metrics.jsonl", history)
 
     def save(final_of_epoch: bool):
@@ -256,13 +285,15 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
             return
         meta = {"config": _resumable(cfg), "epoch": epoch + final_of_epoch,
                 "done_in_epoch": 0 if final_of_epoch else done_in_epoch, "history": history, "best": best}
-        trainstate.save_state(state_dir, step, (trainable, opt_state), meta)
+        tree = (trainable, opt_state) if mesh is None else dist.to_host((trainable, opt_state))  # collective
+        if main_process:
+            trainstate.save_state(state_dir, step, tree, meta)
 
     base_key = jax.random.PRNGKey(cfg.seed)
     pending: list[tuple[int, tuple, jax.Array]] = []  # (step, batch ids, device loss) not yet checked
     t_start = time.perf_counter()
     seen_since, t_since = 0, time.perf_counter()
-    bar = _progress(progress, total_steps)
+    bar = _progress(progress and main_process, total_steps)
 
     def check_pending():
         """Read losses back in one transfer; a non-finite one stops before anything is saved."""
@@ -289,6 +320,8 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
                 g, idx = plan[b_index]
                 batch = make_batch(data["train"], g, idx, rows, cfg.accumulation, cached)
                 key = jax.random.fold_in(base_key, step)
+                if mesh is not None:
+                    batch, key = dist.shard_batch(batch, mesh), dist.replicate(key, mesh)
                 trainable, opt_state, metrics = train_step(trainable, frozen, opt_state, batch, key)
                 step += 1
                 done_in_epoch = b_index + 1
@@ -305,7 +338,7 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
                     entry = {"step": step, "epoch": epoch + 1, "train_loss": tr, "val_loss": va,
                              "examples_seen": step * rows, "elapsed_s": time.perf_counter() - t_start}
                     history.append(entry)
-                    _append_jsonl(out, entry)
+                    _append_jsonl(out if main_process else None, entry)
                 if signals.stop:
                     save(False)
                     raise Interrupted(f"stopped by {signals.stop} at step {step}; "
@@ -322,16 +355,19 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
                     entry.update(val_acc=float(np.mean(p == y)), val_loss_full=va_loss)
                     if cfg.keep_best and (best is None or va_loss < best["val_loss"]):
                         best = {"val_loss": va_loss, "epoch": epoch + 1}
-                        _save_best(out, trainable)
+                        host = trainable if mesh is None else dist.to_host(trainable)
+                        _save_best(out if main_process else None, host)
                 history.append(entry)
-                _append_jsonl(out, entry)
+                _append_jsonl(out if main_process else None, entry)
                 epoch, done_in_epoch = epoch + 1, 0
                 save(True)
             else:
                 save(False)
         check_pending()
 
-    if cfg.keep_best and best is not None and out:
+    if mesh is not None:
+        trainable, frozen = dist.to_host(trainable), dist.to_host(frozen)
+    if cfg.keep_best and best is not None and out and main_process:
         trainable = _load_best(out, trainable)
         log(f"keeping epoch {best['epoch']} (lowest validation loss {best['val_loss']:.4f})")
     wall = time.perf_counter() - t_start
@@ -353,7 +389,7 @@ def _acc(result):
 def _resumable(cfg: TrainConfig) -> dict:
     """The settings a resumed run must share with the saved one."""
     d = dataclasses.asdict(cfg)
-    for k in ("out", "save_every", "cache", "cache_budget_mb"):
+    for k in ("out", "save_every", "cache", "cache_budget_mb", "data_parallel", "fsdp"):
         d.pop(k)
     return json.loads(json.dumps(d))
 
