@@ -131,4 +131,11 @@ def test_data_parallel_training_equals_single_device(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         outs[name] = load_file(str(out / "weights.safetensors"))
     for k, v in outs["single"].items():
-        np.testing.assert_allclose(outs["dp"][k], v, atol=1e-5)
+        got = outs["dp"][k]
+        if k.endswith("attn/c_attn/bias"):
+            # The key bias has an exactly zero gradient (it shifts every score of a query by the
+            # same q.b); Adam turns the float noise it gets into steps of up to lr, in any order.
+            n = v.shape[0] // 3
+            np.testing.assert_allclose(np.abs(got[n:2 * n] - v[n:2 * n]).max(), 0, atol=3e-2)
+            got, v = np.delete(got, np.s_[n:2 * n]), np.delete(v, np.s_[n:2 * n])
+        np.testing.assert_allclose(got, v, atol=1e-5, err_msg=k)
