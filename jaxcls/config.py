@@ -180,6 +180,7 @@ class TrainConfig:
     cache_budget_mb: int = 4096
     data_parallel: bool = False  # split each batch over all devices (and processes)
     fsdp: bool = False  # also shard large parameters and optimizer state over the devices
+    compilation_cache: str | None = None  # folder for JAX's persistent compilation cache
     max_steps: int | None = None  # stop early (tests, benchmarks)
     save_every: int = 200  # steps between resumable train-state saves
     save_full: bool = False  # save every weight, not only the trained ones

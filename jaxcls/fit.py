@@ -148,6 +148,10 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
         out: Path | None = None, resume: bool = False, progress: bool = True,
         log: Callable[[str], None] = print) -> FitResult:
     """Fine-tune `model` (a GPT2Classifier) in place of its trainable parameters."""
+    if cfg.compilation_cache:
+        from jaxcls.predict import enable_compilation_cache
+
+        enable_compilation_cache(cfg.compilation_cache)
     n_ctx, n_layer = model.config.n_ctx, model.config.n_layer
     num_classes = len(splits.label_names)
     mode = cfg.resolved_padding()
@@ -263,6 +267,14 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
         labels = np.concatenate(labels_all) if plan else np.zeros(0, int)
         return float(loss), preds, labels
 
+    compile_s = 0.0
+    if mesh is None:  # with a mesh, the first step of each shape compiles instead
+        t0 = time.perf_counter()
+        compile_s = precompile(data, rows, cfg, cached, train_step, eval_step, trainable, frozen, opt_state,
+                               progress, log)
+        log(f"compiled {sum(len(d.groups) for d in data.values()) + len(data['train'].groups)} "
+            f"step shapes in {time.perf_counter() - t0:.1f}s")
+
     state_dir = Path(out) / "state" if out else None
     step, epoch, done_in_epoch, history = 0, 0, 0, []
     best = None
@@ -372,13 +384,42 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
         log(f"keeping epoch {best['epoch']} (lowest validation loss {best['val_loss']:.4f})")
     wall = time.perf_counter() - t_start
     report = {"splits": {}, "trainable_params": n_train, "total_params": n_train + n_frozen,
-              "wall_time_s": wall, "steps": step, "padding": mode, "pad_length": pad_length,
+              "wall_time_s": wall, "compile_s": compile_s, "steps": step, "padding": mode, "pad_length": pad_length,
               "cached_prefix": bool(cached), "label_names": list(splits.label_names)}
     for name, d in data.items():
         loss, p, y = evaluate(d)
         r = classification_report(y, p, splits.label_names)
         report["splits"][name] = {"loss": loss, "n": len(d), "truncated": d.truncated, **r}
     return FitResult(trainable, frozen, graphdef, history, report, pad_length)
+
+
+def precompile(data, rows, cfg, cached, train_step, eval_step, trainable, frozen, opt_state,
+               progress, log) -> float:
+    """Compile the train step for every training group's shape and the eval step for every
+    split's, before the first step, so no epoch stalls on a new bucket. Lowering traces with the
+    real arguments but runs nothing (donation is untouched); the jit caches keep the result."""
+    jobs = [("train", d, g) for d in [data["train"]] for g in range(len(d.groups))]
+    jobs += [("eval", d, g) for d in data.values() for g in range(len(d.groups))]
+    key = jax.random.PRNGKey(0)
+    t0 = time.perf_counter()
+    seen = set()
+    with _progress(progress, len(jobs), "compile") as bar:
+        task = bar.add_task("compile", total=len(jobs))
+        for kind, d, g in jobs:
+            idx = np.zeros(1, np.int64)
+            if kind == "train":
+                b = make_batch(d, g, idx, rows, cfg.accumulation, cached)
+                sig = ("train", b.inputs.shape)
+                if sig not in seen:
+                    train_step.lower(trainable, frozen, opt_state, b, key).compile()
+            else:
+                b = make_batch(d, g, idx, cfg.batch_size, 1, cached)
+                sig = ("eval", b.inputs.shape)
+                if sig not in seen:
+                    eval_step.lower(trainable, frozen, *(x[0] for x in b)).compile()
+            seen.add(sig)
+            bar.update(task, advance=1)
+    return time.perf_counter() - t0
 
 
 def _acc(result):
@@ -420,9 +461,10 @@ def _load_best(out, trainable):
     return trainstate.load_state(path, trainable)[0]
 
 
-def _progress(enabled: bool, total: int):
+def _progress(enabled: bool, total: int, what: str = "train"):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} ex/s"),
-                    TimeRemainingColumn(), disable=not enabled, transient=False)
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
+    if what == "train":
+        columns += [TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} ex/s")]
+    return Progress(*columns, TimeRemainingColumn(), disable=not enabled, transient=False)
