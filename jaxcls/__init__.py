@@ -5,8 +5,9 @@ from jaxcls.errors import CheckpointError, ConfigError, DataError, DownloadError
 from jaxcls.model import GPT2, GPT2Classifier
 from jaxcls.tokenizer import PAD_ID, load_tokenizer
 from jaxcls.weights import load_pretrained
+from jaxcls.classifier import Classifier
 
 __version__ = "0.1.0"
-__all__ = ["GPT2", "GPT2Classifier", "GPT2Config", "GPT2_SIZES", "PAD_ID", "preset",
+__all__ = ["Classifier", "GPT2", "GPT2Classifier", "GPT2Config", "GPT2_SIZES", "PAD_ID", "preset",
            "load_pretrained", "load_tokenizer", "JaxclsError", "CheckpointError", "ConfigError",
            "DataError", "DownloadError"]
