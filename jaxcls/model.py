@@ -49,11 +49,12 @@ class Linear(nnx.Module):
         else:
             self.lora_a = self.lora_b = None
 
-    def __call__(self, x):
+    def __call__(self, x, cols: slice = slice(None)):
+        """x @ kernel + bias, or only the output columns `cols` of it (the query part of c_attn)."""
         x = x.astype(self.dtype)
-        y = x @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+        y = x @ self.kernel[:, cols].astype(self.dtype) + self.bias[cols].astype(self.dtype)
         if self.lora_a is not None:
-            low = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+            low = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[:, cols].astype(self.dtype)
             y = y + self.lora_alpha * low
         return y
 
@@ -66,10 +67,16 @@ class Attention(nnx.Module):
         self.c_proj = Linear(config.n_embd, config.n_embd, config=config, std=proj_std, rngs=rngs)
 
     def __call__(self, x, mask, dropout_key=None):
-        cfg = self.config
         B, T, C = x.shape
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
-        q, k, v = (t.reshape(B, T, cfg.n_head, cfg.head_dim) for t in (q, k, v))  # (B, T, nh, hd)
+        return self.c_proj(self.attend(q, k, v, mask, dropout_key))
+
+    def attend(self, q, k, v, mask, dropout_key=None):
+        """q (B, Tq, C), k and v (B, T, C) -> (B, Tq, C)."""
+        cfg = self.config
+        B, Tq, C = q.shape
+        q = q.reshape(B, Tq, cfg.n_head, cfg.head_dim)  # (B, Tq, nh, hd)
+        k, v = (t.reshape(B, t.shape[1], cfg.n_head, cfg.head_dim) for t in (k, v))
         if dropout_key is None or cfg.dropout == 0.0:
             y = jax.nn.dot_product_attention(q, k, v, mask=mask)
         else:
@@ -79,7 +86,7 @@ class Attention(nnx.Module):
             probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
             probs = dropout(probs, cfg.dropout, dropout_key)
             y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        return self.c_proj(y.reshape(B, T, C))
+        return y.reshape(B, Tq, C)
 
 
 class MLP(nnx.Module):
@@ -111,6 +118,21 @@ class Block(nnx.Module):
         x = x + dropout(self.attn(self.ln_1(x), mask, fold(dropout_key, 0)), self.dropout_rate,
                         fold(dropout_key, 1))
         return x + dropout(self.mlp(self.ln_2(x)), self.dropout_rate, fold(dropout_key, 2))
+
+    def at_positions(self, x, positions, mask, dropout_key=None):
+        """The block's output at one position per row: x (B, T, C), positions (B,) -> (B, C).
+        Keys and values come from every position; the query, projection and MLP run only where
+        the output is read, which is what a classifier pooling one token needs of its last block."""
+        C = x.shape[-1]
+        h = self.ln_1(x)
+        k, v = jnp.split(self.attn.c_attn(h, slice(C, 3 * C)), 2, axis=-1)
+        x_at = jnp.take_along_axis(x, positions[:, None, None], axis=1)  # (B, 1, C)
+        h_at = jnp.take_along_axis(h, positions[:, None, None], axis=1)
+        q = self.attn.c_attn(h_at, slice(0, C))
+        y = self.attn.c_proj(self.attn.attend(q, k, v, mask, fold(dropout_key, 0)))
+        x_at = x_at + dropout(y, self.dropout_rate, fold(dropout_key, 1))
+        x_at = x_at + dropout(self.mlp(self.ln_2(x_at)), self.dropout_rate, fold(dropout_key, 2))
+        return x_at[:, 0]
 
 
 def build_mask(config: GPT2Config, T: int, lengths=None):
@@ -162,6 +184,27 @@ class GPT2(nnx.Module):
         return self.wte.attend(hidden).astype(jnp.float32)
 
 
+SINGLE_POSITION = ("last_real", "last", "first")
+
+
+def pool_positions(lengths, B: int, T: int, pooling: str):
+    """The one position per row that a single-token pooling reads."""
+    if pooling == "last" or (pooling == "last_real" and lengths is None):
+        return jnp.full((B,), T - 1)
+    if pooling == "first":
+        return jnp.zeros((B,), jnp.int32)
+    return jnp.asarray(lengths) - 1
+
+
+def query_mask(config: GPT2Config, positions, T: int, lengths=None):
+    """Keys visible from each row's query position: (B, 1, 1, T)."""
+    keys = jnp.arange(T)[None, :]
+    allowed = keys <= positions[:, None] if config.causal else jnp.ones((positions.shape[0], T), bool)
+    if lengths is not None:
+        allowed = allowed & (keys < jnp.asarray(lengths)[:, None])
+    return allowed[:, None, None, :]
+
+
 def pool(hidden, lengths, pooling: str):
     """hidden (B, T, C) -> (B, C). `last_real` and `mean` use the true lengths, never a search for
     the padding id, which can occur inside a text."""
@@ -204,10 +247,21 @@ class GPT2Classifier(GPT2):
         return self.run_blocks(self.embed(token_ids, fold(dropout_key, EMBED_STREAM)), mask, 0, stop, dropout_key)
 
     def suffix(self, x, lengths, start: int, dropout_key=None):
-        """Blocks from `start`, ln_f, pooling and head: x (B, T, C) -> float32 logits (B, classes)."""
-        mask = build_mask(self.config, x.shape[1], lengths if self.uses_padding_mask() else None)
-        hidden = self.ln_f(self.run_blocks(x, mask, start, dropout_key=dropout_key))
-        pooled = pool(hidden, lengths, self.pooling)
+        """Blocks from `start`, ln_f, pooling and head: x (B, T, C) -> float32 logits (B, classes).
+        A single-token pooling runs the last block at that token only (`Block.at_positions`)."""
+        B, T, _ = x.shape
+        n_layer = self.config.n_layer
+        seen = lengths if self.uses_padding_mask() else None
+        mask = build_mask(self.config, T, seen)
+        if self.pooling in SINGLE_POSITION and start < n_layer:
+            x = self.run_blocks(x, mask, start, n_layer - 1, dropout_key)
+            positions = pool_positions(lengths, B, T, self.pooling)
+            pooled = self.h[n_layer - 1].at_positions(
+                x, positions, query_mask(self.config, positions, T, seen), fold(dropout_key, n_layer - 1))
+            pooled = self.ln_f(pooled)
+        else:
+            hidden = self.ln_f(self.run_blocks(x, mask, start, dropout_key=dropout_key))
+            pooled = pool(hidden, lengths, self.pooling)
         return self.head(pooled.astype(jnp.float32))
 
     def __call__(self, token_ids, lengths=None, *, dropout_key=None):

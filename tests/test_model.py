@@ -130,3 +130,32 @@ def test_classifier_last_real_is_padding_invariant():
         if pad == 10:
             first = logits
     np.testing.assert_allclose(np.asarray(logits), np.asarray(first), atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling,causal", [("last_real", True), ("last", True), ("first", False),
+                                            ("last_real", False)])
+def test_last_block_at_the_pooled_position_equals_the_full_block(pooling, causal):
+    """The classifier runs its last block only at the pooled token; logits and gradients must be
+    those of running it everywhere and pooling afterwards."""
+    cfg = GPT2Config(n_vocab=90, n_ctx=20, n_embd=16, n_head=2, n_layer=3, causal=causal, lora_rank=2)
+    clf = GPT2Classifier(cfg, 3, pooling=pooling, rngs=nnx.Rngs(3))
+    for blk in clf.h:  # LoRA B starts at zero; make the adapter path count
+        blk.attn.c_attn.lora_b.set_value(0.1 * jax.random.normal(jax.random.PRNGKey(1), blk.attn.c_attn.lora_b.shape))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 90, (4, 15)))
+    lengths = jnp.asarray([15, 9, 3, 1])
+    graphdef, state = nnx.split(clf)
+
+    def full(state):
+        m = nnx.merge(graphdef, state)
+        x = m.prefix(ids, lengths, cfg.n_layer)
+        return m.head(pool(m.ln_f(x), lengths, pooling)).sum()
+
+    def fast(state):
+        return nnx.merge(graphdef, state)(ids, lengths).sum()
+
+    (a, ga), (b, gb) = jax.jit(jax.value_and_grad(full))(state), jax.jit(jax.value_and_grad(fast))(state)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
+    for (p, x), (_, y) in zip(nnx.to_flat_state(ga), nnx.to_flat_state(gb)):
+        want, got = np.asarray(x.get_value()), np.asarray(y.get_value())
+        scale = max(np.abs(want).max(), 1e-3)  # float32 noise is relative to the tensor's magnitude
+        np.testing.assert_allclose(got, want, atol=2e-6 * scale, err_msg=path_str(p))
