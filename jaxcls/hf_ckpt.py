@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def read_header(path: Path) -> dict:
             header = json.loads(f.read(n).decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # also 5000-digit numbers, deep nesting
         raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
@@ -42,10 +43,12 @@ def read_header(path: Path) -> dict:
         try:
             dtype, shape, (start, stop) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
             itemsize = np.dtype(SAFETENSORS_NUMPY_DTYPES[dtype]).itemsize if dtype != "BF16" else 2
-            count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-            valid = all(isinstance(d, int) and d >= 0 for d in shape) and 0 <= start <= stop
+            if not all(type(v) is int for v in (*shape, start, stop)):  # no floats, bools, strings
+                raise TypeError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+        count = math.prod(shape)  # Python ints: a huge shape cannot wrap around to a small size
+        valid = all(d >= 0 for d in shape) and 0 <= start <= stop
         if not valid or stop > data_size or stop - start != count * itemsize:
             raise CheckpointError(
                 f"{path}: tensor {name!r} claims bytes {start}..{stop} for {dtype}{list(shape)}, "

@@ -72,6 +72,30 @@ def expected_shapes(config: GPT2Config) -> dict:
             if names.in_checkpoint(p)}
 
 
+def _parse_config(read: Callable[[], GPT2Config], file: Path) -> GPT2Config:
+    """A config file's values of the wrong kind (a string epsilon, a 5000-digit number, nesting
+    deeper than Python's stack) end as a CheckpointError naming the file, not a TypeError."""
+    try:
+        return read()
+    except (TypeError, ValueError, OverflowError, RecursionError) as e:
+        raise CheckpointError(f"{file}: malformed ({type(e).__name__}: {e})") from None
+
+
+def check_plausible(config: GPT2Config, raw: dict, *, file: Path, config_file: Path) -> None:
+    """Before any shape is built: a config that implies more tensors or values than the file
+    holds cannot match it, and an absurd one (n_layer=10**9, n_embd=10**12) would take minutes
+    to describe or terabytes to allocate."""
+    c = config.n_embd
+    n_tensors = 4 + 12 * config.n_layer  # wte, wpe, ln_f (2), and 12 per block
+    n_values = (config.n_vocab + config.n_ctx + 2) * c + config.n_layer * (12 * c * c + 13 * c)
+    have_tensors = len(raw)
+    have_values = sum(int(np.size(a)) for a in raw.values())
+    if n_tensors > have_tensors or n_values > have_values:
+        raise CheckpointError(
+            f"{config_file}: {config.hparams()} implies {n_tensors} tensors with {n_values:,} values, "
+            f"but {file} holds {have_tensors} tensors with {have_values:,} values")
+
+
 def _to_float32(arr: np.ndarray, where: str) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
         raise CheckpointError(f"{where}: dtype {arr.dtype} is not a floating-point type")
@@ -107,8 +131,12 @@ def read_openai(folder: Path, *, verify: bool = False, **overrides) -> Checkpoin
     from jaxcls import openai_ckpt
 
     hparams_file = folder / "hparams.json"
-    config = GPT2Config.from_hparams(openai_ckpt.read_hparams(folder), str(hparams_file), **overrides)
+    config = _parse_config(lambda: GPT2Config.from_hparams(openai_ckpt.read_hparams(folder), str(hparams_file),
+                                                           **overrides), hparams_file)
     raw = openai_ckpt.read_openai_checkpoint(folder, verify=verify)
+    prefix = openai_ckpt.resolve_prefix(folder)
+    index = prefix.with_name(prefix.name + ".index")  # model.ckpt.index, not with_suffix's model.index
+    check_plausible(config, raw, file=index, config_file=hparams_file)
     shapes = expected_shapes(config)
     table = {names.to_openai(p): p for p in shapes}
 
@@ -117,7 +145,6 @@ def read_openai(folder: Path, *, verify: bool = False, **overrides) -> Checkpoin
             return arr[0] if arr.ndim == 3 and arr.shape[0] == 1 else None
         return arr
 
-    index = openai_ckpt.resolve_prefix(folder).with_suffix(".index")
     tensors = _match(raw, table, shapes, file=index, config_file=hparams_file, config=config,
                      reshape=reshape)
     return Checkpoint(config, tensors, "openai", folder)
@@ -127,10 +154,12 @@ def read_hf(folder: Path, **overrides) -> Checkpoint:
     from jaxcls import hf_ckpt
 
     config_file = folder / "config.json"
-    config = GPT2Config.from_hf_config(read_json(config_file), str(config_file), **overrides)
+    config = _parse_config(lambda: GPT2Config.from_hf_config(read_json(config_file), str(config_file),
+                                                             **overrides), config_file)
     file = hf_ckpt.find_weights_file(folder)
     raw = {names.strip_hf_prefix(k): v for k, v in hf_ckpt.read_safetensors(file).items()}
     raw = {k: v for k, v in raw.items() if not names.HF_IGNORED.fullmatch(k)}
+    check_plausible(config, raw, file=file, config_file=config_file)
     shapes = expected_shapes(config)
     table = {names.to_hf(p): p for p in shapes}
     tensors = _match(raw, table, shapes, file=file, config_file=config_file, config=config,
