@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -41,6 +42,8 @@ class GPT2Config:
             raise ConfigError(f"GPT2Config.dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise ConfigError(f"GPT2Config.lora_rank must be a non-negative integer, got {self.lora_rank!r}")
+        if not (isinstance(self.ln_epsilon, float) and math.isfinite(self.ln_epsilon) and self.ln_epsilon > 0):
+            raise ConfigError(f"GPT2Config.ln_epsilon must be a finite positive float, got {self.ln_epsilon!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"GPT2Config.dtype must be one of {DTYPES}, got {self.dtype!r}")
 
@@ -88,6 +91,8 @@ class GPT2Config:
         }
         hparams = {k: v for k, v in hparams.items() if v is not None}
         eps = hf.get("layer_norm_epsilon", 1e-5)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise CheckpointError(f"{source}: layer_norm_epsilon must be a number, got {eps!r}")
         return cls.from_hparams(hparams, source, ln_epsilon=float(eps), **overrides)
 
 
@@ -129,8 +134,8 @@ def read_json(path: Path) -> dict:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj

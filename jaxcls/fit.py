@@ -295,7 +295,7 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
     def save(final_of_epoch: bool):
         if state_dir is None:
             return
-        meta = {"config": _resumable(cfg), "epoch": epoch + final_of_epoch,
+        meta = {"config": _resumable(cfg), "epoch": epoch,
                 "done_in_epoch": 0 if final_of_epoch else done_in_epoch, "history": history, "best": best}
         tree = (trainable, opt_state) if mesh is None else dist.to_host((trainable, opt_state))  # collective
         if main_process:
@@ -352,6 +352,7 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
                     history.append(entry)
                     _append_jsonl(out if main_process else None, entry)
                 if signals.stop:
+                    check_pending()  # never save steps whose loss was not checked
                     save(False)
                     raise Interrupted(f"stopped by {signals.stop} at step {step}; "
                                       + (f"state saved in {state_dir}; continue with --resume"

@@ -190,10 +190,6 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_exact(workdir, reference)
     assert_same_run(reference["out"], out, context)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "jaxcls/fit.py: the end-of-epoch save records epoch + 2 (save(True) runs after `epoch` was "
-    "advanced and adds final_of_epoch again), so a run resumed from it skips a whole epoch; "
-    "remove this marker with the fix"))
 def test_resume_from_the_end_of_epoch_save_is_bit_exact(workdir, reference):
     """As if killed right after the end-of-epoch save: a fresh run folder holding only that save."""
     out = workdir / "B-epoch-end"
