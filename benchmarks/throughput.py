@@ -102,19 +102,53 @@ def _lora_matmuls(cfg, batch: int, seq_len: int) -> dict[str, int]:
     return {k: 2 * BT * r * (n_in + n_out) for k, (n_in, n_out) in shapes.items()} if r else {}
 
 
+def last_block_matmuls(cfg, batch: int, seq_len: int) -> dict[str, int]:
+    """The final block of a single-token-pooling classifier (jaxcls's `Block.at_positions`): keys
+    and values at every position, the query, attention, projection and MLP at the pooled one."""
+    C, T, B = int(_get(cfg, "n_embd")), int(seq_len), int(batch)
+    return {
+        "qkv": 2 * B * T * C * 2 * C + 2 * B * C * C,
+        "scores": 2 * B * T * C,
+        "context": 2 * B * T * C,
+        "attn_out": 2 * B * C * C,
+        "mlp_fc": 2 * B * C * 4 * C,
+        "mlp_out": 2 * B * 4 * C * C,
+    }
+
+
+def _last_lora_matmuls(cfg, batch: int, seq_len: int) -> dict[str, int]:
+    """LoRA adapters of that final block: the qkv adapter's first factor runs on every position
+    for keys/values and again on the pooled one for the query."""
+    C, r = int(_get(cfg, "n_embd")), int(_get(cfg, "lora_rank", 0) or 0)
+    if not r:
+        return {}
+    B, T = int(batch), int(seq_len)
+    return {"qkv": 2 * B * T * r * (C + 2 * C) + 2 * B * r * (C + C),
+            "attn_out": 2 * B * r * 2 * C, "mlp_fc": 2 * B * r * 5 * C, "mlp_out": 2 * B * r * 5 * C}
+
+
+def _block_tables(cfg, batch, seq_len, n_layer, single_token: bool):
+    """(matmuls, lora matmuls) per block index."""
+    full = (block_matmuls(cfg, batch, seq_len), _lora_matmuls(cfg, batch, seq_len))
+    last = (last_block_matmuls(cfg, batch, seq_len), _last_lora_matmuls(cfg, batch, seq_len))
+    return [last if single_token and i == n_layer - 1 else full for i in range(n_layer)]
+
+
 def head_flops(cfg, batch: int, num_classes: int = 2) -> int:
     """The classification head on one pooled vector per example (no LM head)."""
     return 2 * int(batch) * int(_get(cfg, "n_embd")) * int(num_classes)
 
 
-def forward_flops(cfg, batch: int, seq_len: int, num_classes: int = 2, start_block: int = 0) -> int:
+def forward_flops(cfg, batch: int, seq_len: int, num_classes: int = 2, start_block: int = 0,
+                  *, single_token: bool = True) -> int:
     """Matmul FLOPs of the classifier's forward pass from block `start_block` (0: from the
     embeddings, whose gather costs no FLOPs) through the head. LoRA adapters included when
-    cfg.lora_rank is set."""
-    per_block = sum(block_matmuls(cfg, batch, seq_len).values())
-    per_block += sum(_lora_matmuls(cfg, batch, seq_len).values())
+    cfg.lora_rank is set. `single_token`: pooling reads one token (last_real, last, first), so
+    the final block runs at that token only."""
     n_layer = int(_get(cfg, "n_layer"))
-    return (n_layer - start_block) * per_block + head_flops(cfg, batch, num_classes)
+    tables = _block_tables(cfg, batch, seq_len, n_layer, single_token)
+    blocks = sum(sum(mm.values()) + sum(lm.values()) for mm, lm in tables[start_block:])
+    return blocks + head_flops(cfg, batch, num_classes)
 
 
 def trainable_layout(trainable: str, n_layer: int) -> tuple[set[int], bool, bool]:
@@ -134,7 +168,7 @@ def trainable_layout(trainable: str, n_layer: int) -> tuple[set[int], bool, bool
 
 
 def train_step_flops(cfg, batch: int, seq_len: int, trainable_preset: str, num_classes: int = 2,
-                     *, cached_prefix: bool = False) -> int:
+                     *, cached_prefix: bool = False, single_token: bool = True) -> int:
     """Matmul FLOPs of one optimizer step (forward + backward; optimizer elementwise work is not
     counted). Per block: forward always; backward 2x forward (weight and input gradients) when its
     weights train; 1x (input gradient only) for a frozen block that gradients must pass through,
@@ -145,9 +179,8 @@ def train_step_flops(cfg, batch: int, seq_len: int, trainable_preset: str, num_c
     not run at all (their output was cached), as fit does."""
     n_layer = int(_get(cfg, "n_layer"))
     blocks, embeddings, lora = trainable_layout(trainable_preset, n_layer)
-    mm = block_matmuls(cfg, batch, seq_len)
-    lm = _lora_matmuls(cfg, batch, seq_len)
-    if lora and not lm:
+    tables = _block_tables(cfg, batch, seq_len, n_layer, single_token)
+    if lora and not tables[0][1]:
         raise ValueError("trainable='lora' needs cfg.lora_rank > 0")
     # The first block index where something trains; gradients flow back to it, not before.
     first = 0 if embeddings else (0 if lora else min(blocks, default=n_layer))
@@ -155,6 +188,7 @@ def train_step_flops(cfg, batch: int, seq_len: int, trainable_preset: str, num_c
     head = head_flops(cfg, batch, num_classes)
     total = head + (2 * head if first < n_layer else head)  # head: fwd + dW (+ dX if blocks below)
     for i in range(start, n_layer):
+        mm, lm = tables[i]
         fwd = sum(mm.values()) + sum(lm.values())
         total += fwd
         if i < first:
@@ -171,7 +205,8 @@ def train_step_flops(cfg, batch: int, seq_len: int, trainable_preset: str, num_c
             bwd += 2 * sum(lm.values())
             if not needs_input_grad:
                 C, r = int(_get(cfg, "n_embd")), int(_get(cfg, "lora_rank"))
-                bwd -= 2 * batch * seq_len * C * r  # dX of the qkv adapter's first factor
+                rows = batch * seq_len + (batch if i == n_layer - 1 and single_token else 0)
+                bwd -= 2 * rows * C * r  # dX of the qkv adapter's first factor
         total += bwd
     return int(total)
 

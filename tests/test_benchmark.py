@@ -24,16 +24,22 @@ def tp():
 
 def test_flop_formula_by_hand(tp):
     # gpt2-small at 120 tokens: ~20.9 GFLOP per example forward (NOTES.md): 12 blocks of
-    # 24*T*C^2 + 4*T^2*C plus a 768 x 2 head.
+    # 24*T*C^2 + 4*T^2*C plus a 768 x 2 head, when every block runs at every position (mean pooling).
     cfg = {"n_embd": 768, "n_head": 12, "n_layer": 12}
-    f = tp.forward_flops(cfg, 1, 120)
+    f = tp.forward_flops(cfg, 1, 120, single_token=False)
     assert f == 12 * (24 * 120 * 768**2 + 4 * 120**2 * 768) + 2 * 768 * 2
     assert 20.5e9 < f < 21.5e9
     # last_block: forward everywhere, 2x backward for the last block and the head
     blk = 24 * 120 * 768**2 + 4 * 120**2 * 768
-    assert tp.train_step_flops(cfg, 1, 120, "last_block") == f + 2 * blk + 2 * 2 * 768 * 2
-    assert tp.train_step_flops(cfg, 1, 120, "all") == 3 * f
-    assert tp.train_step_flops(cfg, 1, 120, "last_block", cached_prefix=True) == 3 * blk + 3 * 2 * 768 * 2
+    assert tp.train_step_flops(cfg, 1, 120, "last_block", single_token=False) == f + 2 * blk + 2 * 2 * 768 * 2
+    assert tp.train_step_flops(cfg, 1, 120, "all", single_token=False) == 3 * f
+    assert tp.train_step_flops(cfg, 1, 120, "last_block", cached_prefix=True, single_token=False) == \
+        3 * blk + 3 * 2 * 768 * 2
+    # Single-token pooling: the last block computes keys/values at all 120 positions (4TC^2), the
+    # query (2C^2), one row of attention (4TC), projection and MLP at one position (18C^2).
+    last = 4 * 120 * 768**2 + 20 * 768**2 + 4 * 120 * 768
+    assert tp.forward_flops(cfg, 1, 120) == 11 * blk + last + 2 * 768 * 2
+    assert tp.train_step_flops(cfg, 1, 120, "last_block", cached_prefix=True) == 3 * last + 3 * 2 * 768 * 2
 
 
 @pytest.mark.parametrize("trainable", ["last_block", "all"])
@@ -41,7 +47,9 @@ def test_analytical_flops_match_xla(tp, trainable):
     """XLA's dot instructions in the compiled step equal the analytical matmul count (1%); its
     cost analysis total is larger only by elementwise work (LayerNorm, GELU, softmax, masking,
     AdamW), which the analytical count leaves out by design: within 5% for last_block at this
-    size, and within 25% for 'all', whose AdamW runs over the 6.4M-entry embedding table."""
+    size, and within 40% for 'all', whose AdamW runs over the 6.4M-entry embedding table (a large
+    share of a step this small). The dot count is 1% and not exact because XLA rewrites the pooled
+    token's one-row attention products (vector times matrix) as multiply-reduce, no longer dots."""
     from jaxcls.config import preset
 
     cfg = preset("mini").replace(n_layer=2)  # mini's width; two blocks keep compilation short
@@ -49,7 +57,7 @@ def test_analytical_flops_match_xla(tp, trainable):
     _, _, _, xla = tp.compile_train_step(cfg, trainable, batch, seq)
     ours = tp.train_step_flops(cfg, batch, seq, trainable)
     assert xla["dots"] == pytest.approx(ours, rel=0.01)
-    assert ours <= xla["total"] <= (1.05 if trainable == "last_block" else 1.25) * ours
+    assert ours <= xla["total"] <= (1.05 if trainable == "last_block" else 1.4) * ours
 
 
 def test_smoke_record(tp, tmp_path):
@@ -72,8 +80,9 @@ def test_smoke_record(tp, tmp_path):
                     "flops_per_step", "achieved_flops_per_s", "mfu", "peak_rss_mb", "xla_flops_per_step"):
             assert positive(r[key]), (r["system"], key, r.get(key))
         assert len(r["step_times_s"]) == 2
-    # the analytical count is exactly XLA's dot count in the step the smoke run timed
-    assert record["train"]["xla_dot_flops_per_step"] == record["train"]["flops_per_step"]
+    # the analytical count is XLA's dot count in the step the smoke run timed, up to the pooled
+    # token's one-row attention products that XLA turns into multiply-reduce (2 x 2*B*T*C here)
+    assert record["train"]["xla_dot_flops_per_step"] == pytest.approx(record["train"]["flops_per_step"], rel=0.01)
     s = record["system_info"]
     for key in ("platform", "device_kind", "jax", "jaxlib", "flax", "date"):
         assert s[key]
