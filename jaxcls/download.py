@@ -23,15 +23,7 @@ from typing import Iterator
 from jaxcls.errors import ConfigError, DownloadError
 
 OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
-OPENAI_FILES = (
-    "checkpoint",
-    "encoder.json",
-    "hparams.json",
-    "model.ckpt.data-00000-of-00001",
-    "model.ckpt.index",
-    "model.ckpt.meta",
-    "vocab.bpe",
-)
+from jaxcls.openai_ckpt import OPENAI_FILES  # noqa: E402  (the format's file list lives with its reader)
 # The BPE files are shared by every GPT-2 size; the weights have no published hashes.
 KNOWN_SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
