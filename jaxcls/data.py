@@ -590,6 +590,17 @@ def length_buckets(lengths: np.ndarray, bucket_lengths: Sequence[int]) -> np.nda
     return buckets[np.searchsorted(buckets, lengths, side="left")].astype(np.int32)
 
 
+def fine_bucket_lengths(max_length: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two and 1.5 times them (16, 24, 32, 48, 64, 96, 128, 192, ...) from `smallest`,
+    capped by `max_length`: inference pads less than with powers of two alone, for a few more
+    compiled shapes."""
+    if max_length < 1 or smallest < 1:
+        raise ValueError(f"max_length and smallest must be >= 1, got {max_length}, {smallest}")
+    sizes = sorted({n for k in range(1, max_length.bit_length() + 1) for n in (2 ** k, 3 * 2 ** (k - 1))})
+    out = [n for n in sizes if smallest <= n < max_length]
+    return (*out, max_length)
+
+
 def default_bucket_lengths(max_length: int, smallest: int = 32) -> tuple[int, ...]:
     """Powers of two from `smallest`, capped by `max_length` as the last bucket."""
     if max_length < 1 or smallest < 1:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxcls.data import default_bucket_lengths, length_buckets
+from jaxcls.data import fine_bucket_lengths, length_buckets
 from jaxcls.errors import ConfigError
 
 LONG_MODES = ("truncate", "sliding")
@@ -87,7 +87,7 @@ class Predictor:
     pad_length: the fixed length a classifier was trained with (needed for `last` pooling):
         one bucket of exactly that length; texts are truncated and padded to it.
     batch_size: rows per model call; a partial batch is filled with dummy rows.
-    bucket_lengths: the padded lengths batches may have (default 32, 64, 128, ... up to n_ctx);
+    bucket_lengths: the padded lengths batches may have (default 16, 24, 32, 48, 64, 96, ... up to n_ctx);
         the largest is `max_length`. Not allowed together with pad_length.
     row_buckets: row counts a batch may have (default: only batch_size). E.g. (1, 8, 32) lets a
         server answer a single text without computing 31 dummy rows, at the price of more compiles.
@@ -133,7 +133,7 @@ class Predictor:
                     "a classifier trained with a fixed pad length is served with exactly that length")
             buckets = (pad_length,)
         elif bucket_lengths is None:
-            buckets = default_bucket_lengths(n_ctx)
+            buckets = fine_bucket_lengths(n_ctx)
         else:
             buckets = tuple(sorted({int(b) for b in bucket_lengths}))
             if not buckets or buckets[0] < 1 or buckets[-1] > n_ctx:

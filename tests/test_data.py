@@ -500,3 +500,11 @@ def test_length_buckets():
     assert default_bucket_lengths(1024) == (32, 64, 128, 256, 512, 1024)
     assert default_bucket_lengths(20) == (20,)
     assert default_bucket_lengths(100, smallest=16) == (16, 32, 64, 100)
+
+
+def test_fine_bucket_lengths():
+    from jaxcls.data import fine_bucket_lengths
+
+    assert fine_bucket_lengths(1024) == (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+    assert fine_bucket_lengths(120) == (16, 24, 32, 48, 64, 96, 120)
+    assert fine_bucket_lengths(10) == (10,)
