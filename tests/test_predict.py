@@ -189,7 +189,7 @@ def test_bad_options(tok):
         Predictor(model, tok, batch_size=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert Predictor(model, tok).bucket_lengths == (32, 64)  # the default buckets
+        assert Predictor(model, tok).bucket_lengths == (16, 24, 32, 48, 64)  # the default buckets
 
 
 def test_compilation_cache_writes_entries(tok, tmp_path):
