@@ -88,7 +88,7 @@ class Classifier:
         def make(config):
             return lambda: GPT2Classifier(config, num_classes, pooling=pooling, rngs=nnx.Rngs(seed))
 
-        from jaxcls.weights import materialize, read_checkpoint, resolve_checkpoint_dir, layout_of
+        from jaxcls.weights import materialize, read_checkpoint, read_config, resolve_checkpoint_dir
 
         folder = None
         if str(path_or_name) in ("tiny", "mini") or (weights == "random" and not Path(path_or_name).is_dir()):
@@ -96,10 +96,10 @@ class Classifier:
             model, base = make(config)(), None
         else:
             folder = resolve_checkpoint_dir(path_or_name)
-            ckpt = read_checkpoint(folder, verify=verify, **overrides)
-            if weights == "random":
-                model, base = make(ckpt.config)(), None
+            if weights == "random":  # the folder's shape only: its tensors are never read
+                model, base = make(read_config(folder, **overrides)[0])(), None
             else:
+                ckpt = read_checkpoint(folder, verify=verify, **overrides)
                 model = materialize(make(ckpt.config), ckpt.tensors)
                 base = {"path": str(folder.resolve()), "layout": ckpt.layout}
         tok_dir = Path(tokenizer) if tokenizer else folder
@@ -189,10 +189,9 @@ class Classifier:
         if delta:
             pattern = freeze.trainable_pattern(self.trainable, self.model.config.n_layer)
             keep = freeze.is_trainable(pattern)
-            flat = {k: v for k, v in _flat_params(params).items()}
             names = {path_str(p) for p, _ in nnx.to_flat_state(params)
                      if keep(p, None) or not in_checkpoint(p)}
-            flat = {k: v for k, v in flat.items() if k in names}
+            flat = {k: v for k, v in _flat_params(params).items() if k in names}
             if "sha256" not in self.base:
                 folder = Path(self.base["path"])
                 self.base = {**self.base, "sha256": file_sha256(base_weight_files(folder, self.base["layout"]))}

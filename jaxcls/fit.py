@@ -21,7 +21,7 @@ from jaxcls.config import TrainConfig
 from jaxcls.errors import CheckpointError, ConfigError, TrainingError
 from jaxcls.fileio import atomic_open, atomic_write_json
 from jaxcls.metrics import classification_report
-from jaxcls.tokenizer import PAD_ID
+from jaxcls.tokenizer import PAD_ID, pad_id_for
 
 FETCH_EVERY = 10  # steps between reading metrics back from the device (and NaN checks)
 
@@ -46,12 +46,6 @@ class SplitData:
 
     def __len__(self) -> int:
         return len(self.order)
-
-
-def pad_id_for(n_vocab: int) -> int:
-    """GPT-2 pads with <|endoftext|>; a smaller vocabulary pads with its last id (padding is
-    masked or, for the book's `last` pooling, the same for every example)."""
-    return min(PAD_ID, n_vocab - 1)
 
 
 def prepare_split(name, seqs, labels, *, mode: str, pad_length: int | None, n_ctx: int,
@@ -270,10 +264,9 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
     compile_s = 0.0
     if mesh is None:  # with a mesh, the first step of each shape compiles instead
         t0 = time.perf_counter()
-        compile_s = precompile(data, rows, cfg, cached, train_step, eval_step, trainable, frozen, opt_state,
-                               progress, log)
-        log(f"compiled {sum(len(d.groups) for d in data.values()) + len(data['train'].groups)} "
-            f"step shapes in {time.perf_counter() - t0:.1f}s")
+        compile_s, n_shapes = precompile(data, rows, cfg, cached, train_step, eval_step, trainable, frozen,
+                                         opt_state, progress, log)
+        log(f"compiled {n_shapes} step shapes in {compile_s:.1f}s")
 
     state_dir = Path(out) / "state" if out else None
     step, epoch, done_in_epoch, history = 0, 0, 0, []
@@ -395,7 +388,7 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
 
 
 def precompile(data, rows, cfg, cached, train_step, eval_step, trainable, frozen, opt_state,
-               progress, log) -> float:
+               progress, log) -> tuple[float, int]:
     """Compile the train step for every training group's shape and the eval step for every
     split's, before the first step, so no epoch stalls on a new bucket. Lowering traces with the
     real arguments but runs nothing (donation is untouched); the jit caches keep the result."""
@@ -420,7 +413,7 @@ def precompile(data, rows, cfg, cached, train_step, eval_step, trainable, frozen
                     eval_step.lower(trainable, frozen, *(x[0] for x in b)).compile()
             seen.add(sig)
             bar.update(task, advance=1)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, len(seen)
 
 
 def _acc(result):

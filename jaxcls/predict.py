@@ -27,9 +27,9 @@ from flax import nnx
 
 from jaxcls.data import fine_bucket_lengths, length_buckets
 from jaxcls.errors import ConfigError
+from jaxcls.tokenizer import pad_id_for
 
 LONG_MODES = ("truncate", "sliding")
-PAD_ID = 50256  # <|endoftext|>, as jaxcls.tokenizer.PAD_ID
 
 _traces = threading.local()  # tracing runs in the calling thread, so a thread-local count is exact
 
@@ -116,7 +116,7 @@ class Predictor:
         row_buckets: Sequence[int] | None = None,
         long: str = "truncate",
         window_stride: int | None = None,
-        pad_id: int = PAD_ID,
+        pad_id: int | None = None,
     ):
         n_ctx = int(model.config.n_ctx)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -158,7 +158,7 @@ class Predictor:
         self.row_buckets = rows
         self.long = long
         self.window_stride = int(window_stride)
-        self.pad_id = int(pad_id)
+        self.pad_id = pad_id_for(model.config.n_vocab) if pad_id is None else int(pad_id)
         self.num_classes = int(model.num_classes)
         self.num_compiles = 0
         self.stats = PredictStats()

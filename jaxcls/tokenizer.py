@@ -9,6 +9,12 @@ import tiktoken
 from jaxcls.errors import CheckpointError
 
 PAD_ID = 50256  # <|endoftext|>, GPT-2's only special token; the book pads with it
+
+
+def pad_id_for(n_vocab: int) -> int:
+    """GPT-2 pads with <|endoftext|>; a smaller vocabulary pads with its last id (an id past the
+    embedding table gathers NaN; padding is masked or, for `last` pooling, the same everywhere)."""
+    return min(PAD_ID, n_vocab - 1)
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 FILE_PAIRS = (("vocab.bpe", "encoder.json"), ("merges.txt", "vocab.json"))
 

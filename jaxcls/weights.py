@@ -127,12 +127,23 @@ def _match(raw: dict, table: dict, shapes: dict, *, file: Path, config_file: Pat
     return out
 
 
+def read_config(folder: Path, **overrides) -> tuple[GPT2Config, Path]:
+    """The config a checkpoint folder's own file states (hparams.json or config.json), and that
+    file; no tensor is read."""
+    if layout_of(folder) == "openai":
+        from jaxcls import openai_ckpt
+
+        file = folder / "hparams.json"
+        return _parse_config(lambda: GPT2Config.from_hparams(openai_ckpt.read_hparams(folder), str(file),
+                                                             **overrides), file), file
+    file = folder / "config.json"
+    return _parse_config(lambda: GPT2Config.from_hf_config(read_json(file), str(file), **overrides), file), file
+
+
 def read_openai(folder: Path, *, verify: bool = False, **overrides) -> Checkpoint:
     from jaxcls import openai_ckpt
 
-    hparams_file = folder / "hparams.json"
-    config = _parse_config(lambda: GPT2Config.from_hparams(openai_ckpt.read_hparams(folder), str(hparams_file),
-                                                           **overrides), hparams_file)
+    config, hparams_file = read_config(folder, **overrides)
     raw = openai_ckpt.read_openai_checkpoint(folder, verify=verify)
     prefix = openai_ckpt.resolve_prefix(folder)
     index = prefix.with_name(prefix.name + ".index")  # model.ckpt.index, not with_suffix's model.index
@@ -153,9 +164,7 @@ def read_openai(folder: Path, *, verify: bool = False, **overrides) -> Checkpoin
 def read_hf(folder: Path, **overrides) -> Checkpoint:
     from jaxcls import hf_ckpt
 
-    config_file = folder / "config.json"
-    config = _parse_config(lambda: GPT2Config.from_hf_config(read_json(config_file), str(config_file),
-                                                             **overrides), config_file)
+    config, config_file = read_config(folder, **overrides)
     file = hf_ckpt.find_weights_file(folder)
     raw = {names.strip_hf_prefix(k): v for k, v in hf_ckpt.read_safetensors(file).items()}
     raw = {k: v for k, v in raw.items() if not names.HF_IGNORED.fullmatch(k)}

@@ -208,3 +208,22 @@ def test_compilation_cache_writes_entries(tok, tmp_path):
         for n, v in saved.items():
             jax.config.update(n, v)
         compilation_cache.reset_cache()
+
+
+def test_small_vocabulary_pads_inside_the_table():
+    """GPT-2's pad id 50256 lies past a smaller embedding table (a gather there is NaN): the
+    Predictor pads with the table's last id by default, as training does."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxcls.config import GPT2Config
+    from jaxcls.model import GPT2Classifier
+    from jaxcls.predict import Predictor
+
+    model = GPT2Classifier(GPT2Config(n_vocab=50, n_ctx=16, n_embd=8, n_head=2, n_layer=1), 2, rngs=nnx.Rngs(0))
+    pred = Predictor(model, lambda t: [len(w) % 50 for w in t.split()], batch_size=2, bucket_lengths=(16,))
+    assert pred.pad_id == 49
+    logits = pred.logits(["a bb ccc", "dddd"])
+    assert np.isfinite(logits).all()
+    alone = np.asarray(model(jnp.asarray([[1, 2, 3]]), jnp.asarray([3])))
+    np.testing.assert_allclose(logits[0], alone[0], atol=1e-5)
