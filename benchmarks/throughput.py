@@ -534,12 +534,13 @@ def run_e2e(size: str, *, dtype: str = "float32", uncached: bool = False, book_p
     total = time.perf_counter() - t0
     rep = result.report
     acc = {k: v.get("accuracy") for k, v in rep["splits"].items()}
-    variant = ("default: prefix cache, length buckets" if not uncached else "uncached, padded to longest")
+    variant = (f"default: prefix cache, length buckets, {rep.get('batching')} batching" if not uncached
+               else "uncached, padded to longest")
     return {"system": "jaxcls", "variant": f"{variant}, pooling {tc.pooling}",
             "size": size, "dtype": dtype, "trainable": trainable, "seed": seed,
             "pretrained": False, "epochs": BOOK_EPOCHS, "max_steps": max_steps,
             "steps": rep["steps"], "train_loop_s": rep["wall_time_s"], "total_s": total,
-            "cached_prefix": rep["cached_prefix"], "padding": rep["padding"],
+            "cached_prefix": rep["cached_prefix"], "padding": rep["padding"], "batching": rep.get("batching"),
             "pad_length": rep["pad_length"], "accuracy": acc, "test_accuracy": acc.get("test"),
             "peak_rss_mb": peak_rss_mb()}
 

@@ -19,6 +19,9 @@ HELP = {
     "pooling": "last_real | last (the book) | first | mean",
     "trainable": "head (book: last_layer) | last_block | last_two_blocks | last_k_blocks:K | all | lora | a regex",
     "padding": "auto | longest (the book) | context | buckets | none | N",
+    "batching": "with length buckets: auto (global when the frozen prefix is cached, else buckets) | "
+                "buckets (each batch from one length bucket: least padding) | global (the book's shuffle, "
+                "each batch padded to the bucket of its longest text)",
     "accumulation": "micro-batches of --batch-size per optimizer update",
     "class_weights": "none | balanced | w0,w1,...",
     "cache": "reuse frozen-prefix activations across epochs (exact; off for lora/all/dropout)",

@@ -43,6 +43,7 @@ class SplitData:
     groups: list[Group]
     order: list[tuple[int, int]]  # example i -> (group, row)
     truncated: int
+    pad_id: int = PAD_ID
 
     def __len__(self) -> int:
         return len(self.order)
@@ -69,17 +70,19 @@ def prepare_split(name, seqs, labels, *, mode: str, pad_length: int | None, n_ct
         groups.append(Group(length, ids, lens, np.asarray(labels)[members].astype(np.int32)))
         for row, i in enumerate(members):
             order[i] = (g, row)
-    return SplitData(name, groups, order, truncated)
+    return SplitData(name, groups, order, truncated, pad_id)
 
 
 def plan_batches(split: SplitData, rows: int, *, shuffle: bool, seed: int, epoch: int,
-                 drop_last: bool) -> list[tuple[int, np.ndarray]]:
+                 drop_last: bool, mixed: bool = False) -> list[tuple[int | None, np.ndarray]]:
     """(group, row indices) per batch; a pure function of (seed, epoch), so a resumed run replays
-    the same order. One group: the book's loader. Several: shuffle within each, then the batches."""
-    if len(split.groups) == 1:
-        n = len(split.groups[0].ids)
-        return [(0, b) for b in data_lib.batches(n, rows, shuffle=shuffle, seed=seed, epoch=epoch,
-                                                 drop_last=drop_last)]
+    the same order. One group, or `mixed`: the book's loader over the whole split, with group None
+    and example indices (each batch then takes the length of its longest member's group).
+    Otherwise: shuffle within each group, then the batches."""
+    if len(split.groups) == 1 or mixed:
+        n = len(split) if mixed else len(split.groups[0].ids)
+        return [(None if mixed else 0, b)
+                for b in data_lib.batches(n, rows, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)]
     rng = np.random.default_rng((seed, epoch))
     plan = []
     for g, group in enumerate(split.groups):
@@ -90,14 +93,51 @@ def plan_batches(split: SplitData, rows: int, *, shuffle: bool, seed: int, epoch
     return plan
 
 
-def make_batch(split: SplitData, group: int, idx: np.ndarray, rows: int, micro: int,
+def batch_length(split: SplitData, group: int | None, idx: np.ndarray) -> int:
+    """The padded length a planned batch runs at."""
+    if group is not None:
+        return split.groups[group].length
+    return max(split.groups[split.order[i][0]].length for i in idx)
+
+
+def batch_labels(split: SplitData, group: int | None, idx: np.ndarray) -> np.ndarray:
+    if group is not None:
+        return split.groups[group].labels[idx]
+    return np.array([split.groups[g].labels[r] for g, r in (split.order[i] for i in idx)], np.int32)
+
+
+def _gather(split: SplitData, idx: np.ndarray, use_features: bool):
+    """A mixed batch's inputs, lengths and labels, each padded to the longest member's group:
+    ids with the pad id, cached features with zeros (padded positions are masked out of attention
+    and never pooled, so their value does not reach the logits)."""
+    length = batch_length(split, None, idx)
+    pairs = [split.order[i] for i in idx]
+    first = split.groups[pairs[0][0]]
+    if use_features:
+        sample = first.features[0]
+        shape = sample.shape if sample.ndim == 1 else (length, *sample.shape[1:])
+        inputs = np.zeros((len(idx), *shape), sample.dtype)
+    else:
+        inputs = np.full((len(idx), length), split.pad_id, np.int32)
+    for k, (g, r) in enumerate(pairs):
+        src = split.groups[g].features[r] if use_features else split.groups[g].ids[r]
+        inputs[k, :len(src)] = src
+    lengths = np.array([split.groups[g].lengths[r] for g, r in pairs], np.int32)
+    return inputs, lengths, batch_labels(split, None, idx)
+
+
+def make_batch(split: SplitData, group: int | None, idx: np.ndarray, rows: int, micro: int,
                use_features: bool) -> train.Batch:
     """Host arrays (micro, rows / micro, ...); missing rows repeat the first with weight 0."""
-    g = split.groups[group]
     fill = np.concatenate([idx, np.full(rows - len(idx), idx[0])]).astype(np.int64)
     weights = (np.arange(rows) < len(idx)).astype(np.float32)
-    inputs = g.features[fill] if use_features else g.ids[fill]
-    parts = (inputs, g.lengths[fill], g.labels[fill], weights)
+    if group is None:
+        inputs, lengths, labels = _gather(split, fill, use_features)
+    else:
+        g = split.groups[group]
+        inputs = g.features[fill] if use_features else g.ids[fill]
+        lengths, labels = g.lengths[fill], g.labels[fill]
+    parts = (inputs, lengths, labels, weights)
     return train.Batch(*(p.reshape(micro, rows // micro, *p.shape[1:]) for p in parts))
 
 
@@ -224,9 +264,14 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
         log(f"frozen prefix cached ({'pooled features' if spec.pooled else f'blocks 0..{start - 1}'}) "
             f"in {time.perf_counter() - t0:.1f}s")
 
+    batching = cfg.resolved_batching(bool(cached)) if mode == "buckets" else "fixed"
+    mixed = batching == "global" and len(data["train"].groups) > 1
+    if mode == "buckets":
+        log(f"batching: {batching}" + (" (the book's shuffle; each batch padded to its longest text's bucket)"
+                                       if batching == "global" else " (each batch from one length bucket)"))
     rows = cfg.batch_size * cfg.accumulation
     steps_per_epoch = len(plan_batches(data["train"], rows, shuffle=True, seed=cfg.seed, epoch=0,
-                                       drop_last=cfg.drop_last))
+                                       drop_last=cfg.drop_last, mixed=mixed))
     if steps_per_epoch == 0:
         raise ConfigError(f"batch_size x accumulation = {rows} exceeds the {len(data['train'])} "
                           "training examples (with drop_last)")
@@ -254,7 +299,7 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
             s, w, logits = eval_step(trainable, frozen, *(x[0] for x in b))
             sums.append((s, w))
             logits_all.append((logits, len(idx[:cfg.batch_size])))
-            labels_all.append(split.groups[g].labels[idx[:cfg.batch_size]])
+            labels_all.append(batch_labels(split, g, idx[:cfg.batch_size]))
         sums = jax.device_get(sums)
         loss = sum(s for s, _ in sums) / max(sum(w for _, w in sums), 1e-12)
         preds = np.concatenate([np.argmax(np.asarray(l)[:n], -1) for l, n in logits_all]) if plan else np.zeros(0, int)
@@ -320,7 +365,7 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
         task = bar.add_task("train", total=total_steps, completed=min(step, total_steps), loss=float("nan"), rate=0.0)
         while epoch < cfg.epochs and step < total_steps:
             plan = plan_batches(data["train"], rows, shuffle=True, seed=cfg.seed, epoch=epoch,
-                                drop_last=cfg.drop_last)
+                                drop_last=cfg.drop_last, mixed=mixed)
             for b_index in range(done_in_epoch, len(plan)):
                 g, idx = plan[b_index]
                 batch = make_batch(data["train"], g, idx, rows, cfg.accumulation, cached)
@@ -331,7 +376,7 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
                 step += 1
                 done_in_epoch = b_index + 1
                 seen_since += len(idx)
-                pending.append((step, (epoch, b_index, data["train"].groups[g].length), metrics["loss"]))
+                pending.append((step, (epoch, b_index, batch_length(data["train"], g, idx)), metrics["loss"]))
                 last_of_epoch = b_index == len(plan) - 1
                 if step % FETCH_EVERY == 0 or step % cfg.eval_freq == 0 or last_of_epoch or \
                         step % cfg.save_every == 0 or signals.stop or step >= total_steps:
@@ -378,7 +423,7 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
         log(f"keeping epoch {best['epoch']} (lowest validation loss {best['val_loss']:.4f})")
     wall = time.perf_counter() - t_start
     report = {"splits": {}, "trainable_params": n_train, "total_params": n_train + n_frozen,
-              "wall_time_s": wall, "compile_s": compile_s, "steps": step, "padding": mode, "pad_length": pad_length,
+              "wall_time_s": wall, "compile_s": compile_s, "steps": step, "padding": mode, "batching": batching, "pad_length": pad_length,
               "cached_prefix": bool(cached), "label_names": list(splits.label_names)}
     for name, d in data.items():
         loss, p, y = evaluate(d)

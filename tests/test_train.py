@@ -214,3 +214,68 @@ def test_nan_loss_stops_with_step_and_batch_named():
     cfg = BASE.replace(lr=1e30, trainable="all", epochs=3)
     with pytest.raises(TrainingError, match=r"at step \d+ \(epoch \d+, batch \d+"):
         run(cfg)
+
+
+def long_toy_splits(n=64, seed=1):
+    """Like toy_splits, but lengths 2..56, so 32-token buckets split the data in two groups,
+    and the longer texts are mostly positive: length follows the label, as in SMS spam."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for i in range(n):
+        y = i % 2
+        size = int(rng.integers(20, 57) if (y and rng.random() < 0.8) else rng.integers(2, 33))
+        words = [str(rng.integers(0, 7)) for _ in range(size)]
+        if y:
+            words[rng.integers(0, size)] = "7"
+        texts.append(" ".join(words))
+        labels.append(y)
+    ds = lambda a, b, name: TextDataset(tuple(texts[a:b]), np.array(labels[a:b], np.int32), ("no", "yes"), name)
+    return DataSplits(ds(0, n - 16, "train"), ds(n - 16, n - 8, "validation"), ds(n - 8, n, "test"), ("no", "yes"))
+
+
+def test_global_batching_with_the_cache_follows_the_unbucketed_run():
+    """Default settings (buckets + cache -> 'global' batching) take the same batches as the book's
+    fixed padding without the cache, so losses and weights agree: accuracy cannot drift."""
+    splits = long_toy_splits()
+    cfg = BASE.replace(epochs=3, trainable="last_block", padding="auto", cache=True)
+    fast = run(cfg, splits=splits, n_ctx=64)
+    book = run(cfg.replace(padding="longest", cache=False), splits=splits, n_ctx=64)
+    assert fast.report["cached_prefix"] and fast.report["batching"] == "global"
+    assert book.report["batching"] == "fixed" and book.report["pad_length"] > 32
+    assert fast.report["steps"] == book.report["steps"] == 3 * (48 // 8)
+    l1 = [h["train_loss"] for h in fast.history if "train_loss" in h]
+    l2 = [h["train_loss"] for h in book.history if "train_loss" in h]
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for k, v in flat(book.trainable).items():
+        got = flat(fast.trainable)[k]
+        if k.endswith("attn/c_attn/bias"):
+            # The key bias gets an exactly zero gradient (softmax cancels a shift shared by every
+            # score of a query), so Adam turns float noise into steps of up to lr: it never
+            # reaches a logit. Every other parameter must agree closely.
+            n = CFG.n_embd
+            got, v = np.delete(got, np.s_[n:2 * n]), np.delete(v, np.s_[n:2 * n])
+        np.testing.assert_allclose(got, v, rtol=1e-4, atol=1e-6, err_msg=k)
+    for split in ("validation", "test"):
+        assert fast.report["splits"][split]["accuracy"] == book.report["splits"][split]["accuracy"]
+
+
+def test_bucket_batching_draws_each_batch_from_one_bucket():
+    from jaxcls.fit import plan_batches, prepare_split
+
+    splits = long_toy_splits()
+    seqs = [np.array(encode(t), np.int32) for t in splits.train.texts]
+    d = prepare_split("train", seqs, splits.train.labels, mode="buckets", pad_length=None, n_ctx=64, truncated=0)
+    assert [g.length for g in d.groups] == [32, 64]
+    per_bucket = plan_batches(d, 8, shuffle=True, seed=3, epoch=0, drop_last=True)
+    assert all(g is not None and idx.max() < len(d.groups[g].ids) for g, idx in per_bucket)
+    mixed = plan_batches(d, 8, shuffle=True, seed=3, epoch=0, drop_last=True, mixed=True)
+    assert all(g is None for g, _ in mixed)
+    assert sorted(np.concatenate([i for _, i in mixed]).tolist()) == list(range(48))
+    assert any(len({d.order[i][0] for i in idx}) == 2 for _, idx in mixed)  # batches cross buckets
+    res = run(BASE.replace(trainable="last_block", cache=True, batching="buckets"), splits=splits, n_ctx=64)
+    assert res.report["batching"] == "buckets" and res.report["cached_prefix"]
+
+
+def test_batching_is_validated():
+    with pytest.raises(ConfigError, match="batching"):
+        TrainConfig(batching="sorted")
