@@ -105,7 +105,8 @@ def print_summary(report: dict) -> None:
         table.add_row(name, str(r["n"]), f"{100 * r['accuracy']:.2f}%", f"{r['loss']:.4f}", f"{r['macro_f1']:.3f}")
     Console().print(table)
     print(f"{report['steps']} steps in {report['wall_time_s']:.1f}s "
-          f"(padding {report['padding']}, prefix cache {'on' if report['cached_prefix'] else 'off'})")
+          f"(padding {report['padding']}, batching {report['batching']}, "
+          f"prefix cache {'on' if report['cached_prefix'] else 'off'})")
 
 
 def plot_curves(out: Path) -> Path | None:

@@ -1,8 +1,11 @@
 """Batched inference with a bounded number of compiles.
 
-Texts are tokenized once, sorted by length and cut into batches of a few fixed shapes
-(rows x bucket length). Each shape compiles once (`predict_step`); the last partial batch of a
-bucket is filled up with dummy rows so no new shape appears. Results come back in input order.
+Texts are tokenized once; identical token sequences in a call run once. The rest are sorted by
+length and cut into consecutive batches of `batch_size`, each padded to the smallest bucket length
+that holds its longest text, so shapes come from a few (rows x bucket length) pairs. Each shape
+compiles once (`predict_step`). Only one batch per call is partial, the one with the shortest
+texts, and it is filled up with cheap dummy rows so no new shape appears. Results come back in
+input order.
 
 Padding never changes a result for the `last_real`, `mean` and `first` poolings (padding is
 masked out of attention), so any bucket gives the numbers a one-text batch of exactly its length
@@ -74,7 +77,10 @@ class PredictStats:
     long_texts: int = 0  # texts longer than max_length (truncated or windowed)
     windows: int = 0  # windows classified for long texts in "sliding" mode
     empty: int = 0  # texts with no tokens, classified as a single padding token
+    duplicates: int = 0  # sequences identical to an earlier one in the same call, not run again
     batches: int = 0  # model calls
+    tokens: int = 0  # real tokens run (after truncation and de-duplication)
+    tokens_run: int = 0  # rows x length over all model calls: padding and dummy rows included
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -212,6 +218,7 @@ class Predictor:
         out = np.asarray(out)
         self.num_compiles += _trace_count() - before
         self.stats.batches += 1
+        self.stats.tokens_run += ids.size
         return out
 
     def _batch(self, seqs: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -224,19 +231,26 @@ class Predictor:
         return ids, lengths
 
     def _logits_of(self, seqs: list[np.ndarray]) -> np.ndarray:
-        out = np.zeros((len(seqs), self.num_classes), np.float32)
         if not seqs:
-            return out
-        lengths = np.array([len(s) for s in seqs], np.int64)
+            return np.zeros((0, self.num_classes), np.float32)
+        index: dict[bytes, int] = {}
+        inverse = np.array([index.setdefault(s.tobytes(), len(index)) for s in seqs], np.int64)
+        unique = [None] * len(index)
+        for s, u in zip(seqs, inverse):
+            unique[u] = s
+        self.stats.duplicates += len(seqs) - len(unique)
+        self.stats.tokens += sum(len(s) for s in unique)
+        lengths = np.array([len(s) for s in unique], np.int64)
         order = np.argsort(lengths, kind="stable")
-        buckets = length_buckets(lengths[order], self.bucket_lengths)
-        for bucket in np.unique(buckets):
-            members = order[buckets == bucket]
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start : start + self.batch_size]
-                ids, lens = self._batch([seqs[j] for j in chunk], int(bucket))
-                out[chunk] = self._run(ids, lens)[: len(chunk)]
-        return out
+        # Cut from the long end, so the one partial batch holds the shortest texts.
+        cuts = list(range(len(order), 0, -self.batch_size))[::-1]
+        per_unique = np.zeros((len(unique), self.num_classes), np.float32)
+        for lo, hi in zip([0] + cuts[:-1], cuts):
+            chunk = order[lo:hi]
+            length = int(length_buckets(lengths[chunk[-1:]], self.bucket_lengths)[0])
+            ids, lens = self._batch([unique[j] for j in chunk], length)
+            per_unique[chunk] = self._run(ids, lens)[: len(chunk)]
+        return per_unique[inverse]
 
     # -- public -----------------------------------------------------------------------------
 
@@ -273,6 +287,7 @@ class Predictor:
                 ids = np.full((rows, length), self.pad_id, np.int32)
                 self._run(ids, np.ones((rows,), np.int32))
                 self.stats.batches -= 1  # warm-up calls are not work
+                self.stats.tokens_run -= rows * length
             return self.num_compiles - before
 
 

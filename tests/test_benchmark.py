@@ -107,3 +107,21 @@ def test_cli_parses_defaults(tp):
     assert isinstance(a, argparse.Namespace)
     assert (a.size, a.trainable, a.batch, a.seq_len, a.dtype, a.steps, a.warmup) == \
         ("gpt2-small", "last_block", 8, 120, "float32", 10, 2)
+
+
+def test_sms_inference_smoke(tmp_path):
+    """The SMS test-set benchmark on the tiny model: every row does at least the least exact work."""
+    spec = importlib.util.spec_from_file_location("jaxcls_bench_sms", BENCH.parent / "sms_inference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    results = tmp_path / "r.jsonl"
+    record = mod.main(["--size", "tiny", "--batch", "8", "--repeats", "1", "--probe-n", "128",
+                       "--no-book", "--results", str(results)])
+    assert json.loads(results.read_text())["kind"] == "sms_inference"
+    least = record["least_work"]
+    assert least["tokens"] > 5000 and least["seconds_at_peak"] > 0
+    jax_rows = [r for r in record["rows"] if r["system"].startswith("jaxcls")]
+    assert [r["system"] for r in jax_rows] == ["jaxcls Predictor, batch 8", "jaxcls Predictor, batch 32"]
+    for r in record["rows"]:
+        assert r["seconds"] > 0 and r["tokens_run"] >= least["tokens"] and r["flops"] >= least["flops"]
+    assert jax_rows[0]["compiles"] >= 1

@@ -93,9 +93,13 @@ def test_bucketed_equals_one_text_at_a_time(tok, texts, pooling):
     want = np.stack([np_classify(model, reference_ids(tok, t), params) for t in texts])
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
     assert got.std(axis=0).min() > 1e-2  # texts really differ, so a mixed-up order would show
-    lengths = [min(max(len(tok(t)), 1), 64) for t in texts]
-    used = {min(b for b in buckets if b >= n) for n in lengths}
+    # unique sequences, sorted, cut into batches of 7 from the long end; each batch runs at the
+    # bucket of its longest text
+    lengths = sorted(len(s) for s in {reference_ids(tok, t).tobytes(): reference_ids(tok, t) for t in texts}.values())
+    cuts = list(range(len(lengths), 0, -7))[::-1]
+    used = {min(b for b in buckets if b >= lengths[hi - 1]) for hi in cuts}
     assert pred.num_compiles == len(used) == 2
+    assert pred.stats.batches == len(cuts)
     assert pred.stats.truncated == sum(len(tok(t)) > 64 for t in texts) >= 2
     assert pred.stats.empty == 1 and pred.stats.texts == len(texts)
     # a shuffled call gives the same rows, shuffled, and compiles nothing new
@@ -227,3 +231,23 @@ def test_small_vocabulary_pads_inside_the_table():
     assert np.isfinite(logits).all()
     alone = np.asarray(model(jnp.asarray([[1, 2, 3]]), jnp.asarray([3])))
     np.testing.assert_allclose(logits[0], alone[0], atol=1e-5)
+
+
+def test_duplicates_run_once_and_the_partial_batch_is_the_shortest(tok):
+    model = model_of("last_real", seed=4)
+    pred = Predictor(model, tok, batch_size=4, bucket_lengths=(16, 64))  # shapes shared with other tests
+    seen = []
+    run = pred._run
+    pred._run = lambda ids, lens: (seen.append((ids.shape, lens.copy())), run(ids, lens))[1]
+    short, long_ = "ok", " ".join(["cash now"] * 10)
+    texts = [long_, short, long_, "win", short, "call me", long_ + " !", "hello there", short]
+    got = pred.logits(texts)
+    assert pred.stats.duplicates == 3 and pred.stats.texts == 9
+    assert pred.stats.tokens == sum(len(tok(t)) for t in set(texts)) and pred.stats.tokens_run == 4 * 16 + 4 * 64
+    assert len(seen) == 2  # 6 unique texts, batch 4: a partial batch of 2, then a full one
+    (shape0, lens0), (shape1, lens1) = seen
+    assert shape0 == (4, 16) and lens0[:2].tolist() == [len(tok("ok")), len(tok("win"))]  # the shortest two
+    assert shape1 == (4, 64) and max(lens1) == len(tok(long_ + " !"))
+    for i, t in enumerate(texts):
+        np.testing.assert_allclose(got[i], np_classify(model, reference_ids(tok, t)), atol=2e-4)
+    np.testing.assert_array_equal(got[0], got[2])
