@@ -141,6 +141,31 @@ def make_batch(split: SplitData, group: int | None, idx: np.ndarray, rows: int, 
     return train.Batch(*(p.reshape(micro, rows // micro, *p.shape[1:]) for p in parts))
 
 
+def cache_features(features_step, trainable, frozen, group: Group, rows: int,
+                   lengths: tuple[int, ...] | None) -> np.ndarray:
+    """The frozen prefix's output for every example of `group`, in its row order. Examples run
+    sorted by length in chunks of `rows`, each at the smallest of `lengths` that holds its longest
+    text (or at the group's length when `lengths` is None); positions past that are zeros, which
+    attention masks out like any padding."""
+    n, length = len(group.ids), group.length
+    order = np.argsort(group.lengths, kind="stable")
+    out = None
+    for i in range(0, n, rows):
+        chunk = order[i:i + rows]
+        fill = np.concatenate([chunk, np.full(rows - len(chunk), chunk[0])])
+        t = length if lengths is None else min(length, int(data_lib.length_buckets(
+            group.lengths[chunk[-1:]], (*lengths, length))[0]))
+        f = np.asarray(features_step(trainable, frozen, group.ids[fill, :t], group.lengths[fill]))[:len(chunk)]
+        pooled = f.ndim == 2  # one vector per example: no positions to pad
+        if out is None:
+            out = np.zeros((n, *f.shape[1:]) if pooled else (n, length, *f.shape[2:]), f.dtype)
+        if pooled:
+            out[chunk] = f
+        else:
+            out[chunk, :t] = f
+    return out
+
+
 @dataclasses.dataclass
 class FitResult:
     trainable: nnx.State
@@ -252,15 +277,12 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
         spec = feature_spec
         t0 = time.perf_counter()
         features_step = train.make_features_step(graphdef, spec)
+        # Padding is masked, so each chunk of length-sorted texts can run at the finer bucket
+        # of its own longest text; the book's 'last' pooling reads padding and needs it all.
+        lengths = data_lib.fine_bucket_lengths(n_ctx) if model.uses_padding_mask() else None
         for d in data.values():
             for g in d.groups:
-                chunks = []
-                for i in range(0, len(g.ids), cfg.batch_size):
-                    rows = np.arange(i, min(i + cfg.batch_size, len(g.ids)))
-                    fill = np.concatenate([rows, np.full(cfg.batch_size - len(rows), rows[0])])
-                    f = features_step(trainable, frozen, g.ids[fill], g.lengths[fill])
-                    chunks.append(np.asarray(f)[:len(rows)])
-                g.features = np.concatenate(chunks)
+                g.features = cache_features(features_step, trainable, frozen, g, cfg.batch_size, lengths)
         log(f"frozen prefix cached ({'pooled features' if spec.pooled else f'blocks 0..{start - 1}'}) "
             f"in {time.perf_counter() - t0:.1f}s")
 
