@@ -25,6 +25,8 @@ HELP = {
     "accumulation": "micro-batches of --batch-size per optimizer update",
     "class_weights": "none | balanced | w0,w1,...",
     "cache": "reuse frozen-prefix activations across epochs (exact; off for lora/all/dropout)",
+    "cache_dtype": "cached states stored as auto (the compute dtype) | float32 (exact) | bfloat16 (half the memory)",
+    "cache_budget_mb": "host memory the frozen-prefix cache may take; over it, training runs uncached",
     "out": "run folder: metrics, resumable state, the saved classifier (default runs/<data>)",
 }
 

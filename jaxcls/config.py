@@ -185,6 +185,7 @@ class TrainConfig:
     drop_last: bool = True  # the book drops the last partial training batch
     cache: bool = True  # reuse frozen-prefix activations across epochs where that is exact
     cache_budget_mb: int = 4096
+    cache_dtype: str = "auto"  # cached states stored as: auto (the compute dtype) | float32 | bfloat16
     data_parallel: bool = False  # split each batch over all devices (and processes)
     fsdp: bool = False  # also shard large parameters and optimizer state over the devices
     compilation_cache: str | None = None  # folder for JAX's persistent compilation cache
@@ -205,6 +206,10 @@ class TrainConfig:
         need(str(self.padding) in PADDINGS or str(self.padding).isdigit(), "padding",
              f"must be one of {PADDINGS} or a positive integer")
         need(self.batching in BATCHINGS, "batching", f"must be one of {BATCHINGS}")
+        need(self.cache_dtype in ("auto", "float32", "bfloat16"), "cache_dtype",
+             "must be 'auto', 'float32' or 'bfloat16'")
+        need(isinstance(self.cache_budget_mb, int) and self.cache_budget_mb >= 0, "cache_budget_mb",
+             "must be a whole number of MiB >= 0")
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
         for field in ("epochs", "batch_size", "accumulation", "eval_freq", "eval_iter", "save_every"):
             need(isinstance(getattr(self, field), int) and getattr(self, field) > 0, field,

@@ -142,11 +142,11 @@ def make_batch(split: SplitData, group: int | None, idx: np.ndarray, rows: int, 
 
 
 def cache_features(features_step, trainable, frozen, group: Group, rows: int,
-                   lengths: tuple[int, ...] | None) -> np.ndarray:
-    """The frozen prefix's output for every example of `group`, in its row order. Examples run
-    sorted by length in chunks of `rows`, each at the smallest of `lengths` that holds its longest
-    text (or at the group's length when `lengths` is None); positions past that are zeros, which
-    attention masks out like any padding."""
+                   lengths: tuple[int, ...] | None, dtype=None) -> np.ndarray:
+    """The frozen prefix's output for every example of `group`, in its row order, stored as
+    `dtype` (default: as computed). Examples run sorted by length in chunks of `rows`, each at the
+    smallest of `lengths` that holds its longest text (or at the group's length when `lengths` is
+    None); positions past that are zeros, which attention masks out like any padding."""
     n, length = len(group.ids), group.length
     order = np.argsort(group.lengths, kind="stable")
     out = None
@@ -158,7 +158,7 @@ def cache_features(features_step, trainable, frozen, group: Group, rows: int,
         f = np.asarray(features_step(trainable, frozen, group.ids[fill, :t], group.lengths[fill]))[:len(chunk)]
         pooled = f.ndim == 2  # one vector per example: no positions to pad
         if out is None:
-            out = np.zeros((n, *f.shape[1:]) if pooled else (n, length, *f.shape[2:]), f.dtype)
+            out = np.zeros((n, *f.shape[1:]) if pooled else (n, length, *f.shape[2:]), dtype or f.dtype)
         if pooled:
             out[chunk] = f
         else:
@@ -267,11 +267,14 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
     cached = cfg.cache and start is not None and start > 0 and model.config.dropout == 0.0
     if cached:
         feature_spec = dataclasses.replace(spec, start_block=start, pooled=start == n_layer)
+        store = jnp.dtype(model.config.dtype if cfg.cache_dtype == "auto" else cfg.cache_dtype)
         need = sum(len(g.ids) * (1 if feature_spec.pooled else g.length) for d in data.values()
-                   for g in d.groups) * model.config.n_embd * jnp.dtype(model.config.dtype).itemsize
+                   for g in d.groups) * model.config.n_embd * store.itemsize
         if need > cfg.cache_budget_mb * 2**20:
-            log(f"frozen-prefix cache needs {need / 2**20:.0f} MiB, over the {cfg.cache_budget_mb} MiB "
-                "budget (--cache-budget-mb): training without it")
+            log(f"frozen-prefix cache needs {need / 2**20:.0f} MiB ({store.name}), over the "
+                f"{cfg.cache_budget_mb} MiB budget (--cache-budget-mb)"
+                + ("; --cache-dtype bfloat16 would halve it" if store.itemsize > 2 else "")
+                + ": training without it, every step runs the whole network")
             cached = False
     if cached:
         spec = feature_spec
@@ -282,9 +285,9 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
         lengths = data_lib.fine_bucket_lengths(n_ctx) if model.uses_padding_mask() else None
         for d in data.values():
             for g in d.groups:
-                g.features = cache_features(features_step, trainable, frozen, g, cfg.batch_size, lengths)
-        log(f"frozen prefix cached ({'pooled features' if spec.pooled else f'blocks 0..{start - 1}'}) "
-            f"in {time.perf_counter() - t0:.1f}s")
+                g.features = cache_features(features_step, trainable, frozen, g, cfg.batch_size, lengths, store)
+        log(f"frozen prefix cached ({'pooled features' if spec.pooled else f'blocks 0..{start - 1}'}, "
+            f"{need / 2**20:.0f} MiB {store.name}) in {time.perf_counter() - t0:.1f}s")
 
     batching = cfg.resolved_batching(bool(cached)) if mode == "buckets" else "fixed"
     mixed = batching == "global" and len(data["train"].groups) > 1
@@ -446,7 +449,8 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
     wall = time.perf_counter() - t_start
     report = {"splits": {}, "trainable_params": n_train, "total_params": n_train + n_frozen,
               "wall_time_s": wall, "compile_s": compile_s, "steps": step, "padding": mode, "batching": batching, "pad_length": pad_length,
-              "cached_prefix": bool(cached), "label_names": list(splits.label_names)}
+              "cached_prefix": bool(cached),
+              "cache_dtype": store.name if cached else None, "label_names": list(splits.label_names)}
     for name, d in data.items():
         loss, p, y = evaluate(d)
         r = classification_report(y, p, splits.label_names)
@@ -491,7 +495,7 @@ def _acc(result):
 def _resumable(cfg: TrainConfig) -> dict:
     """The settings a resumed run must share with the saved one."""
     d = dataclasses.asdict(cfg)
-    for k in ("out", "save_every", "cache", "cache_budget_mb", "data_parallel", "fsdp"):
+    for k in ("out", "save_every", "cache", "cache_budget_mb", "cache_dtype", "data_parallel", "fsdp"):
         d.pop(k)
     return json.loads(json.dumps(d))
 

@@ -43,7 +43,7 @@ def forward(model, inputs, lengths, spec: StepSpec, dropout_key=None):
     if spec.pooled:
         return model.head(inputs.astype(jnp.float32))
     if spec.start_block:
-        return model.suffix(inputs, lengths, spec.start_block, dropout_key)
+        return model.suffix(inputs.astype(model.config.dtype), lengths, spec.start_block, dropout_key)
     return model(inputs, lengths, dropout_key=dropout_key)
 
 

@@ -283,3 +283,19 @@ def test_bucket_batching_draws_each_batch_from_one_bucket():
 def test_batching_is_validated():
     with pytest.raises(ConfigError, match="batching"):
         TrainConfig(batching="sorted")
+
+
+def test_cache_budget_message_and_bfloat16_storage():
+    cfg = BASE.replace(trainable="last_block", cache=True)
+    logs = []
+    over = fit(model(0), encode, toy_splits(), cfg.replace(cache_budget_mb=0), progress=False, log=logs.append)
+    assert not over.report["cached_prefix"] and over.report["cache_dtype"] is None
+    assert any("over the 0 MiB budget" in line and "bfloat16 would halve it" in line for line in logs), logs
+    f32, bf16 = run(cfg), run(cfg.replace(cache_dtype="bfloat16"))
+    assert f32.report["cache_dtype"] == "float32" and bf16.report["cache_dtype"] == "bfloat16"
+    l1 = [h["train_loss"] for h in f32.history if "train_loss" in h]
+    l2 = [h["train_loss"] for h in bf16.history if "train_loss" in h]
+    np.testing.assert_allclose(l2, l1, rtol=2e-2)
+    assert l1 != l2  # the states really were rounded
+    with pytest.raises(ConfigError, match="cache_dtype"):
+        TrainConfig(cache_dtype="float16")
