@@ -27,6 +27,7 @@ HELP = {
     "cache": "reuse frozen-prefix activations across epochs (exact; off for lora/all/dropout)",
     "cache_dtype": "cached states stored as auto (the compute dtype) | float32 (exact) | bfloat16 (half the memory)",
     "cache_budget_mb": "host memory the frozen-prefix cache may take; over it, training runs uncached",
+    "cache_memory": "host | device: keep cached states in device memory (one device), so batches are built there",
     "out": "run folder: metrics, resumable state, the saved classifier (default runs/<data>)",
 }
 

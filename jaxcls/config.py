@@ -186,6 +186,7 @@ class TrainConfig:
     cache: bool = True  # reuse frozen-prefix activations across epochs where that is exact
     cache_budget_mb: int = 4096
     cache_dtype: str = "auto"  # cached states stored as: auto (the compute dtype) | float32 | bfloat16
+    cache_memory: str = "host"  # where cached states live: host | device (single device)
     data_parallel: bool = False  # split each batch over all devices (and processes)
     fsdp: bool = False  # also shard large parameters and optimizer state over the devices
     compilation_cache: str | None = None  # folder for JAX's persistent compilation cache
@@ -208,6 +209,7 @@ class TrainConfig:
         need(self.batching in BATCHINGS, "batching", f"must be one of {BATCHINGS}")
         need(self.cache_dtype in ("auto", "float32", "bfloat16"), "cache_dtype",
              "must be 'auto', 'float32' or 'bfloat16'")
+        need(self.cache_memory in ("host", "device"), "cache_memory", "must be 'host' or 'device'")
         need(isinstance(self.cache_budget_mb, int) and self.cache_budget_mb >= 0, "cache_budget_mb",
              "must be a whole number of MiB >= 0")
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")

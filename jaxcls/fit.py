@@ -106,37 +106,54 @@ def batch_labels(split: SplitData, group: int | None, idx: np.ndarray) -> np.nda
     return np.array([split.groups[g].labels[r] for g, r in (split.order[i] for i in idx)], np.int32)
 
 
-def _gather(split: SplitData, idx: np.ndarray, use_features: bool):
-    """A mixed batch's inputs, lengths and labels, each padded to the longest member's group:
-    ids with the pad id, cached features with zeros (padded positions are masked out of attention
-    and never pooled, so their value does not reach the logits)."""
-    length = batch_length(split, None, idx)
-    pairs = [split.order[i] for i in idx]
-    first = split.groups[pairs[0][0]]
+def _host_rows(split: SplitData, pairs, length: int, use_features: bool) -> np.ndarray:
+    """Rows from several groups, padded to `length`: ids with the pad id, cached states with zeros
+    (padded positions are masked out of attention and never pooled, so their value does not reach
+    the logits)."""
     if use_features:
-        sample = first.features[0]
+        sample = split.groups[pairs[0][0]].features[0]
         shape = sample.shape if sample.ndim == 1 else (length, *sample.shape[1:])
-        inputs = np.zeros((len(idx), *shape), sample.dtype)
+        inputs = np.zeros((len(pairs), *shape), sample.dtype)
     else:
-        inputs = np.full((len(idx), length), split.pad_id, np.int32)
+        inputs = np.full((len(pairs), length), split.pad_id, np.int32)
     for k, (g, r) in enumerate(pairs):
         src = split.groups[g].features[r] if use_features else split.groups[g].ids[r]
         inputs[k, :len(src)] = src
-    lengths = np.array([split.groups[g].lengths[r] for g, r in pairs], np.int32)
-    return inputs, lengths, batch_labels(split, None, idx)
+    return inputs
+
+
+def _device_rows(split: SplitData, pairs, length: int) -> jax.Array:
+    """The same from device-resident cached states, gathered and padded on the device, so a step's
+    inputs never leave it (`--cache-memory device`)."""
+    order, parts = [], []
+    for g in sorted({g for g, _ in pairs}):
+        ks = [k for k, (h, _) in enumerate(pairs) if h == g]
+        x = jnp.take(split.groups[g].features, jax.device_put(np.array([pairs[k][1] for k in ks])), axis=0)
+        if x.ndim == 3 and x.shape[1] < length:
+            x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0)))
+        parts.append(x)
+        order += ks
+    x = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    return x if order == sorted(order) else jnp.take(x, jax.device_put(np.argsort(order)), axis=0)
 
 
 def make_batch(split: SplitData, group: int | None, idx: np.ndarray, rows: int, micro: int,
                use_features: bool) -> train.Batch:
-    """Host arrays (micro, rows / micro, ...); missing rows repeat the first with weight 0."""
+    """Arrays (micro, rows / micro, ...); missing rows repeat the first with weight 0. Inputs are
+    host arrays, or device arrays when the cached states live on the device."""
     fill = np.concatenate([idx, np.full(rows - len(idx), idx[0])]).astype(np.int64)
     weights = (np.arange(rows) < len(idx)).astype(np.float32)
-    if group is None:
-        inputs, lengths, labels = _gather(split, fill, use_features)
-    else:
+    pairs = [(group, int(r)) for r in fill] if group is not None else [split.order[i] for i in fill]
+    length = batch_length(split, group, idx)
+    if use_features and isinstance(split.groups[0].features, jax.Array):
+        inputs = _device_rows(split, pairs, length)
+    elif group is not None:
         g = split.groups[group]
         inputs = g.features[fill] if use_features else g.ids[fill]
-        lengths, labels = g.lengths[fill], g.labels[fill]
+    else:
+        inputs = _host_rows(split, pairs, length, use_features)
+    lengths = np.array([split.groups[g].lengths[r] for g, r in pairs], np.int32)
+    labels = np.array([split.groups[g].labels[r] for g, r in pairs], np.int32)
     parts = (inputs, lengths, labels, weights)
     return train.Batch(*(p.reshape(micro, rows // micro, *p.shape[1:]) for p in parts))
 
@@ -286,8 +303,21 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
         for d in data.values():
             for g in d.groups:
                 g.features = cache_features(features_step, trainable, frozen, g, cfg.batch_size, lengths, store)
+        where = "host"
+        if cfg.cache_memory == "device":
+            free = _device_free_bytes()
+            if mesh is not None:
+                log("--cache-memory device keeps the cache on one device; with several, it stays on the host")
+            elif free is not None and need > free:
+                log(f"frozen-prefix cache ({need / 2**20:.0f} MiB) does not fit the device's "
+                    f"{free / 2**20:.0f} MiB free: keeping it in host memory")
+            else:
+                for d in data.values():
+                    for g in d.groups:
+                        g.features = jax.device_put(g.features)
+                where = "device"
         log(f"frozen prefix cached ({'pooled features' if spec.pooled else f'blocks 0..{start - 1}'}, "
-            f"{need / 2**20:.0f} MiB {store.name}) in {time.perf_counter() - t0:.1f}s")
+            f"{need / 2**20:.0f} MiB {store.name} in {where} memory) in {time.perf_counter() - t0:.1f}s")
 
     batching = cfg.resolved_batching(bool(cached)) if mode == "buckets" else "fixed"
     mixed = batching == "global" and len(data["train"].groups) > 1
@@ -450,7 +480,8 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
     report = {"splits": {}, "trainable_params": n_train, "total_params": n_train + n_frozen,
               "wall_time_s": wall, "compile_s": compile_s, "steps": step, "padding": mode, "batching": batching, "pad_length": pad_length,
               "cached_prefix": bool(cached),
-              "cache_dtype": store.name if cached else None, "label_names": list(splits.label_names)}
+              "cache_dtype": store.name if cached else None, "cache_memory": where if cached else None,
+              "label_names": list(splits.label_names)}
     for name, d in data.items():
         loss, p, y = evaluate(d)
         r = classification_report(y, p, splits.label_names)
@@ -487,6 +518,17 @@ def precompile(data, rows, cfg, cached, train_step, eval_step, trainable, frozen
     return time.perf_counter() - t0, len(seen)
 
 
+def _device_free_bytes() -> int | None:
+    """Free memory on the default device, where the backend reports it (GPU, TPU; not the CPU)."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # backends without memory statistics
+        return None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
 def _acc(result):
     _, p, y = result
     return float(np.mean(p == y)) if len(y) else None
@@ -495,7 +537,8 @@ def _acc(result):
 def _resumable(cfg: TrainConfig) -> dict:
     """The settings a resumed run must share with the saved one."""
     d = dataclasses.asdict(cfg)
-    for k in ("out", "save_every", "cache", "cache_budget_mb", "cache_dtype", "data_parallel", "fsdp"):
+    for k in ("out", "save_every", "cache", "cache_budget_mb", "cache_dtype", "cache_memory", "data_parallel",
+              "fsdp"):
         d.pop(k)
     return json.loads(json.dumps(d))
 

@@ -299,3 +299,27 @@ def test_cache_budget_message_and_bfloat16_storage():
     assert l1 != l2  # the states really were rounded
     with pytest.raises(ConfigError, match="cache_dtype"):
         TrainConfig(cache_dtype="float16")
+
+
+def test_cache_in_device_memory_builds_the_same_batches_on_the_device():
+    from jaxcls.fit import make_batch, plan_batches, prepare_split
+
+    splits = long_toy_splits()
+    seqs = [np.array(encode(t), np.int32) for t in splits.train.texts]
+    host = prepare_split("train", seqs, splits.train.labels, mode="buckets", pad_length=None, n_ctx=64, truncated=0)
+    dev = prepare_split("train", seqs, splits.train.labels, mode="buckets", pad_length=None, n_ctx=64, truncated=0)
+    rng = np.random.default_rng(0)
+    for gh, gd in zip(host.groups, dev.groups):
+        gh.features = rng.normal(size=(len(gh.ids), gh.length, 4)).astype(np.float32)
+        gd.features = jax.device_put(gh.features)
+    for mixed in (True, False):
+        for g, idx in plan_batches(host, 8, shuffle=True, seed=0, epoch=0, drop_last=False, mixed=mixed)[:4]:
+            a, b = make_batch(host, g, idx, 8, 2, True), make_batch(dev, g, idx, 8, 2, True)
+            assert isinstance(b.inputs, jax.Array) and not isinstance(a.inputs, jax.Array)
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(np.asarray(y), x)
+    cfg = BASE.replace(trainable="last_block", cache=True, padding="auto")
+    on_host, on_device = run(cfg, splits=splits, n_ctx=64), run(cfg.replace(cache_memory="device"), splits=splits, n_ctx=64)
+    assert (on_host.report["cache_memory"], on_device.report["cache_memory"]) == ("host", "device")
+    assert [h.get("train_loss") for h in on_host.history] == [h.get("train_loss") for h in on_device.history]
+    assert on_host.report["splits"]["test"]["accuracy"] == on_device.report["splits"]["test"]["accuracy"]
