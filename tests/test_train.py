@@ -318,7 +318,7 @@ def test_cache_in_device_memory_builds_the_same_batches_on_the_device():
             assert isinstance(b.inputs, jax.Array) and not isinstance(a.inputs, jax.Array)
             for x, y in zip(a, b):
                 np.testing.assert_array_equal(np.asarray(y), x)
-    cfg = BASE.replace(trainable="last_block", cache=True, padding="auto")
+    cfg = BASE.replace(trainable="last_block", cache=True, padding="auto", epochs=1)
     on_host, on_device = run(cfg, splits=splits, n_ctx=64), run(cfg.replace(cache_memory="device"), splits=splits, n_ctx=64)
     assert (on_host.report["cache_memory"], on_device.report["cache_memory"]) == ("host", "device")
     assert [h.get("train_loss") for h in on_host.history] == [h.get("train_loss") for h in on_device.history]
