@@ -478,8 +478,8 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
         log(f"keeping epoch {best['epoch']} (lowest validation loss {best['val_loss']:.4f})")
     wall = time.perf_counter() - t_start
     report = {"splits": {}, "trainable_params": n_train, "total_params": n_train + n_frozen,
-              "wall_time_s": wall, "compile_s": compile_s, "steps": step, "padding": mode, "batching": batching, "pad_length": pad_length,
-              "cached_prefix": bool(cached),
+              "wall_time_s": wall, "compile_s": compile_s, "steps": step, "padding": mode, "batching": batching,
+              "pad_length": pad_length, "cached_prefix": bool(cached),
               "cache_dtype": store.name if cached else None, "cache_memory": where if cached else None,
               "label_names": list(splits.label_names)}
     for name, d in data.items():
