@@ -79,9 +79,6 @@ def data_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices, dtype=object), (DATA,))
 
 
-fsdp_mesh = data_mesh  # FSDP shards parameters over the same axis that splits the batch (ZeRO-3)
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -117,10 +114,8 @@ def place(tree, sharding_tree):
     """Put each leaf at its sharding. Host values (numpy, or arrays on other devices) must be the
     same in every process; each process transfers only the pieces its own devices hold."""
     def put(x, s: NamedSharding):
-        if isinstance(x, jax.Array) and x.sharding.device_set == s.device_set:
-            return jax.device_put(x, s)  # on the mesh already: reshard on the devices
-        if s.is_fully_addressable:
-            return jax.device_put(x, s)
+        if s.is_fully_addressable or (isinstance(x, jax.Array) and x.sharding.device_set == s.device_set):
+            return jax.device_put(x, s)  # all devices local, or on the mesh already: reshard there
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
 

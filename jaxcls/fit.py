@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -51,18 +52,15 @@ class SplitData:
 
 def prepare_split(name, seqs, labels, *, mode: str, pad_length: int | None, n_ctx: int,
                   truncated: int, pad_id: int = PAD_ID) -> SplitData:
-    """Group a split's token arrays by padded length: one group for fixed padding, a few
-    power-of-two buckets, or (`none`) one group per exact length, so nothing is padded."""
+    """Group a split's token arrays by padded length: one group for fixed padding, else a few
+    power-of-two buckets (`fit` runs `--padding none` as buckets with last_real pooling)."""
     if pad_length is not None:
         truncated += sum(len(s) > pad_length for s in seqs)
         seqs = [s[:pad_length] for s in seqs]
         targets = np.full(len(seqs), pad_length)
     else:
         lengths = np.array([len(s) for s in seqs])
-        if mode == "none":
-            targets = lengths
-        else:
-            targets = data_lib.length_buckets(lengths, data_lib.default_bucket_lengths(n_ctx))
+        targets = data_lib.length_buckets(lengths, data_lib.default_bucket_lengths(n_ctx))
     groups, order = [], [None] * len(seqs)
     for g, length in enumerate(sorted(set(int(t) for t in targets))):
         members = np.flatnonzero(targets == length)
@@ -100,12 +98,6 @@ def batch_length(split: SplitData, group: int | None, idx: np.ndarray) -> int:
     return max(split.groups[split.order[i][0]].length for i in idx)
 
 
-def batch_labels(split: SplitData, group: int | None, idx: np.ndarray) -> np.ndarray:
-    if group is not None:
-        return split.groups[group].labels[idx]
-    return np.array([split.groups[g].labels[r] for g, r in (split.order[i] for i in idx)], np.int32)
-
-
 def _host_rows(split: SplitData, pairs, length: int, use_features: bool) -> np.ndarray:
     """Rows from several groups, padded to `length`: ids with the pad id, cached states with zeros
     (padded positions are masked out of attention and never pooled, so their value does not reach
@@ -122,19 +114,19 @@ def _host_rows(split: SplitData, pairs, length: int, use_features: bool) -> np.n
     return inputs
 
 
-def _device_rows(split: SplitData, pairs, length: int) -> jax.Array:
-    """The same from device-resident cached states, gathered and padded on the device, so a step's
-    inputs never leave it (`--cache-memory device`)."""
-    order, parts = [], []
-    for g in sorted({g for g, _ in pairs}):
-        ks = [k for k, (h, _) in enumerate(pairs) if h == g]
-        x = jnp.take(split.groups[g].features, jax.device_put(np.array([pairs[k][1] for k in ks])), axis=0)
-        if x.ndim == 3 and x.shape[1] < length:
-            x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0)))
-        parts.append(x)
-        order += ks
-    x = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-    return x if order == sorted(order) else jnp.take(x, jax.device_put(np.argsort(order)), axis=0)
+@functools.partial(jax.jit, static_argnames="length")
+def _device_rows(features: tuple, group_ids, row_ids, length: int) -> jax.Array:
+    """The same from device-resident cached states (`--cache-memory device`): every group's rows
+    gathered, cut or padded to `length`, and picked per row, in one program per batch shape, so a
+    step's inputs never leave the device."""
+    out = None
+    for g, f in enumerate(features):
+        x = jnp.take(f, jnp.where(group_ids == g, row_ids, 0), axis=0)
+        if x.ndim == 3:
+            x = x[:, :length] if x.shape[1] >= length else jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0)))
+        pick = (group_ids == g).reshape(-1, *(1,) * (x.ndim - 1))
+        out = x if out is None else jnp.where(pick, x, out)
+    return out
 
 
 def make_batch(split: SplitData, group: int | None, idx: np.ndarray, rows: int, micro: int,
@@ -146,7 +138,8 @@ def make_batch(split: SplitData, group: int | None, idx: np.ndarray, rows: int, 
     pairs = [(group, int(r)) for r in fill] if group is not None else [split.order[i] for i in fill]
     length = batch_length(split, group, idx)
     if use_features and isinstance(split.groups[0].features, jax.Array):
-        inputs = _device_rows(split, pairs, length)
+        gids, rids = (np.array(x, np.int32) for x in zip(*pairs))
+        inputs = _device_rows(tuple(g.features for g in split.groups), gids, rids, length)
     elif group is not None:
         g = split.groups[group]
         inputs = g.features[fill] if use_features else g.ids[fill]
@@ -350,22 +343,23 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
         plan = plan[:max_batches] if max_batches else plan
         sums, logits_all, labels_all = [], [], []
         for g, idx in plan:
+            n = len(idx[:cfg.batch_size])
             b = make_batch(split, g, idx[:cfg.batch_size], cfg.batch_size, 1, cached)
             s, w, logits = eval_step(trainable, frozen, *(x[0] for x in b))
             sums.append((s, w))
-            logits_all.append((logits, len(idx[:cfg.batch_size])))
-            labels_all.append(batch_labels(split, g, idx[:cfg.batch_size]))
-        sums = jax.device_get(sums)
+            logits_all.append(logits)
+            labels_all.append(b.labels[0][:n])
+        sums, logits_all = jax.device_get((sums, logits_all))  # one transfer for the whole split
         loss = sum(s for s, _ in sums) / max(sum(w for _, w in sums), 1e-12)
-        preds = np.concatenate([np.argmax(np.asarray(l)[:n], -1) for l, n in logits_all]) if plan else np.zeros(0, int)
+        preds = (np.concatenate([np.argmax(l[:len(y)], -1) for l, y in zip(logits_all, labels_all)])
+                 if plan else np.zeros(0, int))
         labels = np.concatenate(labels_all) if plan else np.zeros(0, int)
         return float(loss), preds, labels
 
     compile_s = 0.0
     if mesh is None:  # with a mesh, the first step of each shape compiles instead
-        t0 = time.perf_counter()
         compile_s, n_shapes = precompile(data, rows, cfg, cached, train_step, eval_step, trainable, frozen,
-                                         opt_state, progress, log)
+                                         opt_state, progress)
         log(f"compiled {n_shapes} step shapes in {compile_s:.1f}s")
 
     state_dir = Path(out) / "state" if out else None
@@ -385,11 +379,11 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
     if out and main_process:
         _rewrite_jsonl(Path(out) / "metrics.jsonl", history)
 
-    def save(final_of_epoch: bool):
+    def save():
         if state_dir is None:
             return
-        meta = {"config": _resumable(cfg), "epoch": epoch,
-                "done_in_epoch": 0 if final_of_epoch else done_in_epoch, "history": history, "best": best}
+        meta = {"config": _resumable(cfg), "epoch": epoch, "done_in_epoch": done_in_epoch, "history": history,
+                "best": best}
         tree = (trainable, opt_state) if mesh is None else dist.to_host((trainable, opt_state))  # collective
         if main_process:
             trainstate.save_state(state_dir, step, tree, meta)
@@ -409,7 +403,8 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
         for (s, where, _), loss in zip(pending, losses):
             if not math.isfinite(float(loss)):
                 raise TrainingError(f"loss is {float(loss)} at step {s} (epoch {where[0] + 1}, batch "
-                                    f"{where[1]}, group of length {where[2]}); parameters after the "
+                                    f"{where[1]}, group of length {batch_length(data['train'], *where[2:])}); "
+                                    "parameters after the "
                                     f"last good save are discarded{' (see ' + str(state_dir) + ')' if state_dir else ''}")
         rate = seen_since / max(time.perf_counter() - t_since, 1e-9)
         seen_since, t_since = 0, time.perf_counter()
@@ -431,7 +426,7 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
                 step += 1
                 done_in_epoch = b_index + 1
                 seen_since += len(idx)
-                pending.append((step, (epoch, b_index, batch_length(data["train"], g, idx)), metrics["loss"]))
+                pending.append((step, (epoch, b_index, g, idx), metrics["loss"]))
                 last_of_epoch = b_index == len(plan) - 1
                 if step % FETCH_EVERY == 0 or step % cfg.eval_freq == 0 or last_of_epoch or \
                         step % cfg.save_every == 0 or signals.stop or step >= total_steps:
@@ -446,14 +441,14 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
                     _append_jsonl(out if main_process else None, entry)
                 if signals.stop:
                     check_pending()  # never save steps whose loss was not checked
-                    save(False)
+                    save()
                     raise Interrupted(f"stopped by {signals.stop} at step {step}; "
                                       + (f"state saved in {state_dir}; continue with --resume"
                                          if state_dir else "nothing saved (no --out)"))
                 if step >= total_steps:
                     break
                 if step % cfg.save_every == 0 and not last_of_epoch:
-                    save(False)
+                    save()
             if done_in_epoch == len(plan):
                 entry = {"epoch": epoch + 1, "step": step, "train_acc": _acc(evaluate(data["train"], plan, cfg.eval_iter))}
                 if "validation" in data:
@@ -466,9 +461,9 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
                 history.append(entry)
                 _append_jsonl(out if main_process else None, entry)
                 epoch, done_in_epoch = epoch + 1, 0
-                save(True)
+                save()
             else:
-                save(False)
+                save()
         check_pending()
 
     if mesh is not None:
@@ -490,7 +485,7 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
 
 
 def precompile(data, rows, cfg, cached, train_step, eval_step, trainable, frozen, opt_state,
-               progress, log) -> tuple[float, int]:
+               progress) -> tuple[float, int]:
     """Compile the train step for every training group's shape and the eval step for every
     split's, before the first step, so no epoch stalls on a new bucket. Lowering traces with the
     real arguments but runs nothing (donation is untouched); the jit caches keep the result."""

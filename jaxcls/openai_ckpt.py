@@ -501,7 +501,8 @@ def read_index(index_path: Path | str) -> dict[str, TensorEntry]:
 _CHECKPOINT_LINE = re.compile(r'^\s*model_checkpoint_path\s*:\s*"((?:[^"\\]|\\.)*)"\s*$', re.MULTILINE)
 
 
-def _index_of(prefix: Path) -> Path:
+def index_of(prefix: Path) -> Path:
+    """model.ckpt -> model.ckpt.index (not with_suffix's model.index)."""
     return prefix.with_name(prefix.name + ".index")
 
 
@@ -524,10 +525,10 @@ def _checkpoint_prefix(folder: Path, checkpoint_file: Path) -> Path:
     if named.is_absolute():
         candidates.append(folder / named.name)
     for prefix in candidates:
-        if _index_of(prefix).is_file():
+        if index_of(prefix).is_file():
             return prefix
     raise CheckpointError(
-        f"checkpoint file {checkpoint_file} names {named}, but index file {_index_of(candidates[-1])} "
+        f"checkpoint file {checkpoint_file} names {named}, but index file {index_of(candidates[-1])} "
         f"is missing; {_expected_files_hint()}"
     )
 
@@ -585,7 +586,7 @@ def read_openai_checkpoint(folder: Path | str, *, verify: bool = False) -> dict[
     verify=True also checks every tensor's crc32c, which reads the whole file once.
     """
     prefix = resolve_prefix(folder)
-    entries = read_index(_index_of(prefix))
+    entries = read_index(index_of(prefix))
     data_path = _data_of(prefix)
     data = _open_data(data_path)
     tensors = {}

@@ -145,8 +145,7 @@ def read_openai(folder: Path, *, verify: bool = False, **overrides) -> Checkpoin
 
     config, hparams_file = read_config(folder, **overrides)
     raw = openai_ckpt.read_openai_checkpoint(folder, verify=verify)
-    prefix = openai_ckpt.resolve_prefix(folder)
-    index = prefix.with_name(prefix.name + ".index")  # model.ckpt.index, not with_suffix's model.index
+    index = openai_ckpt.index_of(openai_ckpt.resolve_prefix(folder))
     check_plausible(config, raw, file=index, config_file=hparams_file)
     shapes = expected_shapes(config)
     table = {names.to_openai(p): p for p in shapes}
