@@ -243,7 +243,7 @@ class Classifier:
                 raise CheckpointError(
                     f"{directory}: stores only its trained weights and needs its base checkpoint "
                     f"{ref['path']} ({ref['layout']} layout, sha256 {ref['sha256'][:16]}...), which is "
-                    "not there; pass base=... (CLI: --base) with the folder holding it")
+                    "not there; pass base=... (Classifier.load) with the folder holding it")
             got = file_sha256(base_weight_files(folder, ref["layout"]))
             if got != ref["sha256"]:
                 raise CheckpointError(

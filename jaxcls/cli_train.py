@@ -49,6 +49,8 @@ def register(sub) -> None:
     p.add_argument("--tokenizer", default=None, help="folder with encoder.json + vocab.bpe (default: the checkpoint's)")
     p.add_argument("--quiet", action="store_true")
     multi = p.add_argument_group("multi-host (see docs/scaling.md)")
+    multi.add_argument("--distributed", action="store_true",
+                       help="join the job JAX detects itself (Cloud TPU pod slice, SLURM, Open MPI)")
     multi.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
     multi.add_argument("--num-processes", type=int, default=None)
     multi.add_argument("--process-id", type=int, default=None)
@@ -59,7 +61,7 @@ def cmd_train(args) -> int:
     from jaxcls.classifier import Classifier
     from jaxcls.data import load_data
 
-    if args.coordinator or args.num_processes:
+    if args.distributed or args.coordinator or args.num_processes:
         from jaxcls import distributed
 
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
@@ -80,9 +82,9 @@ def cmd_train(args) -> int:
         dtype=cfg.dtype, causal=cfg.causal, dropout=cfg.dropout, tokenizer=args.tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     report = clf.fit(splits, train_config=cfg, out=out, resume=args.resume, progress=not args.quiet, log=log)
-    import jax
+    from jaxcls.distributed import is_main_process
 
-    if jax.process_index() != 0:
+    if not is_main_process():
         return 0  # process 0 writes the classifier and the metrics
     report["wall_time_total_s"] = time.perf_counter() - t0
     report["config"] = dataclasses.asdict(cfg)

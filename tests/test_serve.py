@@ -56,6 +56,7 @@ def test_health_info_and_page(server):
     assert info["pad_length"] is None and info["max_length"] == info["n_ctx"] == 64
     # both shapes compiled at startup (fewer if another test compiled the same shapes first)
     assert info["num_compiles"] <= 2 == len(server.predictor.shapes())
+    assert server.predictor.warmup() == 0  # every shape was ready before the first request
     status, page = request(server, "GET", "/")
     assert status == 200 and "<textarea" in page and 'fetch("/classify"' in page
 

@@ -323,3 +323,47 @@ def test_cache_in_device_memory_builds_the_same_batches_on_the_device():
     assert (on_host.report["cache_memory"], on_device.report["cache_memory"]) == ("host", "device")
     assert [h.get("train_loss") for h in on_host.history] == [h.get("train_loss") for h in on_device.history]
     assert on_host.report["splits"]["test"]["accuracy"] == on_device.report["splits"]["test"]["accuracy"]
+
+
+def test_lora_all_and_dropout_never_use_the_cache():
+    for cfg, kw in ((BASE.replace(trainable="all", cache=True), {}),
+                    (BASE.replace(trainable="lora", cache=True, lora_rank=2), {"lora_rank": 2}),
+                    (BASE.replace(trainable="last_block", cache=True), {"dropout": 0.1})):
+        res = run(cfg.replace(max_steps=1), **kw)
+        assert res.report["cached_prefix"] is False, (cfg.trainable, kw)
+    assert run(BASE.replace(trainable="last_block", cache=True, max_steps=1)).report["cached_prefix"] is True
+
+
+def test_bfloat16_step_keeps_float32_parameters_state_and_loss():
+    step, (tr, fr, opt, batch, key) = one_step(model(0, dtype="bfloat16"), "last_block")
+    tr2, opt2, metrics = step(tr, fr, opt, batch, key)
+    for leaf in jax.tree.leaves((tr2, opt2)):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            assert leaf.dtype == jnp.float32
+    assert metrics["loss"].dtype == jnp.float32
+    f32_step, (t, f, o, b, k) = one_step(model(0), "last_block")
+    np.testing.assert_allclose(metrics["loss"], f32_step(t, f, o, b, k)[2]["loss"], rtol=3e-2)
+
+
+def test_train_step_donates_parameters_and_optimizer_state():
+    step, (tr, fr, opt, batch, key) = one_step(model(0), "last_block")
+    before = jax.tree.leaves((tr, opt))
+    step(tr, fr, opt, batch, key)
+    assert all(x.is_deleted() for x in before if isinstance(x, jax.Array) and x.size > 1)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(fr))
+
+
+def test_bucket_shuffle_is_a_function_of_seed_and_epoch():
+    from jaxcls.fit import plan_batches, prepare_split
+
+    splits = long_toy_splits()
+    seqs = [np.array(encode(t), np.int32) for t in splits.train.texts]
+    d = prepare_split("train", seqs, splits.train.labels, mode="buckets", pad_length=None, n_ctx=64, truncated=0)
+
+    def plan(seed, epoch, mixed):
+        return [(g, i.tolist()) for g, i in plan_batches(d, 8, shuffle=True, seed=seed, epoch=epoch,
+                                                         drop_last=False, mixed=mixed)]
+
+    for mixed in (False, True):
+        assert plan(1, 0, mixed) == plan(1, 0, mixed)
+        assert plan(1, 0, mixed) != plan(2, 0, mixed) and plan(1, 0, mixed) != plan(1, 1, mixed)
