@@ -6,7 +6,6 @@ round after round, so that a shared machine's drifting load hits all three alike
 """
 
 import argparse
-import importlib.util
 import statistics
 import sys
 from pathlib import Path
@@ -22,10 +21,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     sys.path.insert(0, str(HERE))
-    spec = importlib.util.spec_from_file_location("throughput", HERE / "throughput.py")
-    tp = importlib.util.module_from_spec(spec)
-    sys.modules["throughput"] = tp
-    spec.loader.exec_module(tp)
+    import throughput as tp
     import torch_peers as peers
 
     cfg = tp.model_config(args.size)

@@ -23,22 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared"
 BOOK_PAD = 120  # the longest training text of the book's balanced SMS split, in GPT-2 tokens
 
 
 def texts_and_encoder():
     from jaxcls.data import load_sms_spam
     from jaxcls.tokenizer import encode, encoding_from_files
+    from throughput import DEFAULT_SMS, DEFAULT_TOKENIZER
 
-    splits = load_sms_spam(SHARED / "data/sms_spam/SMSSpamCollection", progress=False)
-    enc = encoding_from_files(SHARED / "data/gpt2_tokenizer/vocab.bpe", SHARED / "data/gpt2_tokenizer/encoder.json")
+    splits = load_sms_spam(DEFAULT_SMS, progress=False)
+    enc = encoding_from_files(DEFAULT_TOKENIZER / "vocab.bpe", DEFAULT_TOKENIZER / "encoder.json")
     return list(splits.test.texts), lambda t: encode(enc, t)
 
 
@@ -77,12 +76,10 @@ def time_torch(impl: str, cfg, texts, encode, batch: int, repeats: int, threads:
     import torch
     import torch_peers as tp
 
-    from throughput import forward_flops
+    from throughput import forward_flops, peer_config
 
     torch.set_num_threads(threads)
-    pc = {"n_vocab": cfg.n_vocab, "n_ctx": cfg.n_ctx, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
-          "n_layer": cfg.n_layer, "drop_rate": 0.0, "qkv_bias": True}
-    model = tp.build_model(impl, pc, seed=0).eval()
+    model = tp.build_model(impl, peer_config(cfg), seed=0).eval()
     seqs = [encode(t)[: fixed or cfg.n_ctx] for t in texts]
     if sort:
         seqs.sort(key=len)
@@ -90,7 +87,7 @@ def time_torch(impl: str, cfg, texts, encode, batch: int, repeats: int, threads:
     for i in range(0, len(seqs), batch):
         chunk = seqs[i:i + batch]
         width = fixed or max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), 50256, dtype=torch.long)
+        ids = torch.full((len(chunk), width), tp.PAD_ID, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for r, s in enumerate(chunk):
             ids[r, :len(s)] = torch.tensor(s)
@@ -142,9 +139,9 @@ def main(argv=None) -> dict:
     import jax
 
     from jaxcls.config import preset
-    from throughput import matmul_peak
+    from throughput import matmul_peak, usable_cores
 
-    threads = args.threads or len(os.sched_getaffinity(0))
+    threads = args.threads or usable_cores()
     cfg = preset(args.size)
     texts, encode = texts_and_encoder()
     peak = matmul_peak("float32", args.probe_n)["flops_per_s"]

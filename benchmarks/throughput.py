@@ -793,7 +793,7 @@ def run(args, log=print) -> dict:
         raise SystemExit(f"--seq-len {args.seq_len} exceeds {args.size}'s n_ctx {cfg.n_ctx}")
     record = {"schema": 1, "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
               if __name__ == "__main__" else f"run({vars(args)})",
-              "args": {k: v for k, v in vars(args).items()}, "system_info": system_info(threads),
+              "args": dict(vars(args)), "system_info": system_info(threads),
               "config": {**cfg.hparams(), "dtype": cfg.dtype}}
     log(f"peak probe ({args.probe_n}^3 {args.dtype} matmul)")
     probe = matmul_peak(args.dtype, args.probe_n)

@@ -27,6 +27,7 @@ is installed.  Quick manual run::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -409,6 +410,73 @@ def torch_info() -> dict:
     return info
 
 
+def _timed_record(
+    impl: str,
+    cfg: dict,
+    mode: str,
+    prepare,
+    *,
+    batch: int,
+    seq_len: int,
+    steps: int,
+    warmup: int,
+    threads: int,
+    compile: bool,
+    seed: int,
+    **extra: Any,
+) -> dict:
+    """The body shared by :func:`measure_train` and :func:`measure_infer`.
+
+    Checks the shape, sets the thread count, resets the peak-RSS counter,
+    builds the model and one fixed random batch ``(x, y)``, then calls
+    ``prepare(model, x, y)``, which puts the model in its mode and returns
+    ``(run, fields)``: ``run(fwd)`` does one step through ``fwd`` (the
+    model, or its ``torch.compile`` wrapper) and ``fields`` are record
+    entries known only after preparation.  ``warmup`` untimed steps, then
+    ``steps`` steps each timed around its ``run`` call.  With
+    ``compile``, a failure to compile or run is returned as
+    ``{"system", "error"}``; without it, errors propagate.  ``extra`` goes
+    into the record after ``mode`` and ``impl``, ``fields`` after
+    ``threads``."""
+    _check_shape(cfg, batch, seq_len, steps, warmup)
+    torch.set_num_threads(threads)
+    system = _system(impl, compile)
+    _reset_peak_rss()
+    model = build_model(impl, cfg, seed=seed)
+    x, y = _random_batch(cfg, batch, seq_len, seed)
+    run, fields = prepare(model, x, y)
+    fwd = model
+    if compile:
+        try:
+            fwd = torch.compile(model)
+        except Exception as exc:  # noqa: BLE001
+            return {"system": system, "error": _short(exc)}
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        run(fwd)
+        return time.perf_counter() - t0
+
+    try:
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            step()
+        warmup_s = time.perf_counter() - t0
+        times = [step() for _ in range(steps)]
+    except Exception as exc:  # noqa: BLE001
+        if not compile:
+            raise
+        return {"system": system, "error": _short(exc)}
+
+    out = _summary(system, times, warmup_s, batch, seq_len)
+    out.update(mode=mode, impl=impl, **extra)
+    out.update(batch=batch, seq_len=seq_len, threads=threads, **fields)
+    out["total_params"] = _count(model.parameters())
+    if impl == "hf":
+        out["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+    return out
+
+
 def measure_train(
     impl: str,
     cfg: dict,
@@ -426,55 +494,24 @@ def measure_train(
     random batch: median wall time of ``steps`` timed steps after ``warmup``
     untimed ones (``warmup_s`` includes ``torch.compile``'s compilation).
     ``peak_rss_mb`` is the process's peak RSS since this call started (Linux)."""
-    _check_shape(cfg, batch, seq_len, steps, warmup)
-    torch.set_num_threads(threads)
-    system = _system(impl, compile)
-    _reset_peak_rss()
-    model = build_model(impl, cfg, seed=seed)
-    model.train()
-    params = apply_freezing(impl, model, trainable)
-    opt = _optimizer(params)
-    x, y = _random_batch(cfg, batch, seq_len, seed)
-    fwd = model
-    if compile:
-        try:
-            fwd = torch.compile(model)
-        except Exception as exc:  # noqa: BLE001
-            return {"system": system, "error": _short(exc)}
 
-    def step() -> float:
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(_classify(impl, fwd, x), y)
-        loss.backward()
-        opt.step()
-        return time.perf_counter() - t0
+    def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        model.train()
+        params = apply_freezing(impl, model, trainable)
+        opt = _optimizer(params)
 
-    try:
-        t0 = time.perf_counter()
-        for _ in range(warmup):
-            step()
-        warmup_s = time.perf_counter() - t0
-        times = [step() for _ in range(steps)]
-    except Exception as exc:  # noqa: BLE001
-        if not compile:
-            raise
-        return {"system": system, "error": _short(exc)}
+        def run(fwd: nn.Module) -> None:
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(_classify(impl, fwd, x), y)
+            loss.backward()
+            opt.step()
 
-    out = _summary(system, times, warmup_s, batch, seq_len)
-    out.update(
-        mode="train",
-        impl=impl,
-        trainable=trainable,
-        batch=batch,
-        seq_len=seq_len,
-        threads=threads,
-        trainable_params=_count(params),
-        total_params=_count(model.parameters()),
+        return run, {"trainable_params": _count(params)}
+
+    return _timed_record(
+        impl, cfg, "train", prepare, batch=batch, seq_len=seq_len, steps=steps, warmup=warmup,
+        threads=threads, compile=compile, seed=seed, trainable=trainable,
     )
-    if impl == "hf":
-        out["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
-    return out
 
 
 def measure_infer(
@@ -490,50 +527,21 @@ def measure_infer(
     seed: int = 0,
 ) -> dict:
     """Steady-state classification throughput (eval mode, ``inference_mode``)."""
-    _check_shape(cfg, batch, seq_len, steps, warmup)
-    torch.set_num_threads(threads)
-    system = _system(impl, compile)
-    _reset_peak_rss()
-    model = build_model(impl, cfg, seed=seed)
-    model.eval()
-    x, _ = _random_batch(cfg, batch, seq_len, seed)
-    fwd = model
-    if compile:
-        try:
-            fwd = torch.compile(model)
-        except Exception as exc:  # noqa: BLE001
-            return {"system": system, "error": _short(exc)}
 
-    def step() -> float:
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            logits = _classify(impl, fwd, x)
-            logits.argmax(dim=-1)
-        return time.perf_counter() - t0
+    def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        model.eval()
 
-    try:
-        t0 = time.perf_counter()
-        for _ in range(warmup):
-            step()
-        warmup_s = time.perf_counter() - t0
-        times = [step() for _ in range(steps)]
-    except Exception as exc:  # noqa: BLE001
-        if not compile:
-            raise
-        return {"system": system, "error": _short(exc)}
+        def run(fwd: nn.Module) -> None:
+            with torch.inference_mode():
+                logits = _classify(impl, fwd, x)
+                logits.argmax(dim=-1)
 
-    out = _summary(system, times, warmup_s, batch, seq_len)
-    out.update(
-        mode="infer",
-        impl=impl,
-        batch=batch,
-        seq_len=seq_len,
-        threads=threads,
-        total_params=_count(model.parameters()),
+        return run, {}
+
+    return _timed_record(
+        impl, cfg, "infer", prepare, batch=batch, seq_len=seq_len, steps=steps, warmup=warmup,
+        threads=threads, compile=compile, seed=seed,
     )
-    if impl == "hf":
-        out["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
-    return out
 
 
 # --------------------------------------------------------------------------
@@ -608,9 +616,7 @@ def finetune_sms(
     def mean_loss(name: str, num_batches: int | None) -> float:
         x, y = data[name]
         losses = []
-        for i, sel in enumerate(_batches(x.shape[0], batch, drop_last=(name == "train"))):
-            if num_batches is not None and i >= num_batches:
-                break
+        for sel in itertools.islice(_batches(x.shape[0], batch, drop_last=(name == "train")), num_batches):
             losses.append(loss_of(x[sel], y[sel]).item())
         return float(np.mean(losses)) if losses else float("nan")
 
@@ -618,9 +624,7 @@ def finetune_sms(
     def accuracy(name: str, num_batches: int | None) -> float:
         x, y = data[name]
         correct = seen = 0
-        for i, sel in enumerate(_batches(x.shape[0], batch, drop_last=False)):
-            if num_batches is not None and i >= num_batches:
-                break
+        for sel in itertools.islice(_batches(x.shape[0], batch, drop_last=False), num_batches):
             pred = _classify(impl, model, x[sel]).argmax(dim=-1)
             correct += int((pred == y[sel]).sum())
             seen += len(sel)

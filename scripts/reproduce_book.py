@@ -12,10 +12,8 @@ for classification, where targets are class ids, never padding: jaxcls runs it a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
-from pathlib import Path
 
 BOOK = dict(pooling="last", padding="longest")  # the book's literal last token, padded to 120
 ROWS = {  # row: (description, TrainConfig overrides, book train/val/test accuracy %, book minutes)
@@ -74,7 +72,7 @@ def run_row(row: int, args, splits) -> dict:
     clf = Classifier.from_pretrained(
         cfg.checkpoint, label_names=splits.label_names, trainable=cfg.trainable, pooling=cfg.pooling,
         weights=cfg.weights, seed=cfg.seed, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-        causal=cfg.causal, tokenizer=args.tokenizer)
+        dtype=cfg.dtype, causal=cfg.causal, dropout=cfg.dropout, tokenizer=args.tokenizer)
     report = clf.fit(splits, train_config=cfg, progress=False, log=lambda s: None)
     acc = {k: 100 * v["accuracy"] for k, v in report["splits"].items()}
     return {"row": row, "train": acc.get("train"), "validation": acc.get("validation"),
