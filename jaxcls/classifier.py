@@ -109,7 +109,7 @@ class Classifier:
 
     # ---- training ----
     def fit(self, train, validation=None, test=None, *, out: str | Path | None = None,
-            resume: bool = False, progress: bool = False, log=print, **config) -> dict:
+            resume: bool = False, progress: bool = False, log=print, on_step=None, **config) -> dict:
         """Fine-tune on `train` (a TextDataset, a DataSplits, or (texts, labels)); `config` takes
         TrainConfig's fields. Returns the report: per-split accuracy, P/R/F1, confusion matrix."""
         from jaxcls.fit import fit
@@ -122,7 +122,7 @@ class Classifier:
         cfg = config.pop("train_config", None) or TrainConfig(**config)
         cfg = cfg.replace(pooling=self.model.pooling, trainable=self.trainable)
         result = fit(self.model, self.encode, splits, cfg, out=Path(out) if out else None,
-                     resume=resume, progress=progress, log=log)
+                     resume=resume, progress=progress, log=log, on_step=on_step)
         self.model = nnx.merge(result.graphdef, result.trainable, result.frozen)
         self.pad_length = result.pad_length
         self._predictors.clear()

@@ -215,8 +215,13 @@ class Interrupted(TrainingError):
 
 def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, cfg: TrainConfig, *,
         out: Path | None = None, resume: bool = False, progress: bool = True,
-        log: Callable[[str], None] = print) -> FitResult:
-    """Fine-tune `model` (a GPT2Classifier) in place of its trainable parameters."""
+        log: Callable[[str], None] = print,
+        on_step: Callable[[dict], None] | None = None) -> FitResult:
+    """Fine-tune `model` (a GPT2Classifier) in place of its trainable parameters.
+
+    `on_step`, if given, sees each step as it is taken (step, epoch, batch index, the bucket group
+    or None for a mixed batch, the example indices and the padded length): what ran, not what the
+    config asked for."""
     if cfg.compilation_cache:
         from jaxcls.predict import enable_compilation_cache
 
@@ -365,7 +370,10 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
     state_dir = Path(out) / "state" if out else None
     step, epoch, done_in_epoch, history = 0, 0, 0, []
     best = None
-    if resume and state_dir and (latest := trainstate.latest_state(state_dir)):
+    latest = trainstate.latest_state(state_dir) if resume and state_dir else None
+    if resume and latest is None:
+        log(f"--resume: no saved state in {state_dir or '(no --out)'}; starting from step 0")
+    if latest is not None:
         (trainable, opt_state), meta = trainstate.load_state(latest, (trainable, opt_state))
         if mesh is not None:
             trainable, opt_state = dist.place(trainable, p_sh), dist.place(opt_state, o_sh)
@@ -376,6 +384,7 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
         step, epoch, done_in_epoch, history = meta["step"], meta["epoch"], meta["done_in_epoch"], meta["history"]
         best = meta.get("best")
         log(f"resumed from {latest} (step {step}, epoch {epoch + 1}, batch {done_in_epoch})")
+    start_step = step
     if out and main_process:
         _rewrite_jsonl(Path(out) / "metrics.jsonl", history)
 
@@ -427,6 +436,9 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
                 done_in_epoch = b_index + 1
                 seen_since += len(idx)
                 pending.append((step, (epoch, b_index, g, idx), metrics["loss"]))
+                if on_step is not None:
+                    on_step({"step": step, "epoch": epoch, "batch_index": b_index, "group": g,
+                             "indices": idx, "length": batch_length(data["train"], g, idx)})
                 last_of_epoch = b_index == len(plan) - 1
                 if step % FETCH_EVERY == 0 or step % cfg.eval_freq == 0 or last_of_epoch or \
                         step % cfg.save_every == 0 or signals.stop or step >= total_steps:
@@ -473,7 +485,9 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
         log(f"keeping epoch {best['epoch']} (lowest validation loss {best['val_loss']:.4f})")
     wall = time.perf_counter() - t_start
     report = {"splits": {}, "trainable_params": n_train, "total_params": n_train + n_frozen,
-              "wall_time_s": wall, "compile_s": compile_s, "steps": step, "padding": mode, "batching": batching,
+              "wall_time_s": wall, "compile_s": compile_s, "steps": step, "start_step": start_step,
+              "steps_run": step - start_step, "devices": mesh.size if mesh is not None else 1,
+              "fsdp": bool(cfg.fsdp and mesh is not None), "padding": mode, "batching": batching,
               "pad_length": pad_length, "cached_prefix": bool(cached),
               "cache_dtype": store.name if cached else None, "cache_memory": where if cached else None,
               "label_names": list(splits.label_names)}
