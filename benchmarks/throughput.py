@@ -380,7 +380,7 @@ def build(cfg, trainable: str, seed: int = 0, pooling: str = "last_real"):
     """A random-init classifier split into (graphdef, trainable, frozen) for `trainable`."""
     from flax import nnx
 
-    from jaxcls.freeze import split_trainable, trainable_pattern
+    from jaxcls.train.freeze import split_trainable, trainable_pattern
     from jaxcls.model import GPT2Classifier
 
     model = GPT2Classifier(cfg, 2, pooling=pooling, rngs=nnx.Rngs(seed))
@@ -389,7 +389,7 @@ def build(cfg, trainable: str, seed: int = 0, pooling: str = "last_real"):
 
 def random_batch(cfg, batch: int, seq_len: int, seed: int = 0):
     """Token ids (never the pad id), full lengths, labels, weights; one micro-batch (A=1)."""
-    from jaxcls.train import Batch
+    from jaxcls.train.step import Batch
 
     rng = np.random.default_rng(seed)
     hi = min(cfg.n_vocab - 1, 50256)
@@ -404,12 +404,14 @@ def compile_train_step(cfg, trainable: str, batch: int, seq_len: int, *, cached_
     step takes the frozen prefix's output (as fit does) and runs only the trainable suffix."""
     import optax
 
-    from jaxcls import freeze, train
+    from jaxcls.task import SingleLabel
+    from jaxcls.train import freeze
+    from jaxcls.train import step as train
 
     graphdef, trainable_state, frozen = build(cfg, trainable, seed)
     tx = optax.adamw(5e-5, weight_decay=0.1)  # the book's optimizer
     opt_state = tx.init(trainable_state)
-    spec = train.StepSpec(2)
+    spec = train.StepSpec(SingleLabel.with_classes(2))
     data = random_batch(cfg, batch, seq_len, seed)
     dev = jax.devices()[0]
     if cached_prefix:
@@ -514,7 +516,7 @@ def run_e2e(size: str, *, dtype: str = "float32", uncached: bool = False, book_p
 
     from jaxcls.config import TrainConfig
     from jaxcls.data import load_sms_spam
-    from jaxcls.fit import fit
+    from jaxcls.train import fit
     from jaxcls.model import GPT2Classifier
     from jaxcls.tokenizer import encode, encoding_from_files
 
@@ -807,7 +809,7 @@ def run(args, log=print) -> dict:
     if sheet:
         tr["mfu_datasheet"] = tr["achieved_flops_per_s"] / sheet
     record["train"] = tr
-    from jaxcls.freeze import first_trainable_block
+    from jaxcls.train.freeze import first_trainable_block
 
     start = first_trainable_block(args.trainable, cfg.n_layer)
     if not args.no_cached and start:

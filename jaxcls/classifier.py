@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from flax import nnx
 
-from jaxcls import freeze
+from jaxcls.train import freeze
 from jaxcls.config import GPT2Config, TrainConfig, preset, read_json
 from jaxcls.data import DataSplits, TextDataset
 from jaxcls.errors import CheckpointError, ConfigError
@@ -112,7 +112,7 @@ class Classifier:
             resume: bool = False, progress: bool = False, log=print, on_step=None, **config) -> dict:
         """Fine-tune on `train` (a TextDataset, a DataSplits, or (texts, labels)); `config` takes
         TrainConfig's fields. Returns the report: per-split accuracy, P/R/F1, confusion matrix."""
-        from jaxcls.fit import fit
+        from jaxcls.train import fit
 
         splits = train if isinstance(train, DataSplits) else DataSplits(
             self._dataset(train, "train"), self._dataset(validation, "validation"),

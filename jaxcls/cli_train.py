@@ -62,7 +62,7 @@ def cmd_train(args) -> int:
     from jaxcls.data import load_data
 
     if args.distributed or args.coordinator or args.num_processes:
-        from jaxcls import distributed
+        from jaxcls.train import distributed
 
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
@@ -82,7 +82,7 @@ def cmd_train(args) -> int:
         dtype=cfg.dtype, causal=cfg.causal, dropout=cfg.dropout, tokenizer=args.tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     report = clf.fit(splits, train_config=cfg, out=out, resume=args.resume, progress=not args.quiet, log=log)
-    from jaxcls.distributed import is_main_process
+    from jaxcls.train.distributed import is_main_process
 
     if not is_main_process():
         return 0  # process 0 writes the classifier and the metrics

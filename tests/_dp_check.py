@@ -22,7 +22,9 @@ def setup(dropout=0.0):
     """Tiny model, the 'all' preset, AdamW with clipping, and STEPS global batches (host arrays)."""
     from flax import nnx
 
-    from jaxcls import freeze, train
+    from jaxcls.task import SingleLabel
+    from jaxcls.train import freeze
+    from jaxcls.train import step as train
     from jaxcls.config import GPT2Config, TrainConfig
     from jaxcls.model import GPT2Classifier
 
@@ -30,7 +32,7 @@ def setup(dropout=0.0):
     model = GPT2Classifier(cfg, 3, pooling="last_real", rngs=nnx.Rngs(0))
     graphdef, trainable, frozen = freeze.split_trainable(model, freeze.trainable_pattern("all", 2))
     tx = train.make_optimizer(TrainConfig(lr=1e-3, clip_norm=1.0), STEPS)
-    spec = train.StepSpec(3)
+    spec = train.StepSpec(SingleLabel.with_classes(3))
     rng = np.random.default_rng(0)
     batches = []
     for _ in range(STEPS):
@@ -47,7 +49,7 @@ def setup(dropout=0.0):
 def flat(state) -> dict[str, np.ndarray]:
     from flax import nnx
 
-    from jaxcls.distributed import to_host
+    from jaxcls.train.distributed import to_host
     from jaxcls.names import path_str
 
     return {path_str(p): v.get_value() for p, v in nnx.to_flat_state(to_host(state))}
@@ -57,7 +59,8 @@ def run_single():
     """The reference: plain train.make_train_step on one device, whole batches."""
     import jax
 
-    from jaxcls import train
+    from jaxcls.task import SingleLabel
+    from jaxcls.train import step as train
 
     graphdef, trainable, frozen, tx, spec, batches = setup()
     step = train.make_train_step(graphdef, tx, spec)
@@ -76,8 +79,9 @@ def run_sharded(mode: str, min_size: int = 64):
     and optimizer state, make_sharded_train_step. Then fit.py's evaluation call."""
     import jax
 
-    from jaxcls import distributed as dist
-    from jaxcls import train
+    from jaxcls.train import distributed as dist
+    from jaxcls.task import SingleLabel
+    from jaxcls.train import step as train
 
     graphdef, trainable, frozen, tx, spec, batches = setup()
     mesh = dist.data_mesh()
@@ -117,7 +121,7 @@ def _flat_arrays(state):
 def main(argv):
     import jax
 
-    from jaxcls import distributed as dist
+    from jaxcls.train import distributed as dist
 
     if argv[0] == "local":
         out = {"devices": jax.device_count(), "slice": [dist.process_slice(ROWS).start,

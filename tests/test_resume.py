@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURE, SMS
-from jaxcls import trainstate
+from jaxcls.train import state as trainstate
 from jaxcls.errors import CheckpointError
 
 pytestmark = pytest.mark.skipif(not (FIXTURE / "openai").is_dir() or not SMS.is_file(),

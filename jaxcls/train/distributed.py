@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxcls.errors import ConfigError
-from jaxcls.train import Batch, StepSpec, make_train_step
+from jaxcls.train.step import Batch, StepSpec, make_train_step
 
 DATA = "data"  # the mesh axis: batch rows in data parallelism, parameter shards in FSDP
 FSDP_MIN_SIZE = 2**18  # leaves with fewer elements (biases, LayerNorms, small heads) stay replicated
