@@ -18,6 +18,7 @@ from jaxcls.errors import CheckpointError, ConfigError
 from jaxcls.fileio import atomic_write_bytes, atomic_write_json
 from jaxcls.model import GPT2Classifier
 from jaxcls.names import in_checkpoint, path_str
+from jaxcls.task import SingleLabel, task_from_json
 from jaxcls.tokenizer import encode, encoding_from_files, load_tokenizer, tokenizer_files
 
 FORMAT = "jaxcls-classifier"
@@ -54,9 +55,10 @@ class Classifier:
 
     def __init__(self, model: GPT2Classifier, tokenizer, label_names: Sequence[str], *,
                  pad_length: int | None = None, trainable: str = "last_block",
-                 base: dict | None = None, tokenizer_dir: Path | None = None):
+                 base: dict | None = None, tokenizer_dir: Path | None = None, task=None):
         if len(label_names) != model.num_classes:
             raise ConfigError(f"{len(label_names)} label names for a head of {model.num_classes} classes")
+        self.task = SingleLabel(tuple(label_names)) if task is None else task
         self.model = model
         self.tokenizer = tokenizer
         self.label_names = tuple(label_names)
@@ -155,7 +157,7 @@ class Classifier:
 
         key = tuple(sorted(kw.items()))
         if key not in self._predictors:
-            self._predictors[key] = Predictor(self.model, self.encode, pad_length=self.pad_length, **kw)
+            self._predictors[key] = Predictor(self.model, self.encode, pad_length=self.pad_length, task=self.task, **kw)
         return self._predictors[key]
 
     def predict_proba(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
@@ -170,10 +172,8 @@ class Classifier:
         return self.predictor(batch_size=batch_size).warmup()
 
     def evaluate(self, data: TextDataset, *, batch_size: int = 32) -> dict:
-        from jaxcls.metrics import classification_report
-
-        ids, _ = self.predictor(batch_size=batch_size).predict(list(data.texts))
-        return classification_report(data.labels, ids, self.label_names)
+        logits = self.predictor(batch_size=batch_size).logits(list(data.texts))
+        return self.task.report(data.labels, logits)
 
     # ---- files ----
     def save(self, directory: str | Path, *, full: bool = False) -> Path:
@@ -206,6 +206,7 @@ class Classifier:
             "format": FORMAT, "version": 1,
             "config": dataclasses.asdict(self.model.config),
             "num_classes": self.model.num_classes, "label_names": list(self.label_names),
+            "task": self.task.to_json(),
             "pooling": self.pooling, "pad_length": self.pad_length, "trainable": self.trainable,
             "saved": "delta" if delta else "full", "base": self.base if delta else None,
         })
@@ -265,6 +266,7 @@ class Classifier:
         model = materialize(make, tensors)
         files = tokenizer_files(directory)
         tok = encoding_from_files(*files) if files else load_tokenizer(None)
-        return cls(model, tok, label_names, pad_length=meta.get("pad_length"),
+        task = task_from_json(meta.get("task"), label_names, source=str(directory / META))
+        return cls(model, tok, label_names, pad_length=meta.get("pad_length"), task=task,
                    trainable=meta.get("trainable", "last_block"),
                    base=meta.get("base"), tokenizer_dir=directory if files else None)

@@ -30,6 +30,7 @@ from flax import nnx
 
 from jaxcls.data import fine_bucket_lengths, length_buckets
 from jaxcls.errors import ConfigError
+from jaxcls.task import SingleLabel
 from jaxcls.tokenizer import pad_id_for
 
 LONG_MODES = ("truncate", "sliding")
@@ -100,6 +101,8 @@ class Predictor:
     long: "truncate" keeps the first max_length tokens of a longer text (the book's choice);
         "sliding" classifies windows of max_length tokens, `window_stride` apart (default
         max_length // 2), the last window ending at the text's end, and averages their logits.
+    task: how logits become probabilities and predictions (jaxcls.task; default single-label
+        over the model's classes).
 
     A text with no tokens (the empty string) has no token to pool; it is classified as a single
     padding token (length 1), which gives a well-defined, text-independent prediction, and is
@@ -123,6 +126,7 @@ class Predictor:
         long: str = "truncate",
         window_stride: int | None = None,
         pad_id: int | None = None,
+        task=None,
     ):
         n_ctx = int(model.config.n_ctx)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -166,6 +170,9 @@ class Predictor:
         self.window_stride = int(window_stride)
         self.pad_id = pad_id_for(model.config.n_vocab) if pad_id is None else int(pad_id)
         self.num_classes = int(model.num_classes)
+        self.task = SingleLabel.with_classes(self.num_classes) if task is None else task
+        if self.task.num_outputs != self.num_classes:
+            raise ConfigError(f"the task has {self.task.num_outputs} outputs, the model's head {self.num_classes}")
         self.num_compiles = 0
         self.stats = PredictStats()
         self._lock = threading.RLock()
@@ -271,9 +278,10 @@ class Predictor:
         return (total / counts[:, None]).astype(np.float32)
 
     def predict(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(class ids int64 [N], probabilities float32 [N, C]) in input order."""
-        probs = softmax(self.logits(texts))
-        return np.argmax(probs, axis=-1), probs
+        """(predictions [N], probabilities float32 [N, C]) in input order, as the task decides
+        (single-label: class ids and the softmax)."""
+        probs = self.task.probabilities(self.logits(texts))
+        return self.task.decide(probs), probs
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every (rows, length) batch shape this predictor can run."""
@@ -290,11 +298,3 @@ class Predictor:
                 self.stats.tokens_run -= rows * length
             return self.num_compiles - before
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, np.float64)
-    if z.size == 0:
-        return z.astype(np.float32)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)

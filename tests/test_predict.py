@@ -13,7 +13,8 @@ from jaxcls.data import pad_batch
 from jaxcls.errors import ConfigError
 from jaxcls.model import GPT2Classifier
 from jaxcls.names import path_str
-from jaxcls.predict import Predictor, enable_compilation_cache, softmax
+from jaxcls.predict import Predictor, enable_compilation_cache
+from jaxcls.task import softmax
 from jaxcls.tokenizer import PAD_ID, encode, encoding_from_files
 
 pytestmark = pytest.mark.skipif(not TOKENIZER_DIR.is_dir(), reason=f"{TOKENIZER_DIR} not present")

@@ -59,9 +59,10 @@ def loss_terms(logits, labels, weights, spec: StepSpec):
     return spec.task.loss_terms(logits, labels, weights)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, spec: StepSpec):
+def make_train_step(graphdef, tx: optax.GradientTransformation, spec: StepSpec, *, out_shardings=None):
     """-> jitted `train_step(trainable, frozen, opt_state, batch, key) -> (trainable, opt_state,
-    metrics)`. Gradients exist only for `trainable`; its buffers and the optimizer state are donated."""
+    metrics)`. Gradients exist only for `trainable`; its buffers and the optimizer state are donated.
+    `out_shardings` pins the outputs' placement (FSDP: parameters and optimizer state stay sharded)."""
 
     def loss_sum(trainable, frozen, inputs, lengths, labels, weights, key):
         model = nnx.merge(graphdef, trainable, frozen)
@@ -70,7 +71,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, spec: StepSpec):
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 2))
+    @functools.partial(jax.jit, donate_argnums=(0, 2), out_shardings=out_shardings)
     def train_step(trainable, frozen, opt_state, batch: Batch, key):
         def micro(carry, xs):
             grads, total, weight = carry
