@@ -10,7 +10,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import jax
 import numpy as np
@@ -18,9 +18,6 @@ import numpy as np
 from jaxcls.errors import CheckpointError, TrainingError
 from jaxcls.train import state as state_lib
 from jaxcls.train.batches import batch_length
-
-if TYPE_CHECKING:
-    from jaxcls.train.loop import Run
 
 FETCH_EVERY = 10  # steps between reading metrics back from the device (and NaN checks)
 
