@@ -21,6 +21,10 @@ from jaxcls.names import in_checkpoint, path_str
 from jaxcls.task import SingleLabel, task_from_json
 from jaxcls.tokenizer import encode, encoding_from_files, load_tokenizer, tokenizer_files
 
+# TrainConfig fields that describe the model or the data, not the loop (see Classifier.fit).
+MODEL_FIELDS = {"checkpoint", "weights", "pooling", "trainable", "lora_rank", "lora_alpha", "causal", "dropout",
+                "dtype"}
+DATA_FIELDS = {"data", "data_path", "validation", "test", "text_column", "label_column"}
 FORMAT = "jaxcls-classifier"
 META = "classifier.json"
 WEIGHTS = "weights.safetensors"
@@ -112,8 +116,10 @@ class Classifier:
     # ---- training ----
     def fit(self, train, validation=None, test=None, *, out: str | Path | None = None,
             resume: bool = False, progress: bool = False, log=print, on_step=None, **config) -> dict:
-        """Fine-tune on `train` (a TextDataset, a DataSplits, or (texts, labels)); `config` takes
-        TrainConfig's fields. Returns the report: per-split accuracy, P/R/F1, confusion matrix."""
+        """Fine-tune on `train` (a TextDataset, a DataSplits, or (texts, labels)). `config` takes
+        TrainConfig's fields (or `train_config=`): each one given is applied, or refused with a
+        ConfigError naming it when the model fixed it at `from_pretrained`. Returns the report:
+        per-split accuracy, P/R/F1, confusion matrix."""
         from jaxcls.train import fit
 
         splits = train if isinstance(train, DataSplits) else DataSplits(
@@ -121,8 +127,9 @@ class Classifier:
             self._dataset(test, "test"), self.label_names)
         if tuple(splits.label_names) != self.label_names:
             raise ConfigError(f"data labels {splits.label_names} differ from the classifier's {self.label_names}")
-        cfg = config.pop("train_config", None) or TrainConfig(**config)
-        cfg = cfg.replace(pooling=self.model.pooling, trainable=self.trainable)
+        cfg = self._fit_config(config)
+        self.trainable = cfg.trainable
+        self.model.pooling = cfg.pooling
         result = fit(self.model, self.encode, splits, cfg, out=Path(out) if out else None,
                      resume=resume, progress=progress, log=log, on_step=on_step)
         self.model = nnx.merge(result.graphdef, result.trainable, result.frozen)
@@ -130,6 +137,39 @@ class Classifier:
         self._predictors.clear()
         self.report = result.report
         return result.report
+
+    def _fit_config(self, config: dict) -> TrainConfig:
+        """The run's TrainConfig: the classifier's own trainable set and pooling unless given; the
+        settings the model was built with must match it."""
+        cfg = config.pop("train_config", None)
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        for key in config:
+            if key not in names:
+                raise ConfigError(f"Classifier.fit: unknown setting {key!r} (TrainConfig has no such field)")
+            if key in DATA_FIELDS:
+                raise ConfigError(f"Classifier.fit: {key!r} names a data source; pass the data to fit() itself")
+        given = dict(config) if cfg is None else {**{k: getattr(cfg, k) for k in MODEL_FIELDS}, **config}
+        built = self._built_with()
+        for key in MODEL_FIELDS & given.keys() - {"trainable", "pooling"}:
+            if key in built and given[key] != built[key] or key not in built and cfg is None:
+                raise ConfigError(
+                    f"Classifier.fit: {key}={given[key]!r} cannot change after from_pretrained (the model was "
+                    f"built with {key}={built.get(key)!r}); pass it to Classifier.from_pretrained")
+        trainable = given.get("trainable", self.trainable)
+        if trainable == "lora" and self.model.config.lora_rank == 0:
+            raise ConfigError("Classifier.fit: trainable='lora' needs LoRA adapters, which the model was built "
+                              "without; pass trainable='lora' to Classifier.from_pretrained")
+        fixed = dict(trainable=trainable, pooling=given.get("pooling", self.model.pooling))
+        return (cfg or TrainConfig()).replace(**{k: v for k, v in config.items() if k not in fixed}, **fixed)
+
+    def _built_with(self) -> dict:
+        """The model-construction settings this classifier's model has (checkpoint and weights are
+        not recorded: they cannot be compared, only refused)."""
+        c = self.model.config
+        built = dict(dtype=c.dtype, causal=c.causal, dropout=c.dropout)
+        if c.lora_rank:
+            built.update(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)
+        return built
 
     def _dataset(self, d, split) -> TextDataset | None:
         if d is None or isinstance(d, TextDataset):
