@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from jaxcls import data
+from jaxcls.data import sms as sms_lib
 from jaxcls.data import (
     DataSplits,
     TextDataset,
@@ -157,7 +158,7 @@ def test_sms_download_from_local_server(tmp_path, monkeypatch):
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
             url = f"http://127.0.0.1:{server.server_port}/{SMS_ZIP.name}"
-            monkeypatch.setattr(data, "SMS_SPAM_URL", url)
+            monkeypatch.setattr(sms_lib, "SMS_SPAM_URL", url)
             monkeypatch.setenv("JAXCLS_HOME", str(tmp_path))
             got = load_sms_spam(progress=False)
         finally:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxcls.errors import DataError
-from jaxcls.inputs import PredictionWriter, TextReader, read_texts
+from jaxcls.infer.io import PredictionWriter, TextReader, read_texts
 
 TEXTS = ["Free entry, win £1000 now!", 'He said "ok"\nthen left', "naïve café 🎉", "  spaced  "]
 
@@ -62,7 +62,7 @@ def test_jsonl(tmp_path):
     assert read_texts(f) == TEXTS + ["a bare string"]
     g = tmp_path / "msg.jsonl"
     g.write_text('{"msg": "hi"}\n{"msg": 3}\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"msg.jsonl: line 2: 'msg' must be a string"):
+    with pytest.raises(DataError, match=r"msg.jsonl: line 2: column 'msg' must be a string, got int"):
         read_texts(g, text_column="msg")
     with pytest.raises(DataError, match=r"line 1: no column 'text'"):
         read_texts(g)
@@ -87,7 +87,7 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
 
 
 def test_unknown_types_and_missing_file(tmp_path):
-    with pytest.raises(DataError, match="unknown input type '.xlsx'"):
+    with pytest.raises(DataError, match=r"unknown file type '\.xlsx'; supported: .*\.txt"):
         TextReader(tmp_path / "a.xlsx")
     with pytest.raises(DataError, match="no such file"):
         TextReader(tmp_path / "a.txt")
