@@ -102,15 +102,17 @@ def split(table: LabelledTable, fractions: Sequence[float], seed: int) -> dict[s
 def to_dataset(table: LabelledTable, mapping: LabelMap, allowed: set | None = None) -> TextDataset:
     """`table` with its labels mapped; `allowed` (None for the training split) are the class ids
     a validation or test row may use: those the training data has."""
+    for label, line in zip(table.labels, table.lines) if allowed is not None else ():
+        index = mapping.lookup.get(str(label))
+        if index is None:
+            break  # the first bad row is an unknown label: ids() names it
+        if index not in allowed:
+            raise DataError(
+                f"{table.path}: line {line}: label {label!r} in column "
+                f"{table.label_column!r} does not occur in the training data"
+            )
     labels = mapping.ids(table.labels, source=str(table.path), lines=table.lines,
                          column=table.label_column)
-    if allowed is not None:
-        for label, line, index in zip(table.labels, table.lines, labels.tolist()):
-            if index not in allowed:
-                raise DataError(
-                    f"{table.path}: line {line}: label {label!r} in column "
-                    f"{table.label_column!r} does not occur in the training data"
-                )
     return TextDataset(tuple(table.texts), labels, mapping.names, table.source or str(table.path))
 
 

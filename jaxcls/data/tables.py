@@ -26,6 +26,7 @@ TABLE_KINDS = ", ".join([*CSV_SEPARATORS, *JSONL_SUFFIXES])
 TEXT_KINDS = ", ".join([TABLE_KINDS, *LINE_SUFFIXES, "'-' (stdin)"])
 _BOM = b"\xef\xbb\xbf"
 _INT_RE = re.compile(r"[+-]?\d+")
+_LONE_CR = re.compile(rb"(?<=\r)(?!\n)")
 
 
 class Row(NamedTuple):
@@ -102,8 +103,11 @@ class TableReader:
                 raw.close()
 
     def _lines(self, raw: IO[bytes]) -> Iterator[tuple[int, str]]:
-        """(line number, decoded line with its ending). b"\\n" never occurs inside a UTF-8
-        multi-byte sequence, so splitting the bytes on it first is safe."""
+        """(line number, decoded line with its ending). Neither b"\\n" nor b"\\r" occurs inside
+        a UTF-8 multi-byte sequence, so splitting the bytes first is safe. CSV/TSV lines also
+        end at a lone "\\r", as the csv module expects; JSONL and text lines only at "\\n"."""
+        if self.format in ("csv", "tsv"):
+            raw = (piece for data in raw for piece in _LONE_CR.split(data) if piece)
         for number, data in enumerate(raw, start=1):
             start = 3 if number == 1 and data.startswith(_BOM) else 0
             try:
@@ -138,6 +142,9 @@ class TableReader:
             matches = [c for c in columns if c.strip().lower() == role]
             if len(matches) == 1:
                 return matches[0]
+            if matches:
+                raise DataError(f"{self.name}: {where}columns {matches} all match {role!r}; "
+                                f"choose one with --{role}-column")
         raise DataError(
             f"{self.name}: {where}no column {role if wanted is None else wanted!r}; "
             f"columns: {list(columns)} "
@@ -222,11 +229,11 @@ class TableReader:
 
 def _json(name: str, number: int, line: str):
     try:
-        return json.loads(line)
+        return json.loads(line.rstrip("\r\n"))  # so a column number points into the line
     except json.JSONDecodeError as e:
         why = f"{e.msg} at column {e.colno}"
     except (ValueError, RecursionError) as e:  # an integer of >4300 digits, nesting too deep
-        why = str(e) if isinstance(e, ValueError) else "nested too deeply"
+        why = str(e).split(";")[0] if isinstance(e, ValueError) else "nested too deeply"
     raise DataError(f"{name}: line {number}: invalid JSON ({why})")
 
 
