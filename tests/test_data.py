@@ -402,6 +402,9 @@ def test_non_utf8_offset_counts_the_bom(tmp_path):
     f.write_bytes(b"\xef\xbb\xbf" + "text,label\nok,a\ncaf\xe9,b\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"bom\.csv: line 3: not valid UTF-8 \(byte offset 22: "):
         read_table(f)
+    f.write_bytes(b"\xef\xbb\xbf" + "text,lab\xe9l\nok,a\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"bom\.csv: line 1: not valid UTF-8 \(byte offset 11: "):
+        read_table(f)
 
 
 def test_lone_cr_ends_csv_lines(tmp_path):
