@@ -409,13 +409,14 @@ def test_non_utf8_offset_counts_the_bom(tmp_path):
 
 def test_lone_cr_ends_csv_lines(tmp_path):
     """Old Mac line endings: a lone CR ends a CSV line outside quotes and stays inside them.
-    Fails without the split at lone CRs (planted: no _LONE_CR split in TableReader._lines)."""
+    Fails without the split at lone CRs (planted: _cr_split returns (data,)), or if a line
+    ending CRLF is never split (planted: `cr == 0 or data.endswith(b"\\r\\n")` in _cr_split)."""
     f = tmp_path / "cr.csv"
     f.write_bytes(b'Text,label\rhello,pos\r"two\rlines",neg\r\rlast,pos\r"bad"x,pos\r')
     with pytest.raises(DataError, match=r"cr\.csv: line 7: malformed \.csv"):
         read_table(f)
-    f.write_bytes(b'Text,label\rhello,pos\r"two\rlines",neg\r\rlast,pos')
-    assert read_table(f) == (["hello", "two\rlines", "last"], ["pos", "neg", "pos"])
+    f.write_bytes(b'Text,label\rhello,pos\r"two\rlines",neg\r\rlast,pos\rcrlf,neg\r\n')
+    assert read_table(f) == (["hello", "two\rlines", "last", "crlf"], ["pos", "neg", "pos", "neg"])
 
 
 def test_label_ids_one_rule_for_every_caller():

@@ -89,7 +89,10 @@ class TableReader:
 
     def __iter__(self) -> Iterator[Row]:
         own = self.name != "-"
-        raw = open(self.name, "rb") if own else (self._stdin or sys.stdin.buffer)
+        if own:
+            raw = open(self.name, "rb")
+        else:
+            raw = self._stdin if self._stdin is not None else sys.stdin.buffer
         try:
             lines = self._lines(raw)
             if self.format == "lines":
@@ -107,7 +110,7 @@ class TableReader:
         a UTF-8 multi-byte sequence, so splitting the bytes first is safe. CSV/TSV lines also
         end at a lone "\\r", as the csv module expects; JSONL and text lines only at "\\n"."""
         if self.format in ("csv", "tsv"):
-            raw = (piece for data in raw for piece in _LONE_CR.split(data) if piece)
+            raw = (piece for data in raw for piece in _cr_split(data))
         for number, data in enumerate(raw, start=1):
             start = 3 if number == 1 and data.startswith(_BOM) else 0
             try:
@@ -225,6 +228,14 @@ class TableReader:
             return header.index(self.text_key), None
         self.label_key = self._pick(header, "label", "header has ")
         return header.index(self.text_key), header.index(self.label_key)
+
+
+def _cr_split(data: bytes) -> Sequence[bytes]:
+    """`data` cut after each lone CR; a line ending CRLF or nothing else is the usual case."""
+    cr = data.count(b"\r")
+    if cr == 0 or (cr == 1 and data.endswith(b"\r\n")):
+        return (data,)
+    return [piece for piece in _LONE_CR.split(data) if piece]
 
 
 def _json(name: str, number: int, line: str):
