@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxcls.train import freeze
 from jaxcls.config import GPT2Config, TrainConfig, preset, read_json
-from jaxcls.data import DataSplits, TextDataset
+from jaxcls.data import DataSplits, TextDataset, label_ids
 from jaxcls.errors import CheckpointError, ConfigError
 from jaxcls.fileio import atomic_write_bytes, atomic_write_json
 from jaxcls.model import GPT2Classifier
@@ -175,9 +175,8 @@ class Classifier:
         if d is None or isinstance(d, TextDataset):
             return d
         texts, labels = d
-        lookup = {n: i for i, n in enumerate(self.label_names)}
-        ids = [lookup[l] if l in lookup else int(l) for l in labels]
-        return TextDataset(tuple(texts), np.asarray(ids, np.int32), self.label_names, f"<{split}>")
+        ids = label_ids(labels, self.label_names, source=f"<{split}>")
+        return TextDataset(tuple(texts), ids, self.label_names, f"<{split}>")
 
     # ---- inference ----
     def encode(self, text: str) -> list[int]:

@@ -108,7 +108,7 @@ def _stats_since(predictor, before: dict) -> dict:
 
 
 def cmd_classify(args) -> int:
-    from jaxcls.inputs import PredictionWriter
+    from jaxcls.infer.io import PredictionWriter
 
     if args.texts and args.input:
         raise ConfigError("give TEXT arguments or --input, not both")
@@ -173,7 +173,7 @@ def _print_table(texts, ids, probs, label_names, top_k) -> None:
 def _classify_stream(args, clf, predictor, err) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from jaxcls.inputs import PredictionWriter, TextReader
+    from jaxcls.infer.io import PredictionWriter, TextReader
 
     reader = TextReader(args.input, text_column=args.text_column, chunk_size=args.chunk_size)
     if args.output:
@@ -201,25 +201,22 @@ def _eval_dataset(args, clf):
     """(texts, label indices into clf.label_names, description)."""
     import numpy as np
 
-    from jaxcls.data import load_data, read_table
+    from jaxcls.data import label_ids, load_data, read_labelled
 
-    names = tuple(clf.label_names)
+    names, theirs = tuple(clf.label_names), "the classifier's labels"
     if args.data in ("sms-spam", "sms_spam"):
         splits = load_data("sms-spam", path=args.data_path, seed=args.seed, progress=not args.json)
         parts = [splits.train, splits.validation, splits.test] if args.split == "all" else [getattr(splits, args.split)]
         texts = [t for d in parts for t in d.texts]
-        lookup = {}
-        for n in splits.label_names:
-            if n not in names:
-                raise DataError(f"sms-spam: label {n!r} is not one of the classifier's labels {list(names)}")
-            lookup[n] = names.index(n)
-        labels = np.array([lookup[d.label_names[i]] for d in parts for i in d.labels], np.int32)
+        named = [d.label_names[i] for d in parts for i in d.labels]
+        labels = label_ids(named, names, source=f"sms-spam:{args.split}", described=theirs)
         return texts, labels, f"sms-spam:{args.split}"
     if args.data_path is not None:
         raise ConfigError("--data-path applies to --data sms-spam only")
     if args.split == "all":
-        texts, raw = read_table(args.data, text_column=args.text_column, label_column=args.label_column)
-        return texts, _labels_by_name(raw, names, args.data), f"{args.data}:all"
+        table = read_labelled(args.data, text_column=args.text_column, label_column=args.label_column)
+        return table.texts, label_ids(table.labels, names, source=args.data, described=theirs,
+                                      lines=table.lines, column=table.label_column), f"{args.data}:all"
     splits = load_data(args.data, text_column=args.text_column, label_column=args.label_column,
                        seed=args.seed, label_names=list(names))
     data = getattr(splits, args.split)
@@ -227,24 +224,8 @@ def _eval_dataset(args, clf):
         raise DataError(f"{args.data}: there is no {args.split} split")
     if tuple(data.label_names) != names:  # load_splits was given our names; stay safe anyway
         data_labels = [data.label_names[i] for i in data.labels]
-        return list(data.texts), _labels_by_name(data_labels, names, args.data), data.source
+        return list(data.texts), label_ids(data_labels, names, source=data.source, described=theirs), data.source
     return list(data.texts), np.asarray(data.labels, np.int32), data.source
-
-
-def _labels_by_name(raw, names, source):
-    """Labels as the classifier's class indices: by name; integers that are no name are indices."""
-    import numpy as np
-
-    out = np.empty(len(raw), np.int32)
-    for k, v in enumerate(raw):
-        if str(v) in names:
-            out[k] = names.index(str(v))
-        elif isinstance(v, int) and 0 <= v < len(names):
-            out[k] = v
-        else:
-            raise DataError(f"{source}: row {k + 1}: label {v!r} is not one of the classifier's "
-                            f"labels {list(names)}")
-    return out
 
 
 def cmd_eval(args) -> int:
