@@ -116,6 +116,8 @@ def cmd_classify(args) -> int:
         raise ConfigError("nothing to classify: give TEXT arguments or --input FILE (- for stdin)")
     if args.top_k is not None and args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.chunk_size < 1:
+        raise ConfigError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     if args.output:  # check the name before loading anything
         _check_output(args.output)
     clf = _load(args)
@@ -269,17 +271,18 @@ def _print_report(report: dict, source: str) -> None:
 
 
 def cmd_serve(args) -> int:
-    from jaxcls.serve import serve
+    from jaxcls.serve import bind, serve
 
     if args.max_texts < 1:
         raise ConfigError(f"--max-texts must be >= 1, got {args.max_texts}")
-    clf = _load(args)
-    # A request with a single text runs a one-row batch instead of a full batch of dummies.
-    kw = _predictor_kw(args, row_buckets=(1, args.batch_size))
+    server = bind(args.host, args.port)  # a busy port fails now, not after loading and compiling
     try:
-        serve(clf, args.host, args.port, max_texts=args.max_texts, predictor_kw=kw)
+        clf = _load(args)
+        # A request with a single text runs a one-row batch instead of a full batch of dummies.
+        kw = _predictor_kw(args, row_buckets=(1, args.batch_size))
+        serve(clf, server=server, max_texts=args.max_texts, predictor_kw=kw)
     except KeyboardInterrupt:
         print("jaxcls: stopped", file=sys.stderr)
-    except OSError as e:
-        raise ConfigError(f"cannot serve on {args.host}:{args.port} ({e})") from None
+    finally:
+        server.server_close()
     return 0

@@ -203,6 +203,7 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{field}: {what}, got {getattr(self, field)!r}")
 
         need(self.weights in ("pretrained", "random"), "weights", "must be 'pretrained' or 'random'")
+        need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.pooling in POOLINGS, "pooling", f"must be one of {POOLINGS}")
         need(str(self.padding) in PADDINGS or str(self.padding).isdigit(), "padding",
              f"must be one of {PADDINGS} or a positive integer")
