@@ -76,8 +76,9 @@ def sliding_reference(clf, text, stride):
 
 @pytest.mark.parametrize("stride", [None, 50])
 def test_classify_long_sliding_averages_windows(model_dir, clf, tmp_path, capsys, stride):
-    """Fails if the CLI drops --long or --window-stride (planted: _predictor_kw ignores args.long),
-    or if sliding keeps only one window (planted: _windows returns [ids[:L]] for every mode)."""
+    """Fails if the CLI drops --long or --window-stride (planted: _predictor_kw ignores args.long,
+    or args.window_stride), or if windows are not averaged (planted: Predictor.logits keeps each
+    text's first window)."""
     long_text = " ".join(TEXTS * 3)
     n_tokens = len(clf.encode(long_text))
     assert n_tokens > 2 * clf.max_length == 128
@@ -92,7 +93,6 @@ def test_classify_long_sliding_averages_windows(model_dir, clf, tmp_path, capsys
 
     want_long, windows = sliding_reference(clf, long_text, stride or clf.max_length // 2)
     assert windows >= 3
-    assert f"1 of 2 texts had more than 64 tokens; their {windows} windows were classified and averaged" in err
     np.testing.assert_allclose(got[1], want_long, rtol=2e-5, atol=2e-6)
     kw = {"long": "sliding", **({"window_stride": stride} if stride else {})}
     api = clf.predictor(**kw).predict(texts)[1]  # the Python API's answer
@@ -100,11 +100,12 @@ def test_classify_long_sliding_averages_windows(model_dir, clf, tmp_path, capsys
     assert [r["label"] for r in rows] == [LABELS[i] for i in api.argmax(-1)]
     truncated = clf.predict_proba([long_text])[0]
     assert np.abs(truncated - want_long).max() > 1e-3  # sliding really differs from the first window
+    assert f"1 of 2 texts had more than 64 tokens; their {windows} windows were classified and averaged" in err
 
 
 def test_classify_chunk_size_zero_is_a_one_line_error(tmp_path, capsys):
-    """Fails if --chunk-size 0 reaches TextReader (its ValueError escapes main), or is checked
-    only after loading (the missing model would be reported instead)."""
+    """Fails if --chunk-size 0 is not checked before loading (planted: cmd_classify's check
+    removed: the missing model is reported, and with a model TextReader's ValueError escapes)."""
     src = tmp_path / "in.txt"
     src.write_text("a text\n", encoding="utf-8")
     assert main(["classify", "--model", str(tmp_path / "no-model"), "--input", str(src),
