@@ -252,3 +252,25 @@ def test_duplicates_run_once_and_the_partial_batch_is_the_shortest(tok):
     for i, t in enumerate(texts):
         np.testing.assert_allclose(got[i], np_classify(model, reference_ids(tok, t)), atol=2e-4)
     np.testing.assert_array_equal(got[0], got[2])
+
+
+def test_unknown_pooling_label_and_dtype_are_named_errors():
+    """Fails if these raise a bare ValueError (planted: GPT2Classifier raises ValueError for an
+    unknown pooling; Classifier._dataset calls int() on an unknown label name)."""
+    from jaxcls.classifier import Classifier
+    from jaxcls.errors import DataError
+    from jaxcls.model import pool
+
+    with pytest.raises(ConfigError, match=r"unknown pooling 'max'; choose from \('last_real', 'last'"):
+        GPT2Classifier(CFG, 2, pooling="max", rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="unknown pooling 'max'"):
+        pool(np.zeros((1, 2, 3), np.float32), None, "max")
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ConfigError, match="float16.*CPU.*bfloat16 or float32"):
+            GPT2Classifier(CFG.replace(dtype="float16"), 2, rngs=nnx.Rngs(0))
+    clf = Classifier.from_pretrained("tiny", label_names=["ham", "spam"], weights="random",
+                                     tokenizer=TOKENIZER_DIR)
+    for bad in ("eggs", 2, True, 1.0):
+        with pytest.raises(DataError, match=rf"<train>: row 2: label {bad!r} is neither one of the "
+                                            r"classifier's labels \['ham', 'spam'\] nor a class index 0\.\.1"):
+            clf.fit((["a text", "another"], ["ham", bad]), epochs=1, max_steps=1, log=lambda s: None)
