@@ -129,6 +129,8 @@ def test_busy_or_invalid_port_fails_before_compiling(server):
     for port in (99999, -1):
         with pytest.raises(ConfigError, match="port must be an integer in 0..65535"):
             make_server(NeverUsed(), "127.0.0.1", port)
+    with pytest.raises(ConfigError, match="max_texts must be >= 1"):
+        make_server(NeverUsed(), "127.0.0.1", 0, max_texts=0)
     assert request(server, "GET", "/health")[0] == 200  # the failed attempts left it serving
 
 
