@@ -11,7 +11,7 @@ from flax import nnx
 from conftest import TOKENIZER_DIR
 from jaxcls.classifier import Classifier
 from jaxcls.cli import main
-from jaxcls.predict import softmax
+from jaxcls.task import softmax
 
 pytestmark = pytest.mark.skipif(not TOKENIZER_DIR.is_dir(), reason=f"{TOKENIZER_DIR} not present")
 LABELS = ["ham", "spam", "other"]
