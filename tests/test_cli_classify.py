@@ -113,7 +113,7 @@ def test_classify_chunk_size_zero_is_a_one_line_error(tmp_path, capsys):
     assert "--chunk-size must be >= 1, got 0" in one_line_error(capsys)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="float16 runs on GPUs")
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="float16 is refused on the CPU backend only")
 def test_train_float16_on_cpu_is_a_one_line_error(tmp_path, capsys):
     """Fails if float16 reaches XLA:CPU's compiler (planted: check_backend returns at once): its
     "precision 'F16_F16_F32' is not supported" ValueError escapes main."""
