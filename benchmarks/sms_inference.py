@@ -49,7 +49,7 @@ def time_jaxcls(cfg, texts, encode, batch: int, repeats: int) -> dict:
     from flax import nnx
 
     from jaxcls.model import GPT2Classifier
-    from jaxcls.predict import Predictor
+    from jaxcls.infer.predictor import Predictor
     from throughput import forward_flops
 
     pred = Predictor(GPT2Classifier(cfg, 2, rngs=nnx.Rngs(0)), encode, batch_size=batch)

@@ -192,7 +192,7 @@ class Classifier:
 
     def predictor(self, **kw):
         """A cached bucketed Predictor; one per distinct setting, so nothing recompiles per call."""
-        from jaxcls.predict import Predictor
+        from jaxcls.infer.predictor import Predictor
 
         key = tuple(sorted(kw.items()))
         if key not in self._predictors:

@@ -63,7 +63,7 @@ def _load(args):
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.compilation_cache:
-        from jaxcls.predict import enable_compilation_cache
+        from jaxcls.compile_cache import enable_compilation_cache
 
         enable_compilation_cache(args.compilation_cache)
     from jaxcls.classifier import Classifier
@@ -271,7 +271,7 @@ def _print_report(report: dict, source: str) -> None:
 
 
 def cmd_serve(args) -> int:
-    from jaxcls.serve import bind, serve
+    from jaxcls.infer.serve import bind, serve
 
     if args.max_texts < 1:
         raise ConfigError(f"--max-texts must be >= 1, got {args.max_texts}")

@@ -13,7 +13,8 @@ from jaxcls.data import pad_batch
 from jaxcls.errors import ConfigError
 from jaxcls.model import GPT2Classifier
 from jaxcls.names import path_str
-from jaxcls.predict import Predictor, enable_compilation_cache
+from jaxcls.compile_cache import enable_compilation_cache
+from jaxcls.infer.predictor import Predictor
 from jaxcls.task import softmax
 from jaxcls.tokenizer import PAD_ID, encode, encoding_from_files
 
@@ -223,7 +224,7 @@ def test_small_vocabulary_pads_inside_the_table():
 
     from jaxcls.config import GPT2Config
     from jaxcls.model import GPT2Classifier
-    from jaxcls.predict import Predictor
+    from jaxcls.infer.predictor import Predictor
 
     model = GPT2Classifier(GPT2Config(n_vocab=50, n_ctx=16, n_embd=8, n_head=2, n_layer=1), 2, rngs=nnx.Rngs(0))
     pred = Predictor(model, lambda t: [len(w) % 50 for w in t.split()], batch_size=2, bucket_lengths=(16,))

@@ -14,7 +14,7 @@ from jaxcls.cli import main
 from jaxcls.config import TINY_SIZES
 from jaxcls.errors import ConfigError
 from jaxcls.model import GPT2Classifier
-from jaxcls.serve import make_server
+from jaxcls.infer.serve import make_server
 from jaxcls.tokenizer import encoding_from_files
 
 pytestmark = pytest.mark.skipif(not TOKENIZER_DIR.is_dir(), reason=f"{TOKENIZER_DIR} not present")

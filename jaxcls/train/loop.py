@@ -57,7 +57,7 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
     or None for a mixed batch, the example indices and the padded length): what ran, not what the
     config asked for."""
     if cfg.compilation_cache:
-        from jaxcls.predict import enable_compilation_cache
+        from jaxcls.compile_cache import enable_compilation_cache
 
         enable_compilation_cache(cfg.compilation_cache)
     data = prepare_data(model, encode, splits, cfg, log)

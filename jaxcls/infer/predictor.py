@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import threading
 import warnings
-from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
@@ -51,22 +50,24 @@ def predict_step(graphdef, state, ids, lengths):
     return model(ids, lengths).astype(jnp.float32)
 
 
-def enable_compilation_cache(path: str | Path, *, min_compile_time_secs: float = 0.0) -> Path:
-    """Keep compiled programs in `path` across processes (JAX's persistent compilation cache), so
-    a second `jaxcls classify`/`serve` loads its buckets from disk instead of compiling them.
-
-    Every program is cached (JAX's defaults skip those that compile in under a second). Works even
-    if something was compiled already in this process. The folder is trusted: anyone who can write
-    to it can make this process run code, so never point it at a shared, writable folder."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    path = Path(path).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    compilation_cache.reset_cache()  # JAX decides once whether the cache is on; ask again
-    return path
+def resolve_buckets(n_ctx: int, pad_length, bucket_lengths) -> tuple[int | None, tuple[int, ...]]:
+    """(pad length, the padded lengths batches may have): exactly the pad length a classifier was
+    trained with, or the given lengths, or the default ladder up to n_ctx."""
+    if pad_length is not None:
+        if isinstance(pad_length, bool) or not 1 <= int(pad_length) <= n_ctx:
+            raise ConfigError(f"pad_length must be in 1..n_ctx={n_ctx}, got {pad_length!r}")
+        pad_length = int(pad_length)
+        if bucket_lengths is not None and tuple(bucket_lengths) != (pad_length,):
+            raise ConfigError(
+                f"bucket_lengths {tuple(bucket_lengths)} conflict with pad_length {pad_length}: "
+                "a classifier trained with a fixed pad length is served with exactly that length")
+        return pad_length, (pad_length,)
+    if bucket_lengths is None:
+        return None, fine_bucket_lengths(n_ctx)
+    buckets = tuple(sorted({int(b) for b in bucket_lengths}))
+    if not buckets or buckets[0] < 1 or buckets[-1] > n_ctx:
+        raise ConfigError(f"bucket_lengths must lie in 1..n_ctx={n_ctx}, got {tuple(bucket_lengths)}")
+    return None, buckets
 
 
 @dataclasses.dataclass
@@ -133,21 +134,7 @@ class Predictor:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         if long not in LONG_MODES:
             raise ConfigError(f"long must be one of {LONG_MODES}, got {long!r}")
-        if pad_length is not None:
-            if isinstance(pad_length, bool) or not 1 <= int(pad_length) <= n_ctx:
-                raise ConfigError(f"pad_length must be in 1..n_ctx={n_ctx}, got {pad_length!r}")
-            pad_length = int(pad_length)
-            if bucket_lengths is not None and tuple(bucket_lengths) != (pad_length,):
-                raise ConfigError(
-                    f"bucket_lengths {tuple(bucket_lengths)} conflict with pad_length {pad_length}: "
-                    "a classifier trained with a fixed pad length is served with exactly that length")
-            buckets = (pad_length,)
-        elif bucket_lengths is None:
-            buckets = fine_bucket_lengths(n_ctx)
-        else:
-            buckets = tuple(sorted({int(b) for b in bucket_lengths}))
-            if not buckets or buckets[0] < 1 or buckets[-1] > n_ctx:
-                raise ConfigError(f"bucket_lengths must lie in 1..n_ctx={n_ctx}, got {tuple(bucket_lengths)}")
+        pad_length, buckets = resolve_buckets(n_ctx, pad_length, bucket_lengths)
         if getattr(model, "pooling", None) == "last" and pad_length is None:
             warnings.warn(
                 "pooling 'last' without pad_length: a text's result depends on the bucket length it "
