@@ -5,8 +5,8 @@ really continues from its last save (metrics.json's start_step and steps_run, th
 line) and ends with exactly the weights and metrics of the same run left alone, with dropout too.
 SIGTERM saves and exits with a message saying how to resume; a NaN loss exits with status 2
 naming the step and batch, keeping only the saves made before it; changed settings are refused.
-Every subprocess shares one persistent XLA compilation cache, so only the first run of each kind
-pays for compiling, and the three runs that need no other run go side by side on the two cores.
+Subprocesses share persistent XLA compilation caches, so only the first run of each kind pays
+for compiling, and they run in three waves of runs side by side.
 """
 
 from __future__ import annotations
@@ -75,9 +75,14 @@ def env(workdir: Path, args) -> dict:
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
-def train_cmd(workdir: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "jaxcls", "train", "--checkpoint", str(FIXTURE / "openai"),
-            "--data", str(workdir / "sms.csv"), *TRAIN_ARGS, "--out", str(out), *extra]
+# The CLI with every save kept (trainstate.KEEP raised), so tests can resume from any of them.
+KEEP_ALL = "import sys; from jaxcls import cli, trainstate; trainstate.KEEP = 10**6; sys.exit(cli.main(sys.argv[1:]))"
+
+
+def train_cmd(workdir: Path, out: Path, *extra: str, keep_all: bool = False) -> list[str]:
+    return [sys.executable, *(("-c", KEEP_ALL) if keep_all else ("-m", "jaxcls")), "train",
+            "--checkpoint", str(FIXTURE / "openai"), "--data", str(workdir / "sms.csv"), *TRAIN_ARGS,
+            "--out", str(out), *extra]
 
 
 @dataclasses.dataclass
@@ -95,11 +100,11 @@ class Started:
         return (self.logs / "stderr").read_text()
 
 
-def start(workdir: Path, out: Path, *extra: str) -> Started:
+def start(workdir: Path, out: Path, *extra: str, keep_all: bool = False) -> Started:
     logs = workdir / "logs" / f"{out.name}-{len(list(workdir.glob(f'logs/{out.name}-*')))}"
     logs.mkdir(parents=True)
     with open(logs / "stdout", "w") as o, open(logs / "stderr", "w") as e:
-        proc = subprocess.Popen(train_cmd(workdir, out, *extra), env=env(workdir, extra), text=True,
+        proc = subprocess.Popen(train_cmd(workdir, out, *extra, keep_all=keep_all), env=env(workdir, extra), text=True,
                                 stdout=o, stderr=e)
     return Started(proc, out, logs)
 
@@ -152,49 +157,33 @@ def assert_same_run(a: Path, b: Path, context: str) -> None:
 
 @dataclasses.dataclass
 class Job:
-    """A run for `side_by_side`: its extra flags; whether to keep a copy of each save; and an
-    optional (signal, k, delay): send the signal `delay` seconds after LATEST names a step >= k."""
+    """A run for `side_by_side`: its extra flags; whether it keeps every save; and an optional
+    (signal, k, delay): send the signal `delay` seconds after LATEST names a step >= k."""
 
     extra: tuple[str, ...]
-    keep_saves: bool = False
+    keep_all: bool = False
     stop: tuple[signal.Signals, int, float] | None = None
 
 
 def side_by_side(workdir: Path, jobs: dict[str, Job]) -> dict[str, dict]:
-    """Start each job (run folder name -> Job) at once and wait for all of them; two cores do twice
-    the work of one. Saves are copied aside when they appear (the process is paused with SIGSTOP
-    for the copy, which changes nothing it computes), so tests can resume from any of them. All
-    waits go by what the runs have saved, never by time alone, so a slow machine changes nothing."""
-    started = {name: start(workdir, workdir / name, *job.extra) for name, job in jobs.items()}
-    seen = {name: set() for name, job in jobs.items() if job.keep_saves}
+    """Start each job (run folder name -> Job) at once and wait for all of them: two cores do twice
+    the work of one. Signals go by what a run has saved, never by time alone."""
+    started = {name: start(workdir, workdir / name, *job.extra, keep_all=job.keep_all)
+               for name, job in jobs.items()}
     due, signalled = {}, set()
-
-    def keep(name, step):
-        src, dst = started[name].out / "state" / f"step-{step:09d}", workdir / f"{name}-saves" / f"step-{step:09d}"
-        if src.is_dir():
-            shutil.copytree(src, dst)
-            seen[name].add(step)
-
     deadline = time.monotonic() + TIMEOUT * len(jobs)
     while any(s.proc.poll() is None for s in started.values()) and time.monotonic() < deadline:
         for name, job in jobs.items():
             s = started[name]
-            step = latest_step(s.out)
-            if step is None or s.proc.poll() is not None:
+            if job.stop is None or name in signalled or s.proc.poll() is not None:
                 continue
-            if name in seen and step not in seen[name]:
-                s.proc.send_signal(signal.SIGSTOP)
-                try:
-                    keep(name, step)
-                finally:
-                    s.proc.send_signal(signal.SIGCONT)
-            if job.stop and name not in signalled:
-                sig, k, delay = job.stop
-                if step >= k:
-                    due.setdefault(name, time.monotonic() + delay)
-                if name in due and time.monotonic() >= due[name]:
-                    s.proc.send_signal(sig)
-                    signalled.add(name)
+            sig, k, delay = job.stop
+            step = latest_step(s.out)
+            if step is not None and step >= k:
+                due.setdefault(name, time.monotonic() + delay)
+            if name in due and time.monotonic() >= due[name]:
+                s.proc.send_signal(sig)
+                signalled.add(name)
         time.sleep(0.001)
     late = [s for s in started.values() if s.proc.poll() is None]
     for s in late:
@@ -205,23 +194,21 @@ def side_by_side(workdir: Path, jobs: dict[str, Job]) -> dict[str, dict]:
                      "latest": latest_step(s.out), "signalled": name in signalled,
                      "weights": (s.out / "weights.safetensors").exists()}
               for name, s in started.items()}
-    for name in seen:
-        s = started[name]
-        assert s.proc.returncode == 0, s.stderr()
-        for save in (s.out / "state").glob("step-*"):  # written after the last poll, and final now
-            if int(save.name.split("-")[1]) not in seen[name]:
-                keep(name, int(save.name.split("-")[1]))
-        snapshots = workdir / f"{name}-saves"
-        metas = {st: json.loads((snapshots / f"step-{st:09d}" / "meta.json").read_text()) for st in seen[name]}
-        result[name].update(snapshots=snapshots, saved_steps=sorted(seen[name]), metas=metas,
-                            epoch_ends=[st for st, m in metas.items() if m["done_in_epoch"] == 0 and st < MAX_STEPS])
+    for name, job in jobs.items():
+        if job.keep_all:
+            r = result[name]
+            assert r["returncode"] == 0, r["stderr"]
+            metas = {int(p.parent.name.split("-")[1]): json.loads(p.read_text())
+                     for p in (r["out"] / "state").glob("step-*/meta.json")}
+            r.update(saved_steps=sorted(metas), metas=metas,
+                     epoch_ends=[st for st, m in metas.items() if m["done_in_epoch"] == 0 and st < MAX_STEPS])
     return result
 
 
 def copy_save(ref: dict, step: int, out: Path) -> None:
     """A fresh run folder holding only the save of `step`, as if killed right after it."""
     name = f"step-{step:09d}"
-    shutil.copytree(ref["snapshots"] / name, out / "state" / name)
+    shutil.copytree(ref["out"] / "state" / name, out / "state" / name)
     (out / "state" / "LATEST").write_text(json.dumps({"step": step, "path": name}))
 
 
@@ -238,9 +225,9 @@ FAKE_TMP = ".tmp-step-000000099-12345"
 @pytest.fixture(scope="module")
 def wave1(workdir) -> dict:
     """A, the reference, uninterrupted; D, the same with dropout, started with --resume in an
-    empty folder. Every save of both is kept."""
-    return side_by_side(workdir, {"A": Job(("--quiet",), keep_saves=True),
-                                  "D": Job((*DROPOUT, "--resume"), keep_saves=True)})
+    empty folder. Both keep every save."""
+    return side_by_side(workdir, {"A": Job(("--quiet",), keep_all=True),
+                                  "D": Job((*DROPOUT, "--resume"), keep_all=True)})
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +276,8 @@ def test_reference_run_saved_at_every_save_point(wave1):
 
 
 def test_sigkill_at_a_drawn_moment_then_resume_is_bit_exact(wave1, wave2, wave3):
-    """Fails if --resume is ignored (planted: latest = None in fit): start_step is 0, not the save."""
+    """Fails if --resume is ignored (planted: latest = None in fit), or resumes from an older save
+    (planted: latest_state returning the older of the two kept saves): start_step is not the save."""
     killed, k, context = wave2["B-kill"], KILL[0], KILL[2]
     assert killed["signalled"] and killed["returncode"] == -signal.SIGKILL, \
         f"{context}: exit {killed['returncode']}\n{killed['stderr']}"
@@ -303,7 +291,8 @@ def test_sigkill_at_a_drawn_moment_then_resume_is_bit_exact(wave1, wave2, wave3)
 
 
 def test_sigterm_saves_exits_with_a_resume_hint_and_resume_completes(wave1, wave2, wave3):
-    """Fails if --resume is ignored (planted: latest = None in fit): start_step is 0."""
+    """Fails if --resume is ignored (planted: latest = None in fit), or resumes from an older save
+    (planted: latest_state returning the older of the two kept saves): start_step is not the save."""
     stopped, k, context = wave2["C-term"], TERM[0], TERM[2]
     out, err = stopped["out"], stopped["stderr"]
     assert stopped["signalled"] and stopped["returncode"] == 2, f"{context}: exit {stopped['returncode']}\n{err}"
