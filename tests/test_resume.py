@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(not (FIXTURE / "openai").is_dir() or not SMS.is_
                                 reason=f"{FIXTURE} or {SMS} not present")
 
 ROWS = 160  # -> 112 train / 16 validation / 32 test; batch 8, last partial batch dropped: 14 steps an epoch
-MAX_STEPS = 28  # two epochs would be 30: the run also ends mid-epoch on --max-steps
+MAX_STEPS = 28  # = two epochs of 14, so the --max-steps stop falls on the end of epoch 2
 SAVE_EVERY = 4  # saves at 4, 8, 12, 14 (end of epoch 1), 16, 20, 24, 28 (the max-steps stop)
 TRAIN_ARGS = ("--epochs", "2", "--max-steps", str(MAX_STEPS), "--save-every", str(SAVE_EVERY), "--eval-freq", "10",
               "--lr", "1e-3", "--batch-size", "8")
