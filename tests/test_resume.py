@@ -76,7 +76,7 @@ def env(workdir: Path, args) -> dict:
 
 
 # The CLI with every save kept (trainstate.KEEP raised), so tests can resume from any of them.
-KEEP_ALL = "import sys; from jaxcls import cli, trainstate; trainstate.KEEP = 10**6; sys.exit(cli.main(sys.argv[1:]))"
+KEEP_ALL = "import sys; from jaxcls import cli; from jaxcls.train import state; state.KEEP = 10**6; sys.exit(cli.main(sys.argv[1:]))"
 
 
 def train_cmd(workdir: Path, out: Path, *extra: str, keep_all: bool = False) -> list[str]:
@@ -276,7 +276,7 @@ def test_reference_run_saved_at_every_save_point(wave1):
 
 
 def test_sigkill_at_a_drawn_moment_then_resume_is_bit_exact(wave1, wave2, wave3):
-    """Fails if --resume is ignored (planted: latest = None in fit), or resumes from an older save
+    """Fails if --resume is ignored (planted: Run.restore a no-op), or resumes from an older save
     (planted: latest_state returning the older of the two kept saves): start_step is not the save."""
     killed, k, context = wave2["B-kill"], KILL[0], KILL[2]
     assert killed["signalled"] and killed["returncode"] == -signal.SIGKILL, \
@@ -291,7 +291,7 @@ def test_sigkill_at_a_drawn_moment_then_resume_is_bit_exact(wave1, wave2, wave3)
 
 
 def test_sigterm_saves_exits_with_a_resume_hint_and_resume_completes(wave1, wave2, wave3):
-    """Fails if --resume is ignored (planted: latest = None in fit), or resumes from an older save
+    """Fails if --resume is ignored (planted: Run.restore a no-op), or resumes from an older save
     (planted: latest_state returning the older of the two kept saves): start_step is not the save."""
     stopped, k, context = wave2["C-term"], TERM[0], TERM[2]
     out, err = stopped["out"], stopped["stderr"]
@@ -312,7 +312,7 @@ def test_sigterm_saves_exits_with_a_resume_hint_and_resume_completes(wave1, wave
 
 
 def test_resume_from_the_end_of_epoch_save_is_bit_exact(wave1, wave2):
-    """Fails if --resume is ignored (planted: latest = None in fit), or if that save counts its
+    """Fails if --resume is ignored (planted: Run.restore a no-op), or if that save counts its
     epoch twice (the bug this test found)."""
     r = wave2["E-epoch-end"]
     assert r["returncode"] == 0, r["stderr"]
