@@ -94,10 +94,10 @@ def test_classify_usage_errors(model_dir, tmp_path, capsys):
     assert "classifier.json" in capsys.readouterr().err
 
 
-def write_labelled(path, rows):
+def write_labelled(path, rows, header=("text", "label")):
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["text", "label"])
+        w.writerow(header)
         w.writerows(rows)
 
 
@@ -123,6 +123,26 @@ def test_eval_json_and_tables(model_dir, clf, tmp_path, capsys):
     write_labelled(data, rows + [("what", "eggs")])
     assert main(["eval", "--model", str(model_dir), "--data", str(data), "--split", "all"]) == 2
     assert "'eggs'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not SMS.is_file(), reason=f"{SMS} not present")
+def test_eval_sms_spam_uses_the_seed_training_recorded(model_dir, clf, tmp_path, capsys):
+    """A run trained on sms-spam with --seed 7 is scored on seed 7's test split, and another seed
+    is refused. Fails if the recorded seed is ignored (planted: `recorded = None` in _split_seed)."""
+    from jaxcls.data import load_sms_spam
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in model_dir.iterdir():
+        (run / f.name).write_bytes(f.read_bytes())
+    (run / "metrics.json").write_text(json.dumps({"config": {"data": "sms-spam", "seed": 7}}))
+    assert main(["eval", "--model", str(run), "--data", "sms-spam", "--data-path", str(SMS), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    test = load_sms_spam(SMS, seed=7, progress=False).test
+    assert test.texts != load_sms_spam(SMS, progress=False).test.texts
+    assert report["confusion_matrix"] == clf.evaluate(test)["confusion_matrix"]
+    assert main(["eval", "--model", str(run), "--data", "sms-spam", "--data-path", str(SMS), "--seed", "123"]) == 2
+    assert "split by seed 7" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not SMS.is_file(), reason=f"{SMS} not present")
@@ -176,13 +196,15 @@ def _train(out, data, *extra):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two tiny runs: one on a file split 70/10/20 by seed 7, one on train/validation/test files."""
+    """Two tiny runs: one on a file (columns "message", "category") split 70/10/20 by seed 7, one
+    on train/validation/test files."""
     root = tmp_path_factory.mktemp("runs")
-    write_labelled(root / "data.csv", _sms_rows(50))
+    write_labelled(root / "data.csv", _sms_rows(50), header=("message", "category"))
     write_labelled(root / "train.csv", _sms_rows(30))
     write_labelled(root / "val.csv", _sms_rows(10, 30))
     write_labelled(root / "test.csv", _sms_rows(50, 40))
-    split = _train(root / "split", root / "data.csv", "--seed", "7")
+    split = _train(root / "split", root / "data.csv", "--seed", "7", "--text-column", "message",
+                   "--label-column", "category")
     files = _train(root / "files", root / "train.csv", "--validation", str(root / "val.csv"),
                    "--test", str(root / "test.csv"))
     return {"root": root, "split": split, "files": files}
@@ -191,14 +213,15 @@ def runs(tmp_path_factory):
 @pytest.mark.skipif(not SMS.is_file(), reason=f"{SMS} not present")
 def test_eval_split_recuts_the_training_file_with_trainings_seed(runs, tmp_path, capsys):
     """--split test on the file a model was split from gives the rows training held out, with the
-    recorded seed, found by content after a move. Fails if eval cuts with seed 123 (planted:
-    `recorded = None` in _split_seed) or matches files by path only (planted: data_sha256 not written)."""
+    recorded seed and columns, found by content after a move. Fails if eval cuts with seed 123
+    (planted: `recorded = None` in _split_seed), matches files by path only (planted: data_sha256
+    not written) or ignores the recorded columns (planted: `if role is not None` -> `if False`)."""
     from jaxcls.data import load_splits
 
     root = runs["root"]
     moved = tmp_path / "renamed.csv"
     moved.write_bytes((root / "data.csv").read_bytes())
-    seeds = {s: load_splits(moved, seed=s).test for s in (7, 123)}
+    seeds = {s: load_splits(moved, seed=s, text_column="message", label_column="category").test for s in (7, 123)}
     assert seeds[7].texts != seeds[123].texts  # so the wrong seed would show
     assert main(["eval", "--model", str(root / "split"), "--data", str(moved), "--split", "test", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -229,3 +229,40 @@ def test_a_flag_of_another_subcommand_gets_a_hint(argv, hint, capsys):
     wrong = next(a for a in argv if a in ("--checkpoint", "--model", "--output", "--out") and
                  not (a == "--model" and argv[0] in ("classify", "eval", "serve")))
     assert err.count("\n") == 1 and err.startswith(f"jaxcls {argv[0]}: error: {wrong} ") and hint in err, err
+
+
+def _documented_commands():
+    """Every `jaxcls ...` command line in the fenced blocks of README.md and docs/predict.md."""
+    import re
+    import shlex
+
+    for doc in (ROOT / "README.md", ROOT / "docs" / "predict.md"):
+        fenced, lines = False, []
+        for line in doc.read_text(encoding="utf-8").splitlines():
+            if line.startswith("```"):
+                fenced = not fenced
+                continue
+            if fenced:
+                lines.append(line)
+            elif lines:
+                lines.append("")
+        for line in re.sub(r"\\\n\s*", " ", "\n".join(lines)).splitlines():
+            m = re.match(r"\s*(?:\$ )?(?:.*\| )?(?:\.venv/bin/)?jaxcls (.*)", line)
+            if m:
+                words = shlex.split(m.group(1), comments=True)
+                cut = min((words.index(s) for s in ("&&", "|", ">") if s in words), default=len(words))
+                yield f"{doc.name}: jaxcls {m.group(1)}", words[:cut]
+
+
+def test_documented_commands_parse():
+    """Each command README.md and docs/predict.md show still parses. Fails if a documented flag is renamed
+    or removed (planted: eval's --json renamed --as-json)."""
+    from jaxcls.cli import build_parser
+
+    commands = list(_documented_commands())
+    assert len(commands) >= 15 and any(w[0] == "eval" for _, w in commands)
+    for where, words in commands:
+        try:
+            build_parser().parse_args(words)
+        except SystemExit:
+            pytest.fail(f"{where} does not parse")
