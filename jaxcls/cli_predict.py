@@ -54,7 +54,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("serve", help="serve a saved classifier over HTTP (POST /classify, GET /)")
     _model_options(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind; the default, 127.0.0.1, is reachable from this machine only")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; the default, 127.0.0.1, is reachable from this machine only")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     p.add_argument("--max-texts", type=int, default=1024, metavar="N", help="most texts per request")
     p.add_argument("--quiet", action="store_true", help="no line per request on stderr")
@@ -322,8 +323,8 @@ def _eval_dataset(args, clf, warn):
         return texts, _labels_by_name(raw, names, args.data), f"{args.data}:all"
     if role != "train" or not was_split:
         if not record:
-            why = (f"{args.model} has no metrics.json from `jaxcls train` saying how its training data "
-                   "was split")
+            why = (f"{args.model} has no readable metrics.json from `jaxcls train` saying how its "
+                   "training data was split")
         elif role == "train":
             why = (f"{args.model} trained on every row of it (its validation and test data were the "
                    "--validation/--test files)")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from jaxcls.config import TrainConfig
 
-# Every TrainConfig field, by --help group; a field left out here fails test_every_option_has_help.
+# Every TrainConfig field, by --help group; a field left out here fails test_every_option_has_help_text_and_its_default.
 GROUPS: dict[str, dict[str, str]] = {
     "data": {
         "data": "sms-spam (the book's data set, downloaded on first use), or a CSV/TSV/JSONL file of "

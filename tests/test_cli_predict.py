@@ -173,7 +173,7 @@ def test_eval_scores_every_row_of_a_file_by_default(model_dir, clf, tmp_path, ca
     assert report["accuracy"] == pytest.approx(np.mean([a == b for a, (_, b) in zip(labels, rows)]))
     assert main(["eval", "--model", str(model_dir), "--data", str(data), "--split", "test"]) == 2
     err = capsys.readouterr().err
-    assert "is not re-split" in err and "no metrics.json" in err and "drop --split" in err
+    assert "is not re-split" in err and "no readable metrics.json" in err and "drop --split" in err
 
 
 def test_eval_quiet_drops_the_long_text_summary(model_dir, tmp_path, capsys):
