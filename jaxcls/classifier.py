@@ -282,8 +282,9 @@ class Classifier:
             if not folder.is_dir():
                 raise CheckpointError(
                     f"{directory}: stores only its trained weights and needs its base checkpoint "
-                    f"{ref['path']} ({ref['layout']} layout, sha256 {ref['sha256'][:16]}...), which is "
-                    "not there; pass base=... (Classifier.load) with the folder holding it")
+                    f"({ref['layout']} layout, sha256 {ref['sha256'][:16]}...), which is not at {folder}"
+                    f"{'' if base else ' (the path it was trained from)'}; point to the folder holding it "
+                    "with --base DIR (jaxcls classify, eval, serve) or base=DIR (Classifier.load)")
             got = file_sha256(base_weight_files(folder, ref["layout"]))
             if got != ref["sha256"]:
                 raise CheckpointError(

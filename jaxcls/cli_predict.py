@@ -11,52 +11,90 @@ LONG_MODES = ("truncate", "sliding")
 
 
 def register(sub) -> None:
+    from jaxcls.cli import wrong_flag
+
     p = sub.add_parser("classify", help="classify texts (arguments, a file or stdin) with a saved classifier")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (or use --input)")
     _model_options(p)
     p.add_argument("--input", metavar="FILE", help="a .txt (a text per line), .csv, .tsv or .jsonl file, "
                                                    "or - for stdin (a text per line); streamed in chunks")
-    p.add_argument("--text-column", default=None, help='the column or key holding the text (default "text")')
+    p.add_argument("--text-column", default=None,
+                   help='the column or JSON key holding the text (default: the one named "text", any case)')
     p.add_argument("--output", metavar="FILE", help="write predictions to a .jsonl or .csv file "
                                                     "(default: a table for TEXT arguments, JSONL on stdout for --input)")
     p.add_argument("--top-k", type=int, default=None, metavar="K",
-                   help="keep only the K most likely classes' probabilities in the output")
-    p.add_argument("--chunk-size", type=int, default=4096, help="texts read per chunk with --input")
+                   help="keep only the K most likely classes' probabilities in the output (default: all)")
+    p.add_argument("--chunk-size", type=int, default=4096, metavar="N", help="texts read per chunk with --input")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary on stderr")
+    wrong_flag(p, "--out", "names train's run folder; classify writes its predictions to --output FILE")
     p.set_defaults(func=cmd_classify)
 
-    p = sub.add_parser("eval", help="accuracy, per-class precision/recall/F1 and confusion matrix on labelled data")
+    p = sub.add_parser("eval", help="accuracy, per-class precision/recall/F1 and confusion matrix on labelled data",
+                       description=EVAL_DESCRIPTION)
     _model_options(p)
     p.add_argument("--data", required=True, metavar="SPEC",
                    help="sms-spam (the book's data set), or a .csv/.tsv/.jsonl file with text and label columns")
-    p.add_argument("--data-path", default=None, help="sms-spam only: the SMSSpamCollection file, zip or folder")
-    p.add_argument("--split", default="test", choices=("test", "validation", "train", "all"),
-                   help="which split (a single file is split 70/10/20 by --seed, as in training); "
-                        "all: every row (default: test)")
-    p.add_argument("--text-column", default=None)
-    p.add_argument("--label-column", default=None)
-    p.add_argument("--seed", type=int, default=None, help="the split seed used in training (default 123)")
+    p.add_argument("--data-path", default=None, metavar="PATH",
+                   help="sms-spam only: the SMSSpamCollection file, zip or folder (default: the cached download)")
+    p.add_argument("--split", default=None, choices=("test", "validation", "train", "all"),
+                   help="which rows: for sms-spam the book's split (default: test); for a file, every row "
+                        "(default: all), or one part of the file the model was trained on with a seeded "
+                        "split, cut again exactly as in training")
+    p.add_argument("--text-column", default=None,
+                   help='the column or JSON key holding the text (default: the one training used for this file, '
+                        'else the one named "text")')
+    p.add_argument("--label-column", default=None,
+                   help='the column or JSON key holding the label (default: the one training used for this file, '
+                        'else the one named "label")')
+    p.add_argument("--seed", type=int, default=None,
+                   help="the split seed (default: the one training recorded in metrics.json, else 123)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no download progress and no long-text summary on stderr")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="serve a saved classifier over HTTP (POST /classify, GET /)")
     _model_options(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-texts", type=int, default=1024, help="most texts per request")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; the default, 127.0.0.1, is reachable from this machine only")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    p.add_argument("--max-texts", type=int, default=1024, metavar="N", help="most texts per request")
+    p.add_argument("--quiet", action="store_true", help="no line per request on stderr")
     p.set_defaults(func=cmd_serve)
 
 
+EVAL_DESCRIPTION = """\
+Score a trained classifier on labelled data.
+
+Which rows are scored:
+  --data FILE        every row of FILE (--split all). If FILE is the one the model was trained
+                     on, stderr says so: those are training rows.
+  --data FILE --split test|validation|train
+                     only for the file the model was trained on without --validation/--test
+                     files: the file is cut 70/10/20 again with training's recorded --seed, so
+                     --split test scores exactly the rows training held out. Any other file is
+                     never re-split.
+  --data sms-spam    the book's test split (--split picks another; the seed is training's)."""
+
+
 def _model_options(p) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="a folder written by `jaxcls train`")
-    p.add_argument("--batch-size", type=int, default=32)
+    from jaxcls.cli import CHECKPOINT_HINT, wrong_flag
+
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="a trained classifier: the folder `jaxcls train --out` wrote (or Classifier.save)")
+    p.add_argument("--base", metavar="DIR", default=None,
+                   help="where the pretrained checkpoint of a classifier saved without it now is "
+                        "(default: the path recorded in DIR/classifier.json)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="texts per inference batch: speed and memory only, never the result")
     p.add_argument("--long", choices=LONG_MODES, default="truncate",
                    help="texts over the maximum length: keep the first tokens (truncate, as in training) "
                         "or average overlapping windows (sliding)")
-    p.add_argument("--window-stride", type=int, default=None, help="tokens between sliding windows "
-                                                                   "(default: half the maximum length)")
+    p.add_argument("--window-stride", type=int, default=None, metavar="N",
+                   help="tokens between sliding windows (default: half the maximum length)")
     p.add_argument("--compilation-cache", metavar="DIR", default=None,
-                   help="keep compiled programs in DIR so the next run starts faster (a folder only you can write)")
+                   help="keep compiled programs in DIR so the next run starts faster "
+                        "(a folder only you can write; default: off)")
+    wrong_flag(p, "--checkpoint", CHECKPOINT_HINT)
 
 
 def _load(args):
@@ -68,7 +106,7 @@ def _load(args):
         enable_compilation_cache(args.compilation_cache)
     from jaxcls.classifier import Classifier
 
-    return Classifier.load(args.model)
+    return Classifier.load(args.model, base=args.base)
 
 
 def _predictor_kw(args, **extra) -> dict:
@@ -199,28 +237,104 @@ def _classify_stream(args, clf, predictor, err) -> None:
                   highlight=False)
 
 
-def _eval_dataset(args, clf):
-    """(texts, label indices into clf.label_names, description)."""
+def _training_record(model_dir) -> dict:
+    """The data settings `jaxcls train` recorded in the run folder's metrics.json ({} without one)."""
+    from pathlib import Path
+
+    from jaxcls.config import read_json
+    from jaxcls.errors import CheckpointError
+
+    path = Path(model_dir) / "metrics.json"
+    if not path.is_file():
+        return {}
+    try:
+        metrics = read_json(path)
+    except CheckpointError:
+        return {}
+    config = metrics.get("config")
+    return {"config": config, "data_sha256": metrics.get("data_sha256") or {}} if isinstance(config, dict) else {}
+
+
+def _training_role(path: str, record: dict) -> str | None:
+    """Which training file (train, validation, test) `path` is, by content; None if none."""
+    from pathlib import Path
+
+    from jaxcls.classifier import file_sha256
+
+    hashes = record.get("data_sha256")
+    if not hashes:  # a run recorded before the hashes: go by path
+        config = record.get("config") or {}
+        for role, key in (("train", "data"), ("validation", "validation"), ("test", "test")):
+            if config.get(key) and Path(config[key]).resolve() == Path(path).resolve():
+                return role
+        return None
+    if not Path(path).is_file():
+        return None
+    digest = file_sha256([Path(path)])
+    return next((role for role, h in hashes.items() if h == digest), None)
+
+
+def _split_seed(args, config: dict | None, source: str) -> int:
+    """The seed to cut `source` with: training's. Another seed would put training rows in the
+    'test' split, so it is refused."""
+    recorded = (config or {}).get("seed")
+    if recorded is None:
+        return 123 if args.seed is None else args.seed
+    if args.seed is not None and args.seed != recorded:
+        raise ConfigError(f"--seed {args.seed}: {args.model} was trained on {source} split by seed {recorded}; "
+                          f"another seed would score training rows as {args.split}. Drop --seed")
+    return recorded
+
+
+def _eval_dataset(args, clf, warn):
+    """(texts, label indices into clf.label_names, description). See EVAL_DESCRIPTION."""
     import numpy as np
 
     from jaxcls.data import label_ids, load_data, read_labelled
 
     names, theirs = tuple(clf.label_names), "the classifier's labels"
+    record = _training_record(args.model)
+    config = record.get("config") or {}
     if args.data in ("sms-spam", "sms_spam"):
-        splits = load_data("sms-spam", path=args.data_path, seed=args.seed, progress=not args.json)
-        parts = [splits.train, splits.validation, splits.test] if args.split == "all" else [getattr(splits, args.split)]
+        split = args.split or "test"
+        on_sms = config.get("data") in ("sms-spam", "sms_spam")
+        seed = _split_seed(args, config if on_sms and split != "all" else None, "sms-spam")
+        splits = load_data("sms-spam", path=args.data_path, seed=seed, progress=not (args.json or args.quiet))
+        parts = [splits.train, splits.validation, splits.test] if split == "all" else [getattr(splits, split)]
         texts = [t for d in parts for t in d.texts]
         named = [d.label_names[i] for d in parts for i in d.labels]
-        labels = label_ids(named, names, source=f"sms-spam:{args.split}", described=theirs)
-        return texts, labels, f"sms-spam:{args.split}"
+        labels = label_ids(named, names, source=f"sms-spam:{split}", described=theirs)
+        return texts, labels, f"sms-spam:{split}"
     if args.data_path is not None:
         raise ConfigError("--data-path applies to --data sms-spam only")
-    if args.split == "all":
-        table = read_labelled(args.data, text_column=args.text_column, label_column=args.label_column)
+    role = _training_role(args.data, record)
+    was_split = config.get("validation") is None and config.get("test") is None
+    columns = dict(text_column=args.text_column, label_column=args.label_column)
+    if role is not None:  # read the file as training read it, unless told otherwise
+        columns = {k: v if v is not None else config.get(k) for k, v in columns.items()}
+    if args.split in (None, "all"):
+        if role == "train":
+            warn(f"note: {args.data} is the file {args.model} was trained on; "
+                 + ("70% of its rows were training rows (--split test scores only the held-out ones)"
+                    if was_split else "every row of it was a training row"))
+        table = read_labelled(args.data, **columns)
         return table.texts, label_ids(table.labels, names, source=args.data, described=theirs,
                                       lines=table.lines, column=table.label_column), f"{args.data}:all"
-    splits = load_data(args.data, text_column=args.text_column, label_column=args.label_column,
-                       seed=args.seed, label_names=list(names))
+    if role != "train" or not was_split:
+        if not record:
+            why = (f"{args.model} has no readable metrics.json from `jaxcls train` saying how its "
+                   "training data was split")
+        elif role == "train":
+            why = (f"{args.model} trained on every row of it (its validation and test data were the "
+                   "--validation/--test files)")
+        elif role is not None:
+            why = f"it is the {role} file {args.model} was trained with"
+        else:
+            why = f"it is not the file {args.model} was trained on ({config.get('data')})"
+        raise ConfigError(f"--split {args.split}: {args.data} is not re-split, because {why}; "
+                          "drop --split to score every row")
+    seed = _split_seed(args, config, args.data)
+    splits = load_data(args.data, **columns, seed=seed, label_names=list(names))
     data = getattr(splits, args.split)
     if data is None:
         raise DataError(f"{args.data}: there is no {args.split} split")
@@ -234,7 +348,8 @@ def cmd_eval(args) -> int:
     from jaxcls.metrics import classification_report
 
     clf = _load(args)
-    texts, labels, source = _eval_dataset(args, clf)
+    err = _stderr()
+    texts, labels, source = _eval_dataset(args, clf, lambda line: err.print(line, highlight=False))
     predictor = clf.predictor(**_predictor_kw(args))
     before = predictor.stats.as_dict()
     ids, _ = predictor.predict(texts)
@@ -244,7 +359,8 @@ def cmd_eval(args) -> int:
         print(json.dumps({"data": source, **report, "long_texts": stats["long_texts"]}, indent=2))
     else:
         _print_report(report, source)
-        _report_long(stats, clf, predictor, _stderr())
+        if not args.quiet:
+            _report_long(stats, clf, predictor, err)
     return 0
 
 
@@ -280,7 +396,7 @@ def cmd_serve(args) -> int:
         clf = _load(args)
         # A request with a single text runs a one-row batch instead of a full batch of dummies.
         kw = _predictor_kw(args, row_buckets=(1, args.batch_size))
-        serve(clf, server=server, max_texts=args.max_texts, predictor_kw=kw)
+        serve(clf, server=server, max_texts=args.max_texts, predictor_kw=kw, log=not args.quiet)
     except KeyboardInterrupt:
         print("jaxcls: stopped", file=sys.stderr)
     finally:

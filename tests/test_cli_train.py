@@ -156,3 +156,113 @@ def test_distributed_flag_joins_the_detected_job(tmp_path):
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "pass --coordinator HOST:PORT" in r.stderr, r.stderr[-1000:]
     assert not (tmp_path / "o").exists()
+
+
+def _subcommands():
+    import argparse
+
+    from jaxcls.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices
+
+
+def test_every_option_has_help_text_and_its_default(capsys):
+    """`COMMAND --help` describes every option and shows each set default. Fails if a TrainConfig
+    field has no help (planted: "epochs" dropped from GROUPS) or defaults are not appended
+    (planted: HelpFormatter returning the bare help)."""
+    import argparse
+
+    from jaxcls.cli import HelpFormatter
+
+    parser, commands = _subcommands()
+    assert set(commands) >= {"download", "generate", "train", "classify", "eval", "serve"}
+    for name, p in commands.items():
+        formatter = HelpFormatter(name)
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+                continue
+            flag = f"{name} {action.option_strings or action.dest}"
+            assert action.help, f"{flag} has no help text"
+            shown = formatter._get_help_string(action)
+            if action.option_strings and action.default is not None and action.default is not False:
+                assert "default" in shown.lower(), f"{flag}: its default {action.default!r} is not shown"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for group in ("data:", "model:", "training loop:", "output:"):
+        assert f"\n{group}\n" in text, group
+    for flag, default in (("--epochs", "5"), ("--batch-size", "8"), ("--lr", "5e-05"), ("--seed", "123")):
+        block = text[text.index(f"  {flag} "):]
+        assert f"(default: {default})" in " ".join(block[:400].split()), flag
+
+
+def test_top_level_help_is_for_users(capsys):
+    """Fails if `jaxcls --help` prints the module docstring (planted: description=__doc__)."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "reads argv" not in text and "jaxcls train" in text and "--model" in text
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["classify", "--model", "m", "--checkpoint", "gpt2-small", "hi"], "is --model DIR"),
+    (["eval", "--checkpoint", "runs/x", "--data", "d.csv"], "is --model DIR"),
+    (["serve", "--checkpoint", "runs/x"], "is --model DIR"),
+    (["train", "--model", "runs/x"], "is --checkpoint"),
+    (["generate", "--model", "runs/x", "hi"], "is --checkpoint"),
+    (["train", "--output", "runs/x"], "is --out DIR"),
+    (["classify", "--model", "m", "--out", "p.jsonl", "hi"], "--output FILE"),
+])
+def test_a_flag_of_another_subcommand_gets_a_hint(argv, hint, capsys):
+    """--checkpoint (a GPT-2) vs --model (a trained classifier), --out (a run folder) vs --output (a
+    predictions file): the wrong one stops with one line naming the right one. Fails without the
+    WrongFlag traps (planted: wrong_flag a no-op): argparse then errors generically, or takes
+    classify's --out as an abbreviation of --output."""
+    from jaxcls.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    wrong = next(a for a in argv if a in ("--checkpoint", "--model", "--output", "--out") and
+                 not (a == "--model" and argv[0] in ("classify", "eval", "serve")))
+    assert err.count("\n") == 1 and err.startswith(f"jaxcls {argv[0]}: error: {wrong} ") and hint in err, err
+
+
+def _documented_commands():
+    """Every `jaxcls ...` command line in the fenced blocks of README.md and docs/predict.md."""
+    import re
+    import shlex
+
+    for doc in (ROOT / "README.md", ROOT / "docs" / "predict.md"):
+        fenced, lines = False, []
+        for line in doc.read_text(encoding="utf-8").splitlines():
+            if line.startswith("```"):
+                fenced = not fenced
+                continue
+            if fenced:
+                lines.append(line)
+            elif lines:
+                lines.append("")
+        for line in re.sub(r"\\\n\s*", " ", "\n".join(lines)).splitlines():
+            m = re.match(r"\s*(?:\$ )?(?:.*\| )?(?:\.venv/bin/)?jaxcls (.*)", line)
+            if m:
+                words = shlex.split(m.group(1), comments=True)
+                cut = min((words.index(s) for s in ("&&", "|", ">") if s in words), default=len(words))
+                yield f"{doc.name}: jaxcls {m.group(1)}", words[:cut]
+
+
+def test_documented_commands_parse():
+    """Each command README.md and docs/predict.md show still parses. Fails if a documented flag is renamed
+    or removed (planted: eval's --json renamed --as-json)."""
+    from jaxcls.cli import build_parser
+
+    commands = list(_documented_commands())
+    assert len(commands) >= 15 and any(w[0] == "eval" for _, w in commands)
+    for where, words in commands:
+        try:
+            build_parser().parse_args(words)
+        except SystemExit:
+            pytest.fail(f"{where} does not parse")
