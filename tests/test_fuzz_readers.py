@@ -28,7 +28,7 @@ from flax import nnx
 import jaxcls
 from conftest import FIXTURE
 from jaxcls.errors import JaxclsError
-from jaxcls.weights import expected_shapes
+from jaxcls.ckpt.load import expected_shapes
 
 pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture folder {FIXTURE} missing")
 

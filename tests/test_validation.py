@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURE
-from jaxcls.classifier import META, WEIGHTS, Classifier, base_weight_files, file_sha256
+from jaxcls.ckpt.folder import META, WEIGHTS, base_weight_files, file_sha256
+from jaxcls.classifier import Classifier
 from jaxcls.errors import CheckpointError
 from jaxcls.tokenizer import PAD_ID
 
