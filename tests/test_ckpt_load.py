@@ -65,7 +65,8 @@ def test_download_false_names_what_is_missing_without_the_network(no_network):
 
 
 def test_tokenizer_from_folder_never_resolves_a_size(no_network):
-    """A size name is not a folder to the tokenizer: it is refused, not downloaded."""
+    """A size name is not a folder to the tokenizer: it is refused, not downloaded. Fails if a
+    non-folder falls through to tiktoken's download (planted: `if False:` for the is_dir check)."""
     with pytest.raises(CheckpointError, match="gpt2-small: no such folder"):
         tokenizer_from_folder("gpt2-small")
     assert tokenizer_from_folder(FIXTURE / "openai").encode("Every effort moves you") == [6109, 3626, 6100, 345]
@@ -125,7 +126,8 @@ def test_a_just_written_base_is_not_remembered(delta_saved):
 
 
 def test_a_changed_base_is_refused_even_after_its_hash_was_remembered(delta_saved):
-    """Same size, new bytes, new mtime: hashed again and refused."""
+    """Same size, new bytes, new mtime: hashed again and refused. Fails if a remembered hash is
+    trusted without its stamp (planted: stamp left out of the cache check in base_sha256)."""
     d = delta_saved
     Classifier.load(d["dir"])
     data = d["base"] / "model.ckpt.data-00000-of-00001"
@@ -165,7 +167,7 @@ def _edit_weights(src: Path, dest: Path, edit) -> Path:
 ])
 def test_saved_folder_tensor_errors_name_the_file_and_tensor(full_saved, tmp_path, case, edit, expected):
     """Fails if the classifier folder skips the strict matcher's checks (planted: `continue` for a
-    name not in the table; `required=[]` in load_folder)."""
+    name not in the table; `required=[]` in load_folder; no dtype check in _to_float32)."""
     folder = _edit_weights(full_saved, tmp_path / case, edit)
     with pytest.raises(CheckpointError, match=expected) as e:
         Classifier.load(folder)
@@ -173,6 +175,8 @@ def test_saved_folder_tensor_errors_name_the_file_and_tensor(full_saved, tmp_pat
 
 
 def test_saved_folder_missing_the_base_reference_is_named(full_saved, tmp_path):
+    """Fails with a bare KeyError if the base reference is not checked (planted: `if False:` for
+    the absent-fields check in _read_meta)."""
     import json
 
     folder = tmp_path / "clf"

@@ -2,8 +2,9 @@
 
 A TF "tensor bundle" is two files: `<prefix>.index`, a LevelDB-format SSTable mapping each
 tensor name to a BundleEntryProto (dtype, shape, byte offset, size, masked crc32c), and
-`<prefix>.data-00000-of-00001`, the raw little-endian tensor bytes. Parsing both by hand keeps
-TensorFlow and protobuf out of the dependencies; tensors come back as read-only views into one
+`<prefix>.data-00000-of-00001`, the raw little-endian tensor bytes. Parsing both by hand (the
+table and wire format in sstable.py, checksums in crc32c.py) keeps TensorFlow and protobuf out of
+the dependencies; tensors come back as read-only views into one
 memory map of the data file, so even the 6 GB xl checkpoint is never copied.
 """
 
