@@ -3,57 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import shutil
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from flax import nnx
 
-from jaxcls.train import freeze
-from jaxcls.config import GPT2Config, TrainConfig, preset, read_json
+from jaxcls.ckpt import folder as saved_folder
+from jaxcls.ckpt.load import materialize, read_checkpoint, read_config, resolve_checkpoint_dir
+from jaxcls.ckpt.names import in_checkpoint
+from jaxcls.config import TrainConfig, preset
 from jaxcls.data import DataSplits, TextDataset, label_ids
-from jaxcls.errors import CheckpointError, ConfigError
-from jaxcls.fileio import atomic_write_bytes, atomic_write_json
-from jaxcls.model import GPT2Classifier
-from jaxcls.names import in_checkpoint, path_str
+from jaxcls.errors import ConfigError
+from jaxcls.model import GPT2Classifier, path_str
 from jaxcls.task import SingleLabel, task_from_json
-from jaxcls.tokenizer import encode, encoding_from_files, load_tokenizer, tokenizer_files
+from jaxcls.tokenizer import encode, tokenizer_files, tokenizer_from_folder
+from jaxcls.train import freeze
 
 # TrainConfig fields that describe the model or the data, not the loop (see Classifier.fit).
 MODEL_FIELDS = {"checkpoint", "weights", "pooling", "trainable", "lora_rank", "lora_alpha", "causal", "dropout",
                 "dtype"}
 DATA_FIELDS = {"data", "data_path", "validation", "test", "text_column", "label_column"}
-FORMAT = "jaxcls-classifier"
-META = "classifier.json"
-WEIGHTS = "weights.safetensors"
-
-
-def file_sha256(paths: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def base_weight_files(folder: Path, layout: str) -> list[Path]:
-    if layout == "openai":
-        from jaxcls.openai_ckpt import resolve_prefix
-
-        prefix = resolve_prefix(folder)
-        return [prefix.with_name(prefix.name + ".index"), prefix.with_name(prefix.name + ".data-00000-of-00001")]
-    from jaxcls.hf_ckpt import find_weights_file
-
-    return [find_weights_file(folder)]
-
-
-def _flat_params(state) -> dict[str, np.ndarray]:
-    return {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
-
-
 class Classifier:
     """A GPT2Classifier with its tokenizer, label names and the padding it was trained with."""
 
@@ -94,8 +64,6 @@ class Classifier:
         def make(config):
             return lambda: GPT2Classifier(config, num_classes, pooling=pooling, rngs=nnx.Rngs(seed))
 
-        from jaxcls.weights import materialize, read_checkpoint, read_config, resolve_checkpoint_dir
-
         folder = None
         if str(path_or_name) in ("tiny", "mini") or (weights == "random" and not Path(path_or_name).is_dir()):
             config = preset(str(path_or_name)).replace(**overrides)
@@ -108,8 +76,8 @@ class Classifier:
                 ckpt = read_checkpoint(folder, verify=verify, **overrides)
                 model = materialize(make(ckpt.config), ckpt.tensors)
                 base = {"path": str(folder.resolve()), "layout": ckpt.layout}
-        tok_dir = Path(tokenizer) if tokenizer else folder
-        tok = load_tokenizer(tok_dir)
+        tok_dir = resolve_checkpoint_dir(tokenizer) if tokenizer else folder
+        tok = tokenizer_from_folder(tok_dir)
         tok_dir = tok_dir if tok_dir is not None and tokenizer_files(tok_dir) else None
         return cls(model, tok, label_names, trainable=trainable, base=base, tokenizer_dir=tok_dir)
 
@@ -217,96 +185,31 @@ class Classifier:
     # ---- files ----
     def save(self, directory: str | Path, *, full: bool = False) -> Path:
         """Weights (only the trained subtree unless `full` or there is no base checkpoint), the
-        settings, label names and tokenizer files; classifier.json is written last, so a folder
-        without it is not a classifier."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        from safetensors.numpy import save as st_save
-
-        params = nnx.state(self.model, nnx.Param)
+        settings, label names and tokenizer files, in jaxcls.ckpt.folder's format."""
+        params = list(nnx.to_flat_state(nnx.state(self.model, nnx.Param)))
         delta = not full and self.base is not None
         if delta:
-            pattern = freeze.trainable_pattern(self.trainable, self.model.config.n_layer)
-            keep = freeze.is_trainable(pattern)
-            names = {path_str(p) for p, _ in nnx.to_flat_state(params)
-                     if keep(p, None) or not in_checkpoint(p)}
-            flat = {k: v for k, v in _flat_params(params).items() if k in names}
+            keep = freeze.is_trainable(freeze.trainable_pattern(self.trainable, self.model.config.n_layer))
+            params = [(p, v) for p, v in params if keep(p, None) or not in_checkpoint(p)]
             if "sha256" not in self.base:
-                folder = Path(self.base["path"])
-                self.base = {**self.base, "sha256": file_sha256(base_weight_files(folder, self.base["layout"]))}
-        else:
-            flat = _flat_params(params)
-        atomic_write_bytes(directory / WEIGHTS, st_save({k: np.ascontiguousarray(v) for k, v in flat.items()}))
-        if self.tokenizer_dir is not None:
-            for f in tokenizer_files(self.tokenizer_dir):
-                if f.resolve() != (directory / f.name).resolve():
-                    atomic_write_bytes(directory / f.name, f.read_bytes())
-        atomic_write_json(directory / META, {
-            "format": FORMAT, "version": 1,
+                sha = saved_folder.base_sha256(Path(self.base["path"]), self.base["layout"])
+                self.base = {**self.base, "sha256": sha}
+        flat = {path_str(p): np.asarray(v.get_value()) for p, v in params}
+        return saved_folder.save_folder(directory, flat, {
             "config": dataclasses.asdict(self.model.config),
             "num_classes": self.model.num_classes, "label_names": list(self.label_names),
             "task": self.task.to_json(),
             "pooling": self.pooling, "pad_length": self.pad_length, "trainable": self.trainable,
             "saved": "delta" if delta else "full", "base": self.base if delta else None,
-        })
-        return directory
+        }, tokenizer_dir=self.tokenizer_dir)
 
     @classmethod
     def load(cls, directory: str | Path, *, base: str | Path | None = None) -> "Classifier":
         """A saved classifier; `base` overrides where its pretrained checkpoint is, when only the
         trained weights were saved."""
-        from safetensors.numpy import load_file
-
-        from jaxcls.weights import materialize, read_checkpoint
-
-        directory = Path(directory)
-        meta = read_json(directory / META)
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{directory / META}: not a jaxcls classifier (format {meta.get('format')!r})")
-        try:
-            config = GPT2Config(**meta["config"])
-            num_classes, label_names, pooling = meta["num_classes"], meta["label_names"], meta["pooling"]
-        except (KeyError, TypeError) as e:
-            raise CheckpointError(f"{directory / META}: missing or malformed field ({e})") from None
-        try:
-            saved = {tuple(int(p) if p.isdigit() else p for p in k.split("/")): v
-                     for k, v in load_file(str(directory / WEIGHTS)).items()}
-        except FileNotFoundError:
-            raise CheckpointError(f"{directory / WEIGHTS}: file not found") from None
-        except Exception as e:
-            raise CheckpointError(f"{directory / WEIGHTS}: unreadable ({e})") from None
-        tensors = dict(saved)
-        if meta["saved"] == "delta":
-            ref = meta["base"]
-            folder = Path(base or ref["path"])
-            if not folder.is_dir():
-                raise CheckpointError(
-                    f"{directory}: stores only its trained weights and needs its base checkpoint "
-                    f"({ref['layout']} layout, sha256 {ref['sha256'][:16]}...), which is not at {folder}"
-                    f"{'' if base else ' (the path it was trained from)'}; point to the folder holding it "
-                    "with --base DIR (jaxcls classify, eval, serve) or base=DIR (Classifier.load)")
-            got = file_sha256(base_weight_files(folder, ref["layout"]))
-            if got != ref["sha256"]:
-                raise CheckpointError(
-                    f"{folder}: its weights hash to sha256 {got[:16]}..., but {directory / META} was "
-                    f"trained on {ref['sha256'][:16]}...: a different base checkpoint")
-            ckpt = read_checkpoint(folder, **{k: getattr(config, k) for k in
-                                              ("dtype", "causal", "dropout", "lora_rank", "lora_alpha")})
-            tensors = {**ckpt.tensors, **saved}
-        make = lambda: GPT2Classifier(config, num_classes, pooling=pooling, rngs=nnx.Rngs(0))
-        abstract = nnx.to_flat_state(nnx.state(nnx.eval_shape(make), nnx.Param))
-        expected = {p: tuple(v.shape) for p, v in abstract}
-        for p, arr in saved.items():
-            if p not in expected or tuple(arr.shape) != expected[p]:
-                raise CheckpointError(f"{directory / WEIGHTS}: tensor {path_str(p)!r} "
-                                      f"{'is unknown' if p not in expected else f'has shape {arr.shape}, expected {expected[p]}'}")
-        missing = [path_str(p) for p in expected if p not in tensors]
-        if missing:
-            raise CheckpointError(f"{directory / WEIGHTS}: missing tensor(s) {', '.join(missing[:5])}")
-        model = materialize(make, tensors)
-        files = tokenizer_files(directory)
-        tok = encoding_from_files(*files) if files else load_tokenizer(None)
-        task = task_from_json(meta.get("task"), label_names, source=str(directory / META))
-        return cls(model, tok, label_names, pad_length=meta.get("pad_length"), task=task,
-                   trainable=meta.get("trainable", "last_block"),
-                   base=meta.get("base"), tokenizer_dir=directory if files else None)
+        saved = saved_folder.load_folder(directory, base=base)
+        meta = saved.meta
+        task = task_from_json(meta.get("task"), saved.label_names, source=str(Path(directory) / saved_folder.META))
+        return cls(saved.model, tokenizer_from_folder(saved.tokenizer_dir), saved.label_names,
+                   pad_length=meta.get("pad_length"), task=task, trainable=meta.get("trainable", "last_block"),
+                   base=meta.get("base"), tokenizer_dir=saved.tokenizer_dir)

@@ -65,10 +65,10 @@ def wrong_flag(p, flag: str, hint: str) -> None:
 
 
 def cmd_download(args) -> int:
-    from jaxcls import download
+    from jaxcls.ckpt.download import download_checkpoint
 
     for name in args.names:
-        folder = download.download_checkpoint(name, cache_dir=args.cache_dir, base_url=args.base_url,
+        folder = download_checkpoint(name, cache_dir=args.cache_dir, base_url=args.base_url,
                                               progress=not args.quiet)
         print(folder)
     return 0
@@ -76,8 +76,8 @@ def cmd_download(args) -> int:
 
 def cmd_generate(args) -> int:
     from jaxcls.generate import generate_greedy
-    from jaxcls.tokenizer import encode, load_tokenizer
-    from jaxcls.weights import load_pretrained
+    from jaxcls.ckpt.load import load_pretrained, load_tokenizer
+    from jaxcls.tokenizer import encode
 
     model = load_pretrained(args.checkpoint, verify=args.verify)
     enc = load_tokenizer(args.checkpoint)

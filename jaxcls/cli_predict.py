@@ -241,7 +241,7 @@ def _training_record(model_dir) -> dict:
     """The data settings `jaxcls train` recorded in the run folder's metrics.json ({} without one)."""
     from pathlib import Path
 
-    from jaxcls.config import read_json
+    from jaxcls.fileio import read_json
     from jaxcls.errors import CheckpointError
 
     path = Path(model_dir) / "metrics.json"
@@ -259,7 +259,7 @@ def _training_role(path: str, record: dict) -> str | None:
     """Which training file (train, validation, test) `path` is, by content; None if none."""
     from pathlib import Path
 
-    from jaxcls.classifier import file_sha256
+    from jaxcls.fileio import sha256_files
 
     hashes = record.get("data_sha256")
     if not hashes:  # a run recorded before the hashes: go by path
@@ -270,7 +270,7 @@ def _training_role(path: str, record: dict) -> str | None:
         return None
     if not Path(path).is_file():
         return None
-    digest = file_sha256([Path(path)])
+    digest = sha256_files([Path(path)])
     return next((role for role, h in hashes.items() if h == digest), None)
 
 

@@ -168,12 +168,12 @@ def cmd_train(args) -> int:
 def data_hashes(cfg: TrainConfig) -> dict[str, str]:
     """sha256 of each training file by role, so `jaxcls eval` can tell a file the model saw
     (and whether it was split) wherever it has moved since."""
-    from jaxcls.classifier import file_sha256
+    from jaxcls.fileio import sha256_files
 
     files = {"validation": cfg.validation, "test": cfg.test}
     if cfg.data not in ("sms-spam", "sms_spam"):
         files["train"] = cfg.data
-    return {role: file_sha256([Path(f)]) for role, f in files.items() if f}
+    return {role: sha256_files([Path(f)]) for role, f in files.items() if f}
 
 
 def print_summary(report: dict) -> None:

@@ -4,16 +4,22 @@
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcls.config import GPT2Config
+from jaxcls.config import POOLINGS, GPT2Config
 from jaxcls.errors import ConfigError
 
-POOLINGS = ("last_real", "last", "first", "mean")
 EMBED_STREAM = 1 << 20  # dropout key stream of the embeddings; blocks use their index
+
+
+def path_str(path: Iterable) -> str:
+    """('h', 11, 'attn', 'c_attn', 'kernel') -> 'h/11/attn/c_attn/kernel': how files and messages
+    name a parameter."""
+    return "/".join(map(str, path))
 
 
 def compute_dtype(config: GPT2Config):

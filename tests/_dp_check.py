@@ -50,7 +50,7 @@ def flat(state) -> dict[str, np.ndarray]:
     from flax import nnx
 
     from jaxcls.train.distributed import to_host
-    from jaxcls.names import path_str
+    from jaxcls.model import path_str
 
     return {path_str(p): v.get_value() for p, v in nnx.to_flat_state(to_host(state))}
 
@@ -113,7 +113,7 @@ def run_sharded(mode: str, min_size: int = 64):
 def _flat_arrays(state):
     from flax import nnx
 
-    from jaxcls.names import path_str
+    from jaxcls.model import path_str
 
     return {path_str(p): v.get_value() for p, v in nnx.to_flat_state(state)}
 

@@ -20,3 +20,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=LAYOUTS)
 def fixture_dir(request) -> Path:
     return FIXTURE / request.param
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_home(tmp_path_factory):
+    """No test writes into the user's jaxcls cache (downloads, remembered base-checkpoint hashes)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("JAXCLS_HOME", str(tmp_path_factory.mktemp("jaxcls-home")))
+    yield
+    patch.undo()

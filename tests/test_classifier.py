@@ -8,9 +8,10 @@ import pytest
 from flax import nnx
 
 from conftest import FIXTURE
-from jaxcls.classifier import META, Classifier
+from jaxcls.ckpt.folder import META
+from jaxcls.classifier import Classifier
 from jaxcls.errors import ConfigError
-from jaxcls.names import path_str
+from jaxcls.model import path_str
 
 pytestmark = pytest.mark.skipif(not (FIXTURE / "openai").is_dir(), reason=f"{FIXTURE} missing")
 

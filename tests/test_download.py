@@ -15,12 +15,9 @@ from pathlib import Path
 import pytest
 
 from jaxcls import download
-from jaxcls.download import (
-    KNOWN_SHA256,
-    OPENAI_FILES,
-    download_checkpoint,
-    download_file,
-)
+from jaxcls.ckpt.download import KNOWN_SHA256, download_checkpoint
+from jaxcls.ckpt.openai import OPENAI_FILES
+from jaxcls.download import download_file
 from jaxcls.errors import DownloadError, JaxclsError
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures/gpt2-tiny/openai"

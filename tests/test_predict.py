@@ -11,10 +11,9 @@ from conftest import TOKENIZER_DIR
 from jaxcls.config import TINY_SIZES
 from jaxcls.data import pad_batch
 from jaxcls.errors import ConfigError
-from jaxcls.model import GPT2Classifier
-from jaxcls.names import path_str
 from jaxcls.compile_cache import enable_compilation_cache
 from jaxcls.infer.predictor import Predictor
+from jaxcls.model import GPT2Classifier, path_str
 from jaxcls.task import softmax
 from jaxcls.tokenizer import PAD_ID, encode, encoding_from_files
 

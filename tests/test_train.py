@@ -17,8 +17,7 @@ from jaxcls.config import GPT2Config, TrainConfig
 from jaxcls.data import DataSplits, TextDataset
 from jaxcls.errors import ConfigError, TrainingError
 from jaxcls.train import fit
-from jaxcls.model import GPT2Classifier
-from jaxcls.names import path_str
+from jaxcls.model import GPT2Classifier, path_str
 
 CFG = GPT2Config(n_vocab=200, n_ctx=32, n_embd=16, n_head=2, n_layer=3)
 

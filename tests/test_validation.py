@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURE
-from jaxcls.classifier import META, WEIGHTS, Classifier, base_weight_files, file_sha256
+from jaxcls.ckpt.folder import META, WEIGHTS, base_weight_files
+from jaxcls.fileio import sha256_files
+from jaxcls.classifier import Classifier
 from jaxcls.errors import CheckpointError
 from jaxcls.tokenizer import PAD_ID
 
@@ -57,8 +59,8 @@ def test_changed_base_checkpoint_names_both_hashes(saved, tmp_path):
     buf = bytearray(data.read_bytes())
     buf[len(buf) // 2] ^= 0x01
     data.write_bytes(bytes(buf))
-    recorded = file_sha256(base_weight_files(saved["base"], "openai"))
-    now = file_sha256(base_weight_files(base, "openai"))
+    recorded = sha256_files(base_weight_files(saved["base"], "openai"))
+    now = sha256_files(base_weight_files(base, "openai"))
     assert recorded != now
     with pytest.raises(CheckpointError) as e:
         Classifier.load(saved["dir"], base=base)

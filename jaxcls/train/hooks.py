@@ -36,10 +36,10 @@ class StepInfo:
 
 
 class Hook:
-    def after_step(self, run: "Run", info: StepInfo) -> None:
+    def after_step(self, run, info: StepInfo) -> None:
         pass
 
-    def after_epoch(self, run: "Run", plan: list) -> None:
+    def after_epoch(self, run, plan: list) -> None:
         pass
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import numpy as np
 from flax import nnx
 
 from jaxcls import data as data_lib
@@ -25,7 +24,6 @@ from jaxcls.task import SingleLabel, class_weights
 from jaxcls.train import hooks as hooks_lib
 from jaxcls.train import state as state_lib
 from jaxcls.train.batches import Prepared, prepare_data
-from jaxcls.train.hooks import Interrupted  # noqa: F401  (re-exported: callers catch it from here)
 from jaxcls.train.program import Program, build_program, precompile
 from jaxcls.train.state import LoopState
 
