@@ -174,7 +174,7 @@ def test_every_option_has_help_text_and_its_default(capsys):
     (planted: HelpFormatter returning the bare help)."""
     import argparse
 
-    from jaxcls.cli import HelpFormatter
+    from jaxcls.cli.common import HelpFormatter
 
     parser, commands = _subcommands()
     assert set(commands) >= {"download", "generate", "train", "classify", "eval", "serve"}

@@ -93,7 +93,7 @@ def test_missing_base_checkpoint_says_where_it_was_expected(saved, tmp_path):
 def test_cli_base_finds_a_moved_base_checkpoint(saved, tmp_path, capsys):
     """classify and eval load a delta classifier whose base checkpoint moved, given --base; without
     it the error names --base. Fails if --base is not passed to Classifier.load (planted:
-    `Classifier.load(args.model)` in cli_predict._load)."""
+    `Classifier.load(args.model)` in jaxcls.cli.common.load_classifier)."""
     from jaxcls.cli import main
 
     folder = copy_of(saved, "moved-base")

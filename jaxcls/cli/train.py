@@ -87,7 +87,7 @@ OUTPUT_NOT_OUT = "names classify's predictions file; train's run folder is --out
 
 
 def register(sub) -> None:
-    from jaxcls.cli import MODEL_HINT, wrong_flag
+    from jaxcls.cli.common import MODEL_HINT, wrong_flag
 
     p = sub.add_parser("train", help="fine-tune GPT-2 as a classifier",
                        description="Fine-tune a pretrained GPT-2 (--checkpoint) as a classifier and save it\n"
