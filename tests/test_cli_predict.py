@@ -273,10 +273,10 @@ def test_eval_never_resplits_files_of_a_run_with_validation_and_test_files(runs,
 def test_serve_takes_quiet_and_base(model_dir, monkeypatch):
     """serve --quiet turns the request log off and --base reaches the loader. Fails if --quiet is
     not passed on (planted: log=True in cmd_serve)."""
-    import jaxcls.serve
+    import jaxcls.infer.serve
 
     seen = {}
-    monkeypatch.setattr(jaxcls.serve, "serve", lambda clf, host, port, **kw: seen.update(clf=clf, **kw))
+    monkeypatch.setattr(jaxcls.infer.serve, "serve", lambda clf, **kw: seen.update(clf=clf, **kw))
     loads = []
     real_load = Classifier.load
     monkeypatch.setattr(Classifier, "load", classmethod(
