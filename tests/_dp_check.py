@@ -1,8 +1,8 @@
 """Helpers for tests/test_distributed.py, also run as a script in a fresh interpreter (the device
 count and jax.distributed must be set before JAX starts):
 
-    python tests/_dp_check.py local DATA.csv OUT.json           # XLA_FLAGS forcing 4 host devices
-    python tests/_dp_check.py proc DATA.csv OUT.json ADDR N I   # one of N processes
+    python tests/_dp_check.py local DATA.csv OUT.json           # FSDP, XLA_FLAGS forcing 4 devices
+    python tests/_dp_check.py proc DATA.csv OUT.json ADDR N I   # one of N processes: FSDP, then DP
 
 Every run is `jaxcls.fit.fit` itself on the tiny GPT-2 fixture and a 60-row CSV, with the
 settings `jaxcls train` gets from `cli_flags()`: the single-device reference, the runs here and
@@ -69,6 +69,8 @@ def wte_placements() -> list[tuple[str, tuple]]:
 def run_fit(data: Path, **extra):
     """What `jaxcls train` does up to fit (the same data split, model and head seed), then fit
     with an on_step observer that records where wte and its moments live after each step."""
+    from flax import nnx
+
     from jaxcls.classifier import Classifier
     from jaxcls.config import TrainConfig
     from jaxcls.data import load_data
@@ -78,8 +80,6 @@ def run_fit(data: Path, **extra):
     splits = load_data(cfg.data, progress=False, seed=cfg.seed)
     clf = Classifier.from_pretrained(cfg.checkpoint, label_names=splits.label_names,
                                      trainable=cfg.trainable, seed=cfg.seed)
-    from flax import nnx
-
     init = flat(nnx.state(clf.model))
     logs, steps = [], []
     result = fit(clf.model, clf.encode, splits, cfg, progress=False, log=logs.append,
@@ -112,7 +112,8 @@ def main(argv):
     rows = dist.process_slice(ROWS)
     res = {"process_count": jax.process_count(), "devices": jax.device_count(),
            "local_devices": jax.local_device_count(), "slice": [rows.start, rows.stop]}
-    for mode, extra in (("fsdp", {"fsdp": True}), ("dp", {"data_parallel": True})):
+    modes = [("fsdp", {"fsdp": True})] + [("dp", {"data_parallel": True})] * (argv[0] == "proc")
+    for mode, extra in modes:
         res[mode] = _save(out, mode, *run_fit(data, **extra)[:2])
     out.write_text(json.dumps(res))
     if argv[0] == "proc":

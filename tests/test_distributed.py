@@ -2,8 +2,8 @@
 run: on forced host devices in one process, and across two processes on 127.0.0.1 joined by
 jaxcls.distributed.initialize (gloo collectives).
 
-The five interpreters (fit on 4 devices; fit in process 0 and 1; the CLI with --data-parallel and
-with --fsdp on 2 devices) start together in one fixture and the single-device reference runs here
+The five interpreters (fit with FSDP on 4 devices; fit in process 0 and 1; the CLI with
+--data-parallel on 4 devices and with --fsdp on 2) start together in one fixture and the single-device reference runs here
 meanwhile: compiles dominate, so this keeps the file short.
 
 Tolerances. Every run takes 3 AdamW steps at lr 1e-3, which move each parameter by up to 3e-3.
@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 600  # a hang guard: five interpreters share the machine's cores
 LOSS_TOL = 1e-5
 PARAM_TOL = 1e-4
-CLI_DEVICES = 2
+CLI_DEVICES = {"data_parallel": 4, "fsdp": 2}
 
 
 def _free_port() -> int:
@@ -69,8 +69,8 @@ def runs(tmp_path_factory):
         "local": spawn([sys.executable, script, "local", str(data), str(tmp / "local.json")], _env(4)),
         **{f"p{i}": spawn([sys.executable, script, "proc", str(data), str(tmp / f"p{i}.json"), addr, "2", str(i)],
                           _env()) for i in range(2)},
-        **{f"cli_{m}": spawn(_cli(data, tmp / f"cli_{m}", f"--{m.replace('_', '-')}"), _env(CLI_DEVICES))
-           for m in ("data_parallel", "fsdp")},
+        **{f"cli_{m}": spawn(_cli(data, tmp / f"cli_{m}", f"--{m.replace('_', '-')}"), _env(CLI_DEVICES[m]))
+           for m in CLI_DEVICES},
     }
     try:
         ref = check.run_fit(data)
@@ -128,22 +128,19 @@ def _assert_placement(info, n, fsdp):
         assert s["wte"] == [[spec, piece]] * 3, s
 
 
-def test_fit_on_four_devices_data_parallel_and_fsdp_equal_one_device(runs):
-    """Fails if fit ignores data_parallel (planted: cfg.data_parallel dropped from fit's mesh
-    condition: devices 1) or fsdp's placement (planted: fsdp=False in fit's shardings call: wte
-    stays whole)."""
+def test_fit_with_fsdp_on_four_devices_equals_one_device(runs):
+    """Fails if fit ignores fsdp in the placement (planted: fsdp=False in fit's shardings call:
+    wte stays whole) or altogether (planted: cfg.fsdp dropped from fit's mesh condition)."""
     tmp, (ref_info, ref_params, init), _ = runs
     out = json.loads((tmp / "local.json").read_text())
     assert out["devices"] == 4 and out["slice"] == [0, check.ROWS]
     assert ref_info["devices"] == 1 and ref_info["mesh_log"] == [] and not ref_info["fsdp"]
-    for mode in ("dp", "fsdp"):
-        info = out[mode]
-        assert (info["devices"], info["fsdp"]) == (4, mode == "fsdp")
-        assert info["mesh_log"] == ["data parallel over 4 devices (1 processes)"
-                                    + (", parameters sharded (FSDP)" if mode == "fsdp" else "")]
-        _assert_placement(info, 4, mode == "fsdp")
-        _assert_same_losses(info, ref_info)
-        _assert_trained_alike(_params(tmp / f"local.{mode}.npz"), ref_params, init)
+    info = out["fsdp"]
+    assert (info["devices"], info["fsdp"]) == (4, True)
+    assert info["mesh_log"] == ["data parallel over 4 devices (1 processes), parameters sharded (FSDP)"]
+    _assert_placement(info, 4, True)
+    _assert_same_losses(info, ref_info)
+    _assert_trained_alike(_params(tmp / "local.fsdp.npz"), ref_params, init)
 
 
 def test_fit_in_two_processes_each_feeding_half_equals_one_process(runs):
@@ -168,15 +165,15 @@ def test_fit_in_two_processes_each_feeding_half_equals_one_process(runs):
 
 @pytest.mark.parametrize("flag", ["data_parallel", "fsdp"])
 def test_cli_trains_on_the_mesh_and_equals_one_device(runs, flag):
-    """`jaxcls train --data-parallel` / `--fsdp` on 2 forced host devices: the report and the log
+    """`jaxcls train --data-parallel` on 4 forced host devices, `--fsdp` on 2: the report and the log
     name the mesh, and the saved weights and split losses are the single-device run's.
     Fails if --data-parallel is ignored (planted: cfg.data_parallel dropped from fit's mesh
     condition: devices 1, no mesh line) or --fsdp is (planted: cfg.fsdp dropped there too)."""
     tmp, (ref_info, ref_params, init), logs = runs
     fsdp = flag == "fsdp"
     report = json.loads((tmp / f"cli_{flag}" / "metrics.json").read_text())
-    assert (report["devices"], report["fsdp"], report["steps_run"]) == (CLI_DEVICES, fsdp, check.STEPS)
-    line = f"data parallel over {CLI_DEVICES} devices (1 processes)" + (", parameters sharded (FSDP)" if fsdp else "")
+    assert (report["devices"], report["fsdp"], report["steps_run"]) == (CLI_DEVICES[flag], fsdp, check.STEPS)
+    line = f"data parallel over {CLI_DEVICES[flag]} devices (1 processes)" + (", parameters sharded (FSDP)" if fsdp else "")
     assert line in logs[f"cli_{flag}"].splitlines()
     weights = load_file(str(tmp / f"cli_{flag}" / "weights.safetensors"))
     _assert_trained_alike(weights, ref_params, init)
