@@ -129,8 +129,8 @@ def _assert_placement(info, n, fsdp):
 
 
 def test_fit_with_fsdp_on_four_devices_equals_one_device(runs):
-    """Fails if fit ignores fsdp in the placement (planted: fsdp=False in fit's shardings call:
-    wte stays whole) or altogether (planted: cfg.fsdp dropped from fit's mesh condition)."""
+    """Fails if fit ignores fsdp in the placement (planted: fsdp=False in _place_on_mesh's shardings call:
+    wte stays whole) or altogether (planted: cfg.fsdp dropped from _place_on_mesh's condition)."""
     tmp, (ref_info, ref_params, init), _ = runs
     out = json.loads((tmp / "local.json").read_text())
     assert out["devices"] == 4 and out["slice"] == [0, check.ROWS]
@@ -167,7 +167,7 @@ def test_fit_in_two_processes_each_feeding_half_equals_one_process(runs):
 def test_cli_trains_on_the_mesh_and_equals_one_device(runs, flag):
     """`jaxcls train --data-parallel` on 4 forced host devices, `--fsdp` on 2: the report and the log
     name the mesh, and the saved weights and split losses are the single-device run's.
-    Fails if --data-parallel is ignored (planted: cfg.data_parallel dropped from fit's mesh
+    Fails if --data-parallel is ignored (planted: cfg.data_parallel dropped from _place_on_mesh's
     condition: devices 1, no mesh line) or --fsdp is (planted: cfg.fsdp dropped there too)."""
     tmp, (ref_info, ref_params, init), logs = runs
     fsdp = flag == "fsdp"
