@@ -12,18 +12,18 @@ from flax import nnx
 from jaxcls.ckpt import folder as saved_folder
 from jaxcls.ckpt.load import materialize, read_checkpoint, read_config, resolve_checkpoint_dir
 from jaxcls.ckpt.names import in_checkpoint
-from jaxcls.config import TrainConfig, preset
+from jaxcls.config import DataSpec, ModelSpec, TrainConfig, preset
 from jaxcls.data import DataSplits, TextDataset, label_ids
 from jaxcls.errors import ConfigError
 from jaxcls.model import GPT2Classifier, path_str
 from jaxcls.task import SingleLabel, task_from_json
 from jaxcls.tokenizer import encode, tokenizer_files, tokenizer_from_folder
 from jaxcls.train import freeze
+MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelSpec)}
+DATA_FIELDS = {f.name for f in dataclasses.fields(DataSpec)}
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
-# TrainConfig fields that describe the model or the data, not the loop (see Classifier.fit).
-MODEL_FIELDS = {"checkpoint", "weights", "pooling", "trainable", "lora_rank", "lora_alpha", "causal", "dropout",
-                "dtype"}
-DATA_FIELDS = {"data", "data_path", "validation", "test", "text_column", "label_column"}
+
 class Classifier:
     """A GPT2Classifier with its tokenizer, label names and the padding it was trained with."""
 
@@ -81,6 +81,14 @@ class Classifier:
         tok_dir = tok_dir if tok_dir is not None and tokenizer_files(tok_dir) else None
         return cls(model, tok, label_names, trainable=trainable, base=base, tokenizer_dir=tok_dir)
 
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, label_names: Sequence[str], *, trainable: str = "last_block",
+                  seed: int = 123, tokenizer: str | Path | None = None) -> "Classifier":
+        """`from_pretrained` with a ModelSpec's settings (what `jaxcls train` builds)."""
+        return cls.from_pretrained(spec.checkpoint, label_names=label_names, trainable=trainable, seed=seed,
+                                   tokenizer=tokenizer, **{k: v for k, v in dataclasses.asdict(spec).items()
+                                                           if k != "checkpoint"})
+
     # ---- training ----
     def fit(self, train, validation=None, test=None, *, out: str | Path | None = None,
             resume: bool = False, progress: bool = False, log=print, on_step=None, **config) -> dict:
@@ -95,9 +103,9 @@ class Classifier:
             self._dataset(test, "test"), self.label_names)
         if tuple(splits.label_names) != self.label_names:
             raise ConfigError(f"data labels {splits.label_names} differ from the classifier's {self.label_names}")
-        cfg = self._fit_config(config)
+        cfg, pooling = self._fit_config(config)
         self.trainable = cfg.trainable
-        self.model.pooling = cfg.pooling
+        self.model.pooling = pooling
         result = fit(self.model, self.encode, splits, cfg, out=Path(out) if out else None,
                      resume=resume, progress=progress, log=log, on_step=on_step)
         self.model = nnx.merge(result.graphdef, result.trainable, result.frozen)
@@ -106,29 +114,27 @@ class Classifier:
         self.report = result.report
         return result.report
 
-    def _fit_config(self, config: dict) -> TrainConfig:
-        """The run's TrainConfig: the classifier's own trainable set and pooling unless given; the
-        settings the model was built with must match it."""
-        cfg = config.pop("train_config", None)
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        for key in config:
-            if key not in names:
-                raise ConfigError(f"Classifier.fit: unknown setting {key!r} (TrainConfig has no such field)")
+    def _fit_config(self, config: dict) -> tuple[TrainConfig, str]:
+        """(the run's TrainConfig, the pooling): `train_config=` or the classifier's own trainable
+        set, with the TrainConfig fields given; `pooling` may change; the other model settings are
+        refused unless equal to the model's, data sources and unknown names always."""
+        base = config.pop("train_config", None) or TrainConfig(trainable=self.trainable)
+        built = self._built_with()
+        for key, value in config.items():
             if key in DATA_FIELDS:
                 raise ConfigError(f"Classifier.fit: {key!r} names a data source; pass the data to fit() itself")
-        given = dict(config) if cfg is None else {**{k: getattr(cfg, k) for k in MODEL_FIELDS}, **config}
-        built = self._built_with()
-        for key in MODEL_FIELDS & given.keys() - {"trainable", "pooling"}:
-            if key in built and given[key] != built[key] or key not in built and cfg is None:
+            if key in MODEL_FIELDS - {"pooling"} and (key not in built or value != built[key]):
                 raise ConfigError(
-                    f"Classifier.fit: {key}={given[key]!r} cannot change after from_pretrained (the model was "
+                    f"Classifier.fit: {key}={value!r} cannot change after from_pretrained (the model was "
                     f"built with {key}={built.get(key)!r}); pass it to Classifier.from_pretrained")
-        trainable = given.get("trainable", self.trainable)
-        if trainable == "lora" and self.model.config.lora_rank == 0:
+            if key not in TRAIN_FIELDS | MODEL_FIELDS:
+                raise ConfigError(f"Classifier.fit: unknown setting {key!r} (not a TrainConfig or ModelSpec field)")
+        pooling = ModelSpec(pooling=config.get("pooling", self.model.pooling)).pooling  # named error if unknown
+        cfg = base.replace(**{k: v for k, v in config.items() if k in TRAIN_FIELDS})
+        if cfg.trainable == "lora" and self.model.config.lora_rank == 0:
             raise ConfigError("Classifier.fit: trainable='lora' needs LoRA adapters, which the model was built "
                               "without; pass trainable='lora' to Classifier.from_pretrained")
-        fixed = dict(trainable=trainable, pooling=given.get("pooling", self.model.pooling))
-        return (cfg or TrainConfig()).replace(**{k: v for k, v in config.items() if k not in fixed}, **fixed)
+        return cfg, pooling
 
     def _built_with(self) -> dict:
         """The model-construction settings this classifier's model has (checkpoint and weights are

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping
 
@@ -132,28 +133,62 @@ BATCHINGS = ("auto", "buckets", "global")
 SCHEDULES = ("constant", "cosine")
 
 
+def _need(obj, cond, field, what):
+    if not cond:
+        raise ConfigError(f"{type(obj).__name__}.{field}: {what}, got {getattr(obj, field)!r}")
+
+
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Every `jaxcls train` flag, one field each. The defaults reproduce the book's chapter 6 run,
-    except `pooling` (`last_real`, which makes padding irrelevant; `--pooling last` is the book's)."""
+class ModelSpec:
+    """What builds the classifier's network: the GPT-2 to start from and the switches the book's
+    experiments flip. Fixed once the model exists (Classifier.fit may still change `pooling`)."""
 
     checkpoint: str = "gpt2-small"  # a checkpoint folder, a released size, or 'tiny'/'mini' (random)
     weights: str = "pretrained"  # or "random": the same shape, freshly initialized
+    pooling: str = "last_real"
+    lora_rank: int = 16  # adapters are added only with trainable 'lora'
+    lora_alpha: float = 16.0
+    causal: bool = True
+    dropout: float = 0.0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        _need(self, self.weights in ("pretrained", "random"), "weights", "must be 'pretrained' or 'random'")
+        _need(self, self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
+        _need(self, self.pooling in POOLINGS, "pooling", f"must be one of {POOLINGS}")
+        _need(self, isinstance(self.lora_rank, int) and self.lora_rank > 0, "lora_rank", "must be a positive integer")
+
+    def replace(self, **changes) -> "ModelSpec":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Where the labelled texts come from."""
+
     data: str = "sms-spam"  # "sms-spam" or a CSV/TSV/JSONL file (then split 70/10/20)
     data_path: str | None = None  # a local SMSSpamCollection or its zip, for sms-spam
     validation: str | None = None
     test: str | None = None
     text_column: str | None = None
     label_column: str | None = None
-    pooling: str = "last_real"
+
+    @property
+    def is_sms(self) -> bool:
+        return self.data in ("sms-spam", "sms_spam")
+
+    def replace(self, **changes) -> "DataSpec":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What drives the training loop. With ModelSpec and DataSpec, one field per `jaxcls train`
+    flag; the defaults reproduce the book's chapter 6 run."""
+
     trainable: str = "last_block"
-    lora_rank: int = 16
-    lora_alpha: float = 16.0
     padding: str = "auto"  # auto: buckets unless pooling is 'last'; longest|context|buckets|none|N
     batching: str = "auto"  # with length buckets: auto | buckets | global (see resolved_batching)
-    causal: bool = True
-    dropout: float = 0.0
-    dtype: str = "float32"
     epochs: int = 5
     batch_size: int = 8
     accumulation: int = 1  # micro-batches of batch_size per optimizer update
@@ -182,13 +217,7 @@ class TrainConfig:
     out: str | None = None
 
     def __post_init__(self):
-        def need(cond, field, what):
-            if not cond:
-                raise ConfigError(f"TrainConfig.{field}: {what}, got {getattr(self, field)!r}")
-
-        need(self.weights in ("pretrained", "random"), "weights", "must be 'pretrained' or 'random'")
-        need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
-        need(self.pooling in POOLINGS, "pooling", f"must be one of {POOLINGS}")
+        need = functools.partial(_need, self)
         need(str(self.padding) in PADDINGS or str(self.padding).isdigit(), "padding",
              f"must be one of {PADDINGS} or a positive integer")
         need(self.batching in BATCHINGS, "batching", f"must be one of {BATCHINGS}")
@@ -204,18 +233,17 @@ class TrainConfig:
         need(self.lr > 0, "lr", "must be positive")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
-        need(self.lora_rank > 0, "lora_rank", "must be positive")
         need(self.max_steps is None or self.max_steps > 0, "max_steps", "must be positive")
         need(self.clip_norm is None or self.clip_norm > 0, "clip_norm", "must be positive")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
-    def resolved_padding(self) -> str:
+    def resolved_padding(self, pooling: str) -> str:
         """'auto' means length buckets, unless the pooling reads a padding position (the book's
         literal 'last'), which needs the book's fixed padding to the longest training text."""
         if self.padding == "auto":
-            return "longest" if self.pooling == "last" else "buckets"
+            return "longest" if pooling == "last" else "buckets"
         return str(self.padding)
 
     def resolved_batching(self, cached: bool) -> str:

@@ -1,4 +1,5 @@
-"""`jaxcls train`: one flag per TrainConfig field, generated from the dataclass."""
+"""`jaxcls train`: one flag per field of DataSpec, ModelSpec and TrainConfig, generated from the
+dataclasses and grouped in --help."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import time
 import typing
 from pathlib import Path
 
-from jaxcls.config import TrainConfig
+from jaxcls.config import DataSpec, ModelSpec, TrainConfig
 
-# Every TrainConfig field, by --help group; a field left out here fails test_every_option_has_help_text_and_its_default.
+SPECS = (DataSpec, ModelSpec, TrainConfig)
+
+# Every field of SPECS, by --help group; a field left out here fails test_every_option_has_help_text_and_its_default.
 GROUPS: dict[str, dict[str, str]] = {
     "data": {
         "data": "sms-spam (the book's data set, downloaded on first use), or a CSV/TSV/JSONL file of "
@@ -94,18 +97,8 @@ def register(sub) -> None:
                                    "to a run folder (--out). The defaults reproduce the book's chapter 6.")
     groups = {title: p.add_argument_group(title) for title in GROUPS}
     where = {name: groups[title] for title, fields in GROUPS.items() for name in fields}
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        group = where.get(f.name, p)
-        if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                               help=HELP.get(f.name))
-            continue
-        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-        group.add_argument(flag, type=base if base in (int, float) else str, default=f.default,
-                           help=HELP.get(f.name))
+    for spec in SPECS:
+        _add_fields(p, spec, where)
     groups["model"].add_argument("--tokenizer", default=None,
                                  help="folder with encoder.json + vocab.bpe (default: the checkpoint's)")
     groups["output"].add_argument("--resume", action="store_true", help="continue from the last save in --out")
@@ -122,29 +115,40 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _add_fields(p, spec, where: dict) -> None:
+    """One flag per dataclass field, typed by its annotation; booleans get --x/--no-x."""
+    hints = typing.get_type_hints(spec)
+    for f in dataclasses.fields(spec):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        group = where.get(f.name, p)
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=HELP.get(f.name))
+            continue
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        group.add_argument(flag, type=base if base in (int, float) else str, default=f.default,
+                           help=HELP.get(f.name))
+
+
 def cmd_train(args) -> int:
     from jaxcls.classifier import Classifier
-    from jaxcls.data import load_data
+    from jaxcls.data import load_spec
 
     if args.distributed or args.coordinator or args.num_processes:
         from jaxcls.train import distributed
 
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    out = Path(cfg.out or f"runs/{Path(cfg.data).stem}")
+    data, model, cfg = (spec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(spec)}) for spec in SPECS)
+    out = Path(cfg.out or f"runs/{Path(data.data).stem}")
     cfg = cfg.replace(out=str(out))
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     t0 = time.perf_counter()
-    kw = dict(path=cfg.data_path) if cfg.data in ("sms-spam", "sms_spam") else dict(
-        validation=cfg.validation, test=cfg.test, text_column=cfg.text_column,
-        label_column=cfg.label_column, seed=cfg.seed)
-    splits = load_data(cfg.data, progress=not args.quiet, **kw)
+    splits = load_spec(data, seed=cfg.seed, progress=not args.quiet)
     log(f"data: train {len(splits.train)}, validation {len(splits.validation or ())}, "
         f"test {len(splits.test or ())}; labels {list(splits.label_names)}")
-    clf = Classifier.from_pretrained(
-        cfg.checkpoint, label_names=splits.label_names, trainable=cfg.trainable, pooling=cfg.pooling,
-        weights=cfg.weights, seed=cfg.seed, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-        dtype=cfg.dtype, causal=cfg.causal, dropout=cfg.dropout, tokenizer=args.tokenizer)
+    clf = Classifier.from_spec(model, splits.label_names, trainable=cfg.trainable, seed=cfg.seed,
+                               tokenizer=args.tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     report = clf.fit(splits, train_config=cfg, out=out, resume=args.resume, progress=not args.quiet, log=log)
     from jaxcls.train.distributed import is_main_process
@@ -152,8 +156,8 @@ def cmd_train(args) -> int:
     if not is_main_process():
         return 0  # process 0 writes the classifier and the metrics
     report["wall_time_total_s"] = time.perf_counter() - t0
-    report["config"] = dataclasses.asdict(cfg)
-    report["data_sha256"] = data_hashes(cfg)
+    report["config"] = {**dataclasses.asdict(data), **dataclasses.asdict(model), **dataclasses.asdict(cfg)}
+    report["data_sha256"] = data_hashes(data)
     clf.save(out, full=cfg.save_full)
     from jaxcls.fileio import atomic_write_json
 
@@ -165,14 +169,14 @@ def cmd_train(args) -> int:
     return 0
 
 
-def data_hashes(cfg: TrainConfig) -> dict[str, str]:
+def data_hashes(spec: DataSpec) -> dict[str, str]:
     """sha256 of each training file by role, so `jaxcls eval` can tell a file the model saw
     (and whether it was split) wherever it has moved since."""
     from jaxcls.fileio import sha256_files
 
-    files = {"validation": cfg.validation, "test": cfg.test}
-    if cfg.data not in ("sms-spam", "sms_spam"):
-        files["train"] = cfg.data
+    files = {"validation": spec.validation, "test": spec.test}
+    if spec.data not in ("sms-spam", "sms_spam"):
+        files["train"] = spec.data
     return {role: sha256_files([Path(f)]) for role, f in files.items() if f}
 
 

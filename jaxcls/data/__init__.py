@@ -17,12 +17,12 @@ from jaxcls.data.shapes import (
     resolve_pad_length,
 )
 from jaxcls.data.sms import SMS_SPAM_LABELS, SMS_SPAM_URL, load_sms_spam
-from jaxcls.data.splits import load_data, load_splits
+from jaxcls.data.splits import load_data, load_spec, load_splits
 from jaxcls.data.tables import LabelledTable, TableReader, read_labelled, read_table
 
 __all__ = [
     "DataSplits", "LabelMap", "LabelledTable", "PADDING_MODES", "SMS_SPAM_LABELS", "SMS_SPAM_URL",
     "TableReader", "TextDataset", "batches", "default_bucket_lengths", "encode_texts",
     "fine_bucket_lengths", "label_ids", "length_buckets", "load_data", "load_sms_spam",
-    "load_splits", "pad_batch", "read_labelled", "read_table", "resolve_pad_length",
+    "load_spec", "load_splits", "pad_batch", "read_labelled", "read_table", "resolve_pad_length",
 ]

@@ -130,3 +130,12 @@ def load_data(spec: str, **kw) -> DataSplits:
         )
     kw.pop("progress", None)
     return load_splits(spec, **kw)
+
+
+def load_spec(spec, *, seed: int = 123, progress: bool = True) -> DataSplits:
+    """The splits a DataSpec (jaxcls.config) names: the book's SMS recipe, or a file with its
+    optional validation and test files, split by `seed` when those are absent."""
+    if spec.is_sms:
+        return load_data(spec.data, path=spec.data_path, seed=seed, progress=progress)
+    return load_data(spec.data, validation=spec.validation, test=spec.test, text_column=spec.text_column,
+                     label_column=spec.label_column, seed=seed)

@@ -33,7 +33,7 @@ def prepare_data(model, encode: Callable[[str], list[int]], splits: data_lib.Dat
                  log: Callable[[str], None]) -> Prepared:
     """Encode every split and pad it as `cfg.padding` says."""
     n_ctx = model.config.n_ctx
-    mode, pooling = cfg.resolved_padding(), model.pooling
+    mode, pooling = cfg.resolved_padding(model.pooling), model.pooling
     enc = {}
     for name in ("train", "validation", "test"):
         ds = getattr(splits, name)

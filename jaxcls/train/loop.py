@@ -66,7 +66,7 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
     if prog.mesh is None:  # with a mesh, the first step of each shape compiles instead
         compile_s, n_shapes = precompile(prog, data, state, lambda n: _progress(progress, n, "compile"))
         log(f"compiled {n_shapes} step shapes in {compile_s:.1f}s")
-    run = Run(prog, state, data, out, log)
+    run = Run(prog, state, data, out, log, state_lib.resumable(cfg, model, splits))
     if resume:
         run.restore()
     if out and prog.main_process:
@@ -87,8 +87,8 @@ class Run:
     """One fit's moving parts: the program, the loop state, the data, where saves go, and the
     losses not yet read back from the device."""
 
-    def __init__(self, prog: Program, state: LoopState, data: Prepared, out: Path | None, log):
-        self.prog, self.state, self.data, self.log = prog, state, data, log
+    def __init__(self, prog: Program, state: LoopState, data: Prepared, out: Path | None, log, settings: dict):
+        self.prog, self.state, self.data, self.log, self.settings = prog, state, data, log, settings
         self.train = data.splits["train"]
         self.out = Path(out) if out else None
         self.state_dir = self.out / "state" if self.out else None
@@ -150,14 +150,14 @@ class Run:
             return
         tree = self._host((self.state.trainable, self.state.opt_state))
         if self.prog.main_process:
-            state_lib.save_state(self.state_dir, self.state.step, tree, self.state.meta(self.prog.cfg))
+            state_lib.save_state(self.state_dir, self.state.step, tree, self.state.meta(self.settings))
 
     def save_best(self) -> None:
         host = self._host(self.state.trainable)
         hooks_lib.save_best(self.out if self.prog.main_process else None, host)
 
     def restore(self) -> None:
-        found = state_lib.restore(self.state, self.state_dir, self.prog.cfg) if self.state_dir else None
+        found = state_lib.restore(self.state, self.state_dir, self.settings) if self.state_dir else None
         if found is None:
             self.log(f"--resume: no saved state in {self.state_dir or '(no --out)'}; starting from step 0")
             return

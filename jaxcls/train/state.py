@@ -83,29 +83,34 @@ class LoopState:
     history: list = dataclasses.field(default_factory=list)
     best: dict | None = None
 
-    def meta(self, cfg) -> dict:
-        return {"config": resumable(cfg), "epoch": self.epoch, "done_in_epoch": self.done_in_epoch,
+    def meta(self, settings: dict) -> dict:
+        return {"config": settings, "epoch": self.epoch, "done_in_epoch": self.done_in_epoch,
                 "history": self.history, "best": self.best}
 
 
-def resumable(cfg) -> dict:
-    """The settings a resumed run must share with the saved one."""
+def resumable(cfg, model, splits) -> dict:
+    """The settings a resumed run must share with the saved one: the loop's (less where saves go
+    and how the cache and devices are arranged), the model's switches and the data's sources."""
     d = dataclasses.asdict(cfg)
     for k in ("out", "save_every", "cache", "cache_budget_mb", "cache_dtype", "cache_memory", "data_parallel",
               "fsdp"):
         d.pop(k)
+    d.update({k: v for k, v in dataclasses.asdict(model.config).items()})
+    d.update(pooling=model.pooling, label_names=list(splits.label_names),
+             data={name: ds.source for name in ("train", "validation", "test")
+                   if (ds := getattr(splits, name)) is not None})
     return json.loads(json.dumps(d))
 
 
-def restore(state: LoopState, state_dir: Path, cfg) -> tuple[LoopState, Path] | None:
+def restore(state: LoopState, state_dir: Path, settings: dict) -> tuple[LoopState, Path] | None:
     """The newest save in `state_dir` loaded into `state`'s tree, or None when nothing is saved.
     Refuses a save made with other settings, naming them."""
     latest = latest_state(state_dir)
     if latest is None:
         return None
     (trainable, opt_state), meta = load_state(latest, (state.trainable, state.opt_state))
-    if meta["config"] != resumable(cfg):
-        diff = sorted(k for k in meta["config"] if meta["config"][k] != resumable(cfg).get(k))
+    if meta["config"] != settings:
+        diff = sorted(k for k in {*meta["config"], *settings} if meta["config"].get(k) != settings.get(k))
         raise ConfigError(f"{latest}: saved with other settings ({', '.join(diff)}); "
                           "resume with the same options or use a new --out")
     return LoopState(trainable, opt_state, meta["step"], meta["epoch"], meta["done_in_epoch"],
