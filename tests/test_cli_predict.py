@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SMS, TOKENIZER_DIR
+from conftest import SMS, TOKENIZER_DIR, requires_shared
 from jaxcls.classifier import Classifier
 from jaxcls.cli import main
 
-pytestmark = pytest.mark.skipif(not TOKENIZER_DIR.is_dir(), reason=f"{TOKENIZER_DIR} not present")
+pytestmark = requires_shared
 TEXTS = ["WINNER!! You have won a £1000 prize, call now", "Are we still on for lunch?", "ok 👍",
          "naïve café", "Free entry in 2 a wkly comp to win FA Cup final tkts"]
 
@@ -125,7 +125,6 @@ def test_eval_json_and_tables(model_dir, clf, tmp_path, capsys):
     assert "'eggs'" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not SMS.is_file(), reason=f"{SMS} not present")
 def test_eval_sms_spam_test_split(model_dir, capsys):
     assert main(["eval", "--model", str(model_dir), "--data", "sms-spam", "--data-path", str(SMS),
                  "--json"]) == 0

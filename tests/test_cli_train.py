@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import FIXTURE, SMS, TOKENIZER_DIR
+from conftest import FIXTURE, SMS, TOKENIZER_DIR, requires_shared
 from jaxcls.classifier import Classifier
 from jaxcls.cli import main
 from jaxcls.data import load_sms_spam
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+pytestmark = requires_shared
 
 
 @pytest.fixture(scope="module")

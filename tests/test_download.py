@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED, requires_shared
 from jaxcls import download
 from jaxcls.download import (
     KNOWN_SHA256,
@@ -23,10 +24,10 @@ from jaxcls.download import (
 )
 from jaxcls.errors import DownloadError, JaxclsError
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures/gpt2-tiny/openai"
+FIXTURE = SHARED / "fixtures/gpt2-tiny/openai"
 BIG = "model.ckpt.data-00000-of-00001"
 
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture folder {FIXTURE} missing")
+pytestmark = requires_shared
 
 
 class _Server(http.server.ThreadingHTTPServer):

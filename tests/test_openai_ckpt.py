@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SHARED
 from jaxcls import openai_ckpt as oc
 from jaxcls.errors import CheckpointError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINY = SHARED / "fixtures" / "gpt2-tiny"
 OPENAI = TINY / "openai"
 DATA_NAME = "model.ckpt.data-00000-of-00001"
