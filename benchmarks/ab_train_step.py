@@ -1,44 +1,79 @@
 """Interleaved A/B of the fixed-shape train step (gpt2-small, last_block, batch 8 x 120, float32):
-jaxcls, the book's eager PyTorch model and transformers' GPT2ForSequenceClassification take turns,
-round after round, so that a shared machine's drifting load hits all three alike.
+jaxcls, the book's eager PyTorch model, transformers' GPT2ForSequenceClassification and the book's
+model under torch.compile take turns, round after round (the order rotating), so that a shared
+machine's drifting load hits all of them alike.
 
-    .venv-bench/bin/python benchmarks/ab_train_step.py --rounds 3 --steps 5
-"""
+    .venv/bin/python benchmarks/ab_train_step.py --rounds 5 --steps 5
+
+Each round times `--steps` steps of each system after a warm-up and keeps their median. The record
+(appended to benchmarks/results.jsonl) has every step time, each system's median over rounds with
+min and max, and jaxcls's speed-up over each peer and over the fastest peer: per round (peer's
+round median / jaxcls's) and the median and range of those."""
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+COMMAND = "python benchmarks/ab_train_step.py"
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="gpt2-small")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=120)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    p.add_argument("--results", default=str(HERE / "results.jsonl"))
     args = p.parse_args(argv)
     sys.path.insert(0, str(HERE))
     import throughput as tp
     import torch_peers as peers
 
+    threads = args.threads or tp.usable_cores()
+    info = tp.system_info(threads, torch=True)  # the load before the run
     cfg = tp.model_config(args.size)
     pc = tp.peer_config(cfg)
-    times = {"jaxcls": [], "book": [], "hf": []}
+    shape = dict(trainable="last_block", batch=args.batch, seq_len=args.seq_len, steps=args.steps, warmup=1)
+    systems = {"jaxcls": lambda: tp.measure_train(cfg, **shape),
+               "pytorch-book-eager": lambda: peers.measure_train("book", pc, threads=threads, **shape),
+               "hf-transformers": lambda: peers.measure_train("hf", pc, threads=threads, **shape)}
+    if not args.no_compile:
+        systems["pytorch-book-compile"] = lambda: peers.measure_train("book", pc, threads=threads,
+                                                                      compile=True, **shape)
+    names = list(systems)
+    runs = {k: [] for k in names}
     for rnd in range(args.rounds):
-        times["jaxcls"].append(tp.measure_train(cfg, trainable="last_block", batch=8, seq_len=120,
-                                                steps=args.steps, warmup=1)["step_time_s_median"])
-        for impl in ("book", "hf"):
-            times[impl].append(peers.measure_train(impl, pc, trainable="last_block", batch=8, seq_len=120,
-                                                   steps=args.steps, warmup=1, threads=args.threads)["step_time_s_median"])
-        print(f"round {rnd}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"median step: jaxcls {med['jaxcls']:.3f}s, book eager {med['book']:.3f}s, HF {med['hf']:.3f}s; "
-          f"jaxcls is {med['book'] / med['jaxcls']:.2f}x the book and {med['hf'] / med['jaxcls']:.2f}x HF")
-    return 0
+        order = names[rnd % len(names):] + names[:rnd % len(names)]
+        for name in order:
+            r = systems[name]()
+            if "error" in r:
+                raise SystemExit(f"{name}: {r['error']}")
+            runs[name].append({"round": rnd, "step_time_s_median": r["step_time_s_median"],
+                               "step_times_s": r["step_times_s"]})
+        print(f"round {rnd}: " + ", ".join(f"{k} {v[-1]['step_time_s_median']:.3f}s" for k, v in runs.items()),
+              flush=True)
+    med = {k: [r["step_time_s_median"] for r in v] for k, v in runs.items()}
+    summary = {k: tp.spread(v) for k, v in med.items()}
+    peer_names = [k for k in names if k != "jaxcls"]
+    fastest = min(peer_names, key=lambda k: summary[k]["median"])
+    speedup = {k: tp.spread([p / j for p, j in zip(med[k], med["jaxcls"])]) for k in peer_names}
+    record = {"kind": "ab_train_step", "command": f"{COMMAND} {' '.join(sys.argv[1:] if argv is None else argv)}",
+              "size": args.size, "dtype": "float32", **shape, "rounds": args.rounds, "threads": threads,
+              "system_info": info, "runs": runs, "step_time_s": summary,
+              "jaxcls_speedup": speedup, "fastest_peer": fastest,
+              "jaxcls_speedup_vs_fastest_peer": speedup[fastest]}
+    tp.append_record(args.results, record)
+    print(f"median step over {args.rounds} rounds (min-max): " + "; ".join(
+        f"{k} {s['median']:.3f}s ({s['min']:.3f}-{s['max']:.3f})" for k, s in summary.items()))
+    print("jaxcls speed-up per round, median (min-max): " + "; ".join(
+        f"vs {k} {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})" for k, s in speedup.items())
+          + f"; fastest peer: {fastest}")
+    return record
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

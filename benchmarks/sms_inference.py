@@ -16,13 +16,15 @@ ends with a bound: the least work any exact implementation must do (each distinc
 length, the last block at the pooled token only) at the matmul rate the probe measures. No exact
 implementation can beat a peer by more than the bound allows.
 
+The systems take turns, round after round (`--repeats` rounds, the order rotating), so that a
+shared machine's drifting load hits all alike; each row's time is the median over rounds with its
+min and max, and each peer's speed-up is jaxcls's (batch 8) per round, median and range.
 Random weights (speed does not depend on them); same threads for all. Prints a Markdown table and
-appends a JSON record to benchmarks/results.jsonl."""
+appends a JSON record (system info included) to benchmarks/results.jsonl."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -41,15 +43,12 @@ def texts_and_encoder():
     return list(splits.test.texts), lambda t: encode(enc, t)
 
 
-def _median(times):
-    return sorted(times)[len(times) // 2]
-
-
-def time_jaxcls(cfg, texts, encode, batch: int, repeats: int) -> dict:
+def prepare_jaxcls(cfg, texts, encode, batch: int) -> tuple[dict, callable]:
+    """(row, run): the Predictor after its first call, which compiles the shapes these texts use."""
     from flax import nnx
 
     from jaxcls.model import GPT2Classifier
-    from jaxcls.predict import Predictor
+    from jaxcls.infer.predictor import Predictor
     from throughput import forward_flops
 
     pred = Predictor(GPT2Classifier(cfg, 2, rngs=nnx.Rngs(0)), encode, batch_size=batch)
@@ -57,22 +56,17 @@ def time_jaxcls(cfg, texts, encode, batch: int, repeats: int) -> dict:
     run = pred._run
     pred._run = lambda ids, lens: (shapes.append(ids.shape), run(ids, lens))[1]
     t0 = time.perf_counter()
-    pred.logits(texts)  # compiles the shapes these texts use
+    pred.logits(texts)
     first = time.perf_counter() - t0
-    flops = sum(forward_flops(cfg, b, t) for b, t in shapes)
     pred._run = run
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        pred.logits(texts)
-        times.append(time.perf_counter() - t0)
-    return {"system": f"jaxcls Predictor, batch {batch}", "seconds": _median(times), "first_call_s": first,
-            "compiles": pred.num_compiles, "tokens_run": sum(b * t for b, t in shapes),
-            "flops": flops}
+    row = {"system": f"jaxcls Predictor, batch {batch}", "first_call_s": first, "compiles": pred.num_compiles,
+           "tokens_run": sum(b * t for b, t in shapes), "flops": sum(forward_flops(cfg, b, t) for b, t in shapes)}
+    return row, lambda: pred.logits(texts)
 
 
-def time_torch(impl: str, cfg, texts, encode, batch: int, repeats: int, threads: int, *,
-               fixed: int | None = None, sort: bool = False) -> dict:
+def prepare_torch(impl: str, cfg, texts, encode, batch: int, threads: int, *,
+                  fixed: int | None = None, sort: bool = False) -> tuple[dict, callable]:
+    """(row, run) for a PyTorch peer fed as described by `fixed` (pad every text to it) or `sort`."""
     import torch
     import torch_peers as tp
 
@@ -94,26 +88,41 @@ def time_torch(impl: str, cfg, texts, encode, batch: int, repeats: int, threads:
             mask[r, :len(s)] = 1
         batches.append((ids, mask))
 
-    def run_once():
+    def run(some=None):
         with torch.inference_mode():
-            for ids, mask in batches:
+            for ids, mask in batches[:some]:
                 if impl == "hf":
                     model(input_ids=ids, attention_mask=mask).logits
                 else:
                     model(ids)[:, -1, :]
 
-    run_once()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run_once()
-        times.append(time.perf_counter() - t0)
+    run(4)  # warm-up: eager PyTorch compiles nothing per shape
     how = (f"the book's test loader (padded to {fixed})" if fixed else
            "sorted by length, each batch padded to its longest" if sort else
            "file order, each batch padded to its longest")
     name = ("HF GPT2ForSequenceClassification" if impl == "hf" else "book GPTModel") + f", {how}, batch {batch}"
-    return {"system": name, "seconds": _median(times), "tokens_run": sum(ids.numel() for ids, _ in batches),
-            "flops": sum(forward_flops(cfg, ids.shape[0], ids.shape[1], single_token=False) for ids, _ in batches)}
+    row = {"system": name, "tokens_run": sum(ids.numel() for ids, _ in batches),
+           "flops": sum(forward_flops(cfg, ids.shape[0], ids.shape[1], single_token=False) for ids, _ in batches)}
+    return row, run
+
+
+def run_rounds(systems: list[tuple[dict, callable]], rounds: int, log=print) -> None:
+    """Time each system's full pass once per round, the order rotating, so that drifting load on a
+    shared machine hits all alike; fills each row's `times_s` and `seconds` (their median)."""
+    import statistics
+
+    for row, _ in systems:
+        row["times_s"] = []
+    for rnd in range(rounds):
+        k = rnd % len(systems)
+        for row, run in systems[k:] + systems[:k]:
+            t0 = time.perf_counter()
+            run()
+            row["times_s"].append(time.perf_counter() - t0)
+        log(f"round {rnd}: " + ", ".join(f"{r['times_s'][-1]:.1f}s" for r, _ in systems))
+    for row, _ in systems:
+        row["seconds"] = statistics.median(row["times_s"])
+        row["seconds_min"], row["seconds_max"] = min(row["times_s"]), max(row["times_s"])
 
 
 def least_work(cfg, texts, encode, max_length: int) -> tuple[int, int]:
@@ -128,7 +137,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="gpt2-small")
     p.add_argument("--batch", type=int, default=8, help="the peers' batch size (jaxcls runs it and 32)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds: each system once per round")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--probe-n", type=int, default=4096, help="matmul size of the peak probe")
     p.add_argument("--no-book", action="store_true", help="skip the two padded-to-120 rows (the slowest)")
@@ -139,47 +148,62 @@ def main(argv=None) -> dict:
     import jax
 
     from jaxcls.config import preset
-    from throughput import matmul_peak, usable_cores
+    from throughput import append_record, matmul_peak, spread, system_info, usable_cores
 
     threads = args.threads or usable_cores()
+    info = system_info(threads, torch=True)  # the load before the run
     cfg = preset(args.size)
     texts, encode = texts_and_encoder()
     peak = matmul_peak("float32", args.probe_n)["flops_per_s"]
-    rows = [time_jaxcls(cfg, texts, encode, args.batch, args.repeats)]
+    systems = [prepare_jaxcls(cfg, texts, encode, args.batch)]
     if args.batch != 32:
-        rows.append(time_jaxcls(cfg, texts, encode, 32, args.repeats))
+        systems.append(prepare_jaxcls(cfg, texts, encode, 32))
     try:
-        kw = dict(texts=texts, encode=encode, batch=args.batch, repeats=args.repeats, threads=threads)
-        rows.append(time_torch("hf", cfg, **kw))
-        rows.append(time_torch("hf", cfg, sort=True, **kw))
+        kw = dict(texts=texts, encode=encode, batch=args.batch, threads=threads)
+        systems.append(prepare_torch("hf", cfg, **kw))
+        systems.append(prepare_torch("hf", cfg, sort=True, **kw))
         if not args.no_book:
-            rows.append(time_torch("hf", cfg, fixed=BOOK_PAD, **kw))
-            rows.append(time_torch("book", cfg, fixed=BOOK_PAD, **kw))
+            systems.append(prepare_torch("hf", cfg, fixed=BOOK_PAD, **kw))
+            systems.append(prepare_torch("book", cfg, fixed=BOOK_PAD, **kw))
     except ImportError as e:
         print(f"peers skipped: {e}", file=sys.stderr)
+    run_rounds(systems, args.repeats, log=lambda m: print(m, file=sys.stderr, flush=True))
+    rows = [row for row, _ in systems]
     peak = max(peak, matmul_peak("float32", args.probe_n)["flops_per_s"])  # the better of two probes
     tokens, flops = least_work(cfg, texts, encode, cfg.n_ctx)
     bound_s = flops / peak
-    base = rows[0]["seconds"]
+    base = rows[0]
+    peers = [r for r in rows if not r["system"].startswith("jaxcls")]
+    for r in peers:  # per round: the peer's time over jaxcls's (batch `args.batch`) in that round
+        r["jaxcls_speedup"] = spread([t / b for t, b in zip(r["times_s"], base["times_s"])])
+    fastest = min(peers, key=lambda r: r["seconds"]) if peers else None
     print(f"SMS test set, {len(texts)} texts ({tokens} tokens in distinct texts), {args.size}, float32, "
-          f"{threads} threads, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}; "
-          f"matmul probe {peak / 1e9:.0f} GFLOP/s\n")
-    print("| system | seconds | texts/s | tokens run | GFLOP | GFLOP/s | time / jaxcls (batch "
-          f"{args.batch}) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          f"{threads} threads, {info['cpu_kind']}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}, "
+          f"load average {info['load_average']}; matmul probe {peak / 1e9:.0f} GFLOP/s; "
+          f"{args.repeats} interleaved rounds\n")
+    print("| system | seconds, median (min-max) | texts/s | tokens run | GFLOP | GFLOP/s | jaxcls "
+          f"(batch {args.batch}) speed-up, median (min-max) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         r["texts_per_s"] = len(texts) / r["seconds"]
-        print(f"| {r['system']} | {r['seconds']:.2f} | {r['texts_per_s']:.1f} | {r['tokens_run']} | "
-              f"{r['flops'] / 1e9:.0f} | {r['flops'] / r['seconds'] / 1e9:.0f} | {r['seconds'] / base:.2f}x |")
-    print(f"\njaxcls compiled {rows[0]['compiles']} shapes; its first call took {rows[0]['first_call_s']:.1f}s.")
+        sp = r.get("jaxcls_speedup")
+        print(f"| {r['system']} | {r['seconds']:.2f} ({r['seconds_min']:.2f}-{r['seconds_max']:.2f}) | "
+              f"{r['texts_per_s']:.1f} | {r['tokens_run']} | {r['flops'] / 1e9:.0f} | "
+              f"{r['flops'] / r['seconds'] / 1e9:.0f} | "
+              + (f"{sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f}) |" if sp else "|"))
+    print(f"\njaxcls compiled {base['compiles']} shapes; its first call took {base['first_call_s']:.1f}s.")
+    if fastest:
+        print(f"Fastest peer: {fastest['system']}.")
     print(f"Bound: the least exact work is {flops / 1e9:.0f} GFLOP ({tokens} tokens); at the probe's "
           f"{peak / 1e9:.0f} GFLOP/s that is {bound_s:.2f}s, so no exact float32 implementation on this "
           "machine can be faster than " + ", ".join(f"{r['seconds'] / bound_s:.1f}x {r['system']}"
-                                                    for r in rows if not r["system"].startswith("jaxcls")) + ".")
-    record = {"kind": "sms_inference", "size": args.size, "batch": args.batch, "threads": threads,
-              "date": time.strftime("%Y-%m-%d"), "peak_flops_per_s": peak,
-              "least_work": {"tokens": tokens, "flops": flops, "seconds_at_peak": bound_s}, "rows": rows}
-    with open(args.results, "a") as f:
-        f.write(json.dumps(record) + "\n")
+                                                    for r in peers) + ".")
+    record = {"kind": "sms_inference", "command": "python benchmarks/sms_inference.py "
+              + " ".join(sys.argv[1:] if argv is None else argv), "size": args.size, "batch": args.batch,
+              "threads": threads, "rounds": args.repeats, "date": time.strftime("%Y-%m-%d"),
+              "system_info": info, "peak_flops_per_s": peak,
+              "least_work": {"tokens": tokens, "flops": flops, "seconds_at_peak": bound_s}, "rows": rows,
+              "fastest_peer": fastest["system"] if fastest else None}
+    append_record(args.results, record)
     return record
 
 

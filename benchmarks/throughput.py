@@ -232,35 +232,98 @@ def datasheet_peak(device_kind: str, dtype: str) -> float | None:
     return None
 
 
-def cpu_model() -> str | None:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields from /proc/cpuinfo ({} where there is none)."""
+    out: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            out[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or None
+    return out
 
 
-def system_info(threads: int | None = None) -> dict:
+def cpu_model() -> str | None:
+    return _cpuinfo().get("model name") or platform.processor() or None
+
+
+# /proc/cpuinfo flag -> the name docs use; these decide which matmul kernels oneDNN and XLA can pick
+MATRIX_FLAGS = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI",
+                "avx512_bf16": "AVX512-BF16", "avx512_fp16": "AVX512-FP16", "amx_tile": "AMX",
+                "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
+
+
+def cpu_features() -> dict[str, bool]:
+    """Which of MATRIX_FLAGS this CPU reports (all False where /proc/cpuinfo is missing)."""
+    flags = set(_cpuinfo().get("flags", "").split())
+    return {flag: flag in flags for flag in MATRIX_FLAGS}
+
+
+def cpu_kind(info: dict) -> str:
+    """One line naming the CPU of a record's system_info: vendor, model and matrix features."""
+    feats = [MATRIX_FLAGS[f] for f in ("avx512f", "avx512_bf16", "amx_tile") if (info.get("cpu_features") or {}).get(f)]
+    return f"{info.get('cpu_vendor') or '?'} {info.get('cpu_model') or '?'}" + (f" ({', '.join(feats)})" if feats else "")
+
+
+def _load() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def _torch_versions() -> dict:
+    """torch's and transformers' versions and torch's CPU settings, where torch imports."""
+    peers, why = import_peers()
+    return peers.torch_info() if peers else {"unavailable": why}
+
+
+def system_info(threads: int | None = None, *, torch: bool = False) -> dict:
+    """What a speed figure depends on: device, CPU model and matrix features, threads, versions,
+    date and machine load (1/5/15-minute averages; other processes share the cores)."""
     import flax
     import jaxlib
     import optax
 
     dev = jax.devices()[0]
-    return {
+    cpu = _cpuinfo()
+    info = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "platform": dev.platform,
         "device_kind": dev.device_kind,
         "device_count": jax.device_count(),
         "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
         "optax": optax.__version__, "numpy": np.__version__, "python": platform.python_version(),
-        "os": platform.platform(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+        "os": platform.platform(), "cpu_vendor": cpu.get("vendor_id"), "cpu_model": cpu_model(),
+        "cpu_family_model": f"{cpu.get('cpu family')}/{cpu.get('model')}" if cpu else None,
+        "cpu_features": cpu_features(), "cpu_count": os.cpu_count(),
         "threads": threads if threads is not None else usable_cores(),
         "threads_method": _THREADS_METHOD,
-        # other processes compete for the cores on a shared machine: read numbers with this
-        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_average": _load(),
+        "load_average_1m": (_load() or [None])[0],
     }
+    info["cpu_kind"] = cpu_kind(info)
+    if torch:
+        info["torch"] = _torch_versions()
+    return info
+
+
+def append_record(path, record: dict, *, threads: int | None = None, torch: bool = False) -> dict:
+    """Append `record` as one JSON line to `path`, with system_info (taken now unless the record
+    already has it, e.g. from its start) and the load average at the end. Every benchmark script
+    writes its records through here."""
+    record.setdefault("system_info", system_info(threads, torch=torch))
+    record["system_info"]["load_average_end"] = _load()
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return record
+
+
+def spread(values: list[float]) -> dict:
+    """Median with min and max: how every figure in the docs is quoted."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def matmul_peak(dtype: str = "float32", n: int = 4096, repeats: int = 5) -> dict:
@@ -380,7 +443,7 @@ def build(cfg, trainable: str, seed: int = 0, pooling: str = "last_real"):
     """A random-init classifier split into (graphdef, trainable, frozen) for `trainable`."""
     from flax import nnx
 
-    from jaxcls.freeze import split_trainable, trainable_pattern
+    from jaxcls.train.freeze import split_trainable, trainable_pattern
     from jaxcls.model import GPT2Classifier
 
     model = GPT2Classifier(cfg, 2, pooling=pooling, rngs=nnx.Rngs(seed))
@@ -389,7 +452,7 @@ def build(cfg, trainable: str, seed: int = 0, pooling: str = "last_real"):
 
 def random_batch(cfg, batch: int, seq_len: int, seed: int = 0):
     """Token ids (never the pad id), full lengths, labels, weights; one micro-batch (A=1)."""
-    from jaxcls.train import Batch
+    from jaxcls.train.step import Batch
 
     rng = np.random.default_rng(seed)
     hi = min(cfg.n_vocab - 1, 50256)
@@ -404,12 +467,14 @@ def compile_train_step(cfg, trainable: str, batch: int, seq_len: int, *, cached_
     step takes the frozen prefix's output (as fit does) and runs only the trainable suffix."""
     import optax
 
-    from jaxcls import freeze, train
+    from jaxcls.task import SingleLabel
+    from jaxcls.train import freeze
+    from jaxcls.train import step as train
 
     graphdef, trainable_state, frozen = build(cfg, trainable, seed)
     tx = optax.adamw(5e-5, weight_decay=0.1)  # the book's optimizer
     opt_state = tx.init(trainable_state)
-    spec = train.StepSpec(2)
+    spec = train.StepSpec(SingleLabel.with_classes(2))
     data = random_batch(cfg, batch, seq_len, seed)
     dev = jax.devices()[0]
     if cached_prefix:
@@ -514,7 +579,7 @@ def run_e2e(size: str, *, dtype: str = "float32", uncached: bool = False, book_p
 
     from jaxcls.config import TrainConfig
     from jaxcls.data import load_sms_spam
-    from jaxcls.fit import fit
+    from jaxcls.train import fit
     from jaxcls.model import GPT2Classifier
     from jaxcls.tokenizer import encode, encoding_from_files
 
@@ -639,7 +704,8 @@ def markdown(record: dict) -> str:
     lines = [f"# jaxcls throughput: {a['size']}, {a['dtype']}, trainable={a['trainable']}, "
              f"batch {a['batch']} x {a['seq_len']} tokens", "",
              f"- date: {s['date']}; device: {s['platform']} / {s['device_kind']} x{s['device_count']}; "
-             f"CPU: {s['cpu_model']} ({s['cpu_count']} logical cores); threads: {s['threads']}",
+             f"CPU: {s.get('cpu_kind') or s['cpu_model']} ({s['cpu_count']} logical cores); threads: {s['threads']}; "
+             f"load average at start {s.get('load_average') or s.get('load_average_1m')}, at end {s.get('load_average_end')}",
              f"- jax {s['jax']}, jaxlib {s['jaxlib']}, flax {s['flax']}, optax {s['optax']}, python {s['python']}"]
     peers = record.get("peers") or {}
     if peers.get("info"):
@@ -793,7 +859,7 @@ def run(args, log=print) -> dict:
         raise SystemExit(f"--seq-len {args.seq_len} exceeds {args.size}'s n_ctx {cfg.n_ctx}")
     record = {"schema": 1, "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
               if __name__ == "__main__" else f"run({vars(args)})",
-              "args": dict(vars(args)), "system_info": system_info(threads),
+              "args": dict(vars(args)), "system_info": system_info(threads, torch=args.peers),
               "config": {**cfg.hparams(), "dtype": cfg.dtype}}
     log(f"peak probe ({args.probe_n}^3 {args.dtype} matmul)")
     probe = matmul_peak(args.dtype, args.probe_n)
@@ -807,7 +873,7 @@ def run(args, log=print) -> dict:
     if sheet:
         tr["mfu_datasheet"] = tr["achieved_flops_per_s"] / sheet
     record["train"] = tr
-    from jaxcls.freeze import first_trainable_block
+    from jaxcls.train.freeze import first_trainable_block
 
     start = first_trainable_block(args.trainable, cfg.n_layer)
     if not args.no_cached and start:
@@ -858,10 +924,7 @@ def run(args, log=print) -> dict:
         for r in rows + (record.get("peers") or {}).get("train", []):
             if r and r.get("achieved_flops_per_s"):
                 r["mfu"] = r["achieved_flops_per_s"] / peak
-    if args.results:
-        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.results, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    append_record(args.results, record)
     if args.markdown:
         Path(args.markdown).write_text(markdown(record))
     if args.plot:

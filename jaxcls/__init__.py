@@ -3,8 +3,8 @@
 from jaxcls.config import GPT2_SIZES, GPT2Config, preset
 from jaxcls.errors import CheckpointError, ConfigError, DataError, DownloadError, JaxclsError
 from jaxcls.model import GPT2, GPT2Classifier
-from jaxcls.tokenizer import PAD_ID, load_tokenizer
-from jaxcls.weights import load_pretrained
+from jaxcls.tokenizer import PAD_ID
+from jaxcls.ckpt.load import load_pretrained, load_tokenizer
 from jaxcls.classifier import Classifier
 
 __version__ = "0.1.0"

@@ -3,60 +3,36 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import shutil
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from flax import nnx
 
-from jaxcls import freeze
-from jaxcls.config import GPT2Config, TrainConfig, preset, read_json
-from jaxcls.data import DataSplits, TextDataset
-from jaxcls.errors import CheckpointError, ConfigError
-from jaxcls.fileio import atomic_write_bytes, atomic_write_json
-from jaxcls.model import GPT2Classifier
-from jaxcls.names import in_checkpoint, path_str
-from jaxcls.tokenizer import encode, encoding_from_files, load_tokenizer, tokenizer_files
+from jaxcls.ckpt import folder as saved_folder
+from jaxcls.ckpt.load import materialize, read_checkpoint, read_config, resolve_checkpoint_dir
+from jaxcls.ckpt.names import in_checkpoint
+from jaxcls.config import TrainConfig, preset
+from jaxcls.data import DataSplits, TextDataset, label_ids
+from jaxcls.errors import ConfigError
+from jaxcls.model import GPT2Classifier, path_str
+from jaxcls.task import SingleLabel, task_from_json
+from jaxcls.tokenizer import encode, tokenizer_files, tokenizer_from_folder
+from jaxcls.train import freeze
 
-FORMAT = "jaxcls-classifier"
-META = "classifier.json"
-WEIGHTS = "weights.safetensors"
-
-
-def file_sha256(paths: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def base_weight_files(folder: Path, layout: str) -> list[Path]:
-    if layout == "openai":
-        from jaxcls.openai_ckpt import resolve_prefix
-
-        prefix = resolve_prefix(folder)
-        return [prefix.with_name(prefix.name + ".index"), prefix.with_name(prefix.name + ".data-00000-of-00001")]
-    from jaxcls.hf_ckpt import find_weights_file
-
-    return [find_weights_file(folder)]
-
-
-def _flat_params(state) -> dict[str, np.ndarray]:
-    return {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
-
-
+# TrainConfig fields that describe the model or the data, not the loop (see Classifier.fit).
+MODEL_FIELDS = {"checkpoint", "weights", "pooling", "trainable", "lora_rank", "lora_alpha", "causal", "dropout",
+                "dtype"}
+DATA_FIELDS = {"data", "data_path", "validation", "test", "text_column", "label_column"}
 class Classifier:
     """A GPT2Classifier with its tokenizer, label names and the padding it was trained with."""
 
     def __init__(self, model: GPT2Classifier, tokenizer, label_names: Sequence[str], *,
                  pad_length: int | None = None, trainable: str = "last_block",
-                 base: dict | None = None, tokenizer_dir: Path | None = None):
+                 base: dict | None = None, tokenizer_dir: Path | None = None, task=None):
         if len(label_names) != model.num_classes:
             raise ConfigError(f"{len(label_names)} label names for a head of {model.num_classes} classes")
+        self.task = SingleLabel(tuple(label_names)) if task is None else task
         self.model = model
         self.tokenizer = tokenizer
         self.label_names = tuple(label_names)
@@ -88,8 +64,6 @@ class Classifier:
         def make(config):
             return lambda: GPT2Classifier(config, num_classes, pooling=pooling, rngs=nnx.Rngs(seed))
 
-        from jaxcls.weights import materialize, read_checkpoint, read_config, resolve_checkpoint_dir
-
         folder = None
         if str(path_or_name) in ("tiny", "mini") or (weights == "random" and not Path(path_or_name).is_dir()):
             config = preset(str(path_or_name)).replace(**overrides)
@@ -102,25 +76,28 @@ class Classifier:
                 ckpt = read_checkpoint(folder, verify=verify, **overrides)
                 model = materialize(make(ckpt.config), ckpt.tensors)
                 base = {"path": str(folder.resolve()), "layout": ckpt.layout}
-        tok_dir = Path(tokenizer) if tokenizer else folder
-        tok = load_tokenizer(tok_dir)
+        tok_dir = resolve_checkpoint_dir(tokenizer) if tokenizer else folder
+        tok = tokenizer_from_folder(tok_dir)
         tok_dir = tok_dir if tok_dir is not None and tokenizer_files(tok_dir) else None
         return cls(model, tok, label_names, trainable=trainable, base=base, tokenizer_dir=tok_dir)
 
     # ---- training ----
     def fit(self, train, validation=None, test=None, *, out: str | Path | None = None,
             resume: bool = False, progress: bool = False, log=print, on_step=None, **config) -> dict:
-        """Fine-tune on `train` (a TextDataset, a DataSplits, or (texts, labels)); `config` takes
-        TrainConfig's fields. Returns the report: per-split accuracy, P/R/F1, confusion matrix."""
-        from jaxcls.fit import fit
+        """Fine-tune on `train` (a TextDataset, a DataSplits, or (texts, labels)). `config` takes
+        TrainConfig's fields (or `train_config=`): each one given is applied, or refused with a
+        ConfigError naming it when the model fixed it at `from_pretrained`. Returns the report:
+        per-split accuracy, P/R/F1, confusion matrix."""
+        from jaxcls.train import fit
 
         splits = train if isinstance(train, DataSplits) else DataSplits(
             self._dataset(train, "train"), self._dataset(validation, "validation"),
             self._dataset(test, "test"), self.label_names)
         if tuple(splits.label_names) != self.label_names:
             raise ConfigError(f"data labels {splits.label_names} differ from the classifier's {self.label_names}")
-        cfg = config.pop("train_config", None) or TrainConfig(**config)
-        cfg = cfg.replace(pooling=self.model.pooling, trainable=self.trainable)
+        cfg = self._fit_config(config)
+        self.trainable = cfg.trainable
+        self.model.pooling = cfg.pooling
         result = fit(self.model, self.encode, splits, cfg, out=Path(out) if out else None,
                      resume=resume, progress=progress, log=log, on_step=on_step)
         self.model = nnx.merge(result.graphdef, result.trainable, result.frozen)
@@ -129,13 +106,45 @@ class Classifier:
         self.report = result.report
         return result.report
 
+    def _fit_config(self, config: dict) -> TrainConfig:
+        """The run's TrainConfig: the classifier's own trainable set and pooling unless given; the
+        settings the model was built with must match it."""
+        cfg = config.pop("train_config", None)
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        for key in config:
+            if key not in names:
+                raise ConfigError(f"Classifier.fit: unknown setting {key!r} (TrainConfig has no such field)")
+            if key in DATA_FIELDS:
+                raise ConfigError(f"Classifier.fit: {key!r} names a data source; pass the data to fit() itself")
+        given = dict(config) if cfg is None else {**{k: getattr(cfg, k) for k in MODEL_FIELDS}, **config}
+        built = self._built_with()
+        for key in MODEL_FIELDS & given.keys() - {"trainable", "pooling"}:
+            if key in built and given[key] != built[key] or key not in built and cfg is None:
+                raise ConfigError(
+                    f"Classifier.fit: {key}={given[key]!r} cannot change after from_pretrained (the model was "
+                    f"built with {key}={built.get(key)!r}); pass it to Classifier.from_pretrained")
+        trainable = given.get("trainable", self.trainable)
+        if trainable == "lora" and self.model.config.lora_rank == 0:
+            raise ConfigError("Classifier.fit: trainable='lora' needs LoRA adapters, which the model was built "
+                              "without; pass trainable='lora' to Classifier.from_pretrained")
+        fixed = dict(trainable=trainable, pooling=given.get("pooling", self.model.pooling))
+        return (cfg or TrainConfig()).replace(**{k: v for k, v in config.items() if k not in fixed}, **fixed)
+
+    def _built_with(self) -> dict:
+        """The model-construction settings this classifier's model has (checkpoint and weights are
+        not recorded: they cannot be compared, only refused)."""
+        c = self.model.config
+        built = dict(dtype=c.dtype, causal=c.causal, dropout=c.dropout)
+        if c.lora_rank:
+            built.update(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)
+        return built
+
     def _dataset(self, d, split) -> TextDataset | None:
         if d is None or isinstance(d, TextDataset):
             return d
         texts, labels = d
-        lookup = {n: i for i, n in enumerate(self.label_names)}
-        ids = [lookup[l] if l in lookup else int(l) for l in labels]
-        return TextDataset(tuple(texts), np.asarray(ids, np.int32), self.label_names, f"<{split}>")
+        ids = label_ids(labels, self.label_names, source=f"<{split}>")
+        return TextDataset(tuple(texts), ids, self.label_names, f"<{split}>")
 
     # ---- inference ----
     def encode(self, text: str) -> list[int]:
@@ -151,11 +160,11 @@ class Classifier:
 
     def predictor(self, **kw):
         """A cached bucketed Predictor; one per distinct setting, so nothing recompiles per call."""
-        from jaxcls.predict import Predictor
+        from jaxcls.infer.predictor import Predictor
 
         key = tuple(sorted(kw.items()))
         if key not in self._predictors:
-            self._predictors[key] = Predictor(self.model, self.encode, pad_length=self.pad_length, **kw)
+            self._predictors[key] = Predictor(self.model, self.encode, pad_length=self.pad_length, task=self.task, **kw)
         return self._predictors[key]
 
     def predict_proba(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
@@ -170,101 +179,37 @@ class Classifier:
         return self.predictor(batch_size=batch_size).warmup()
 
     def evaluate(self, data: TextDataset, *, batch_size: int = 32) -> dict:
-        from jaxcls.metrics import classification_report
-
-        ids, _ = self.predictor(batch_size=batch_size).predict(list(data.texts))
-        return classification_report(data.labels, ids, self.label_names)
+        logits = self.predictor(batch_size=batch_size).logits(list(data.texts))
+        return self.task.report(data.labels, logits)
 
     # ---- files ----
     def save(self, directory: str | Path, *, full: bool = False) -> Path:
         """Weights (only the trained subtree unless `full` or there is no base checkpoint), the
-        settings, label names and tokenizer files; classifier.json is written last, so a folder
-        without it is not a classifier."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        from safetensors.numpy import save as st_save
-
-        params = nnx.state(self.model, nnx.Param)
+        settings, label names and tokenizer files, in jaxcls.ckpt.folder's format."""
+        params = list(nnx.to_flat_state(nnx.state(self.model, nnx.Param)))
         delta = not full and self.base is not None
         if delta:
-            pattern = freeze.trainable_pattern(self.trainable, self.model.config.n_layer)
-            keep = freeze.is_trainable(pattern)
-            names = {path_str(p) for p, _ in nnx.to_flat_state(params)
-                     if keep(p, None) or not in_checkpoint(p)}
-            flat = {k: v for k, v in _flat_params(params).items() if k in names}
+            keep = freeze.is_trainable(freeze.trainable_pattern(self.trainable, self.model.config.n_layer))
+            params = [(p, v) for p, v in params if keep(p, None) or not in_checkpoint(p)]
             if "sha256" not in self.base:
-                folder = Path(self.base["path"])
-                self.base = {**self.base, "sha256": file_sha256(base_weight_files(folder, self.base["layout"]))}
-        else:
-            flat = _flat_params(params)
-        atomic_write_bytes(directory / WEIGHTS, st_save({k: np.ascontiguousarray(v) for k, v in flat.items()}))
-        if self.tokenizer_dir is not None:
-            for f in tokenizer_files(self.tokenizer_dir):
-                if f.resolve() != (directory / f.name).resolve():
-                    atomic_write_bytes(directory / f.name, f.read_bytes())
-        atomic_write_json(directory / META, {
-            "format": FORMAT, "version": 1,
+                sha = saved_folder.base_sha256(Path(self.base["path"]), self.base["layout"])
+                self.base = {**self.base, "sha256": sha}
+        flat = {path_str(p): np.asarray(v.get_value()) for p, v in params}
+        return saved_folder.save_folder(directory, flat, {
             "config": dataclasses.asdict(self.model.config),
             "num_classes": self.model.num_classes, "label_names": list(self.label_names),
+            "task": self.task.to_json(),
             "pooling": self.pooling, "pad_length": self.pad_length, "trainable": self.trainable,
             "saved": "delta" if delta else "full", "base": self.base if delta else None,
-        })
-        return directory
+        }, tokenizer_dir=self.tokenizer_dir)
 
     @classmethod
     def load(cls, directory: str | Path, *, base: str | Path | None = None) -> "Classifier":
         """A saved classifier; `base` overrides where its pretrained checkpoint is, when only the
         trained weights were saved."""
-        from safetensors.numpy import load_file
-
-        from jaxcls.weights import materialize, read_checkpoint
-
-        directory = Path(directory)
-        meta = read_json(directory / META)
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{directory / META}: not a jaxcls classifier (format {meta.get('format')!r})")
-        try:
-            config = GPT2Config(**meta["config"])
-            num_classes, label_names, pooling = meta["num_classes"], meta["label_names"], meta["pooling"]
-        except (KeyError, TypeError) as e:
-            raise CheckpointError(f"{directory / META}: missing or malformed field ({e})") from None
-        try:
-            saved = {tuple(int(p) if p.isdigit() else p for p in k.split("/")): v
-                     for k, v in load_file(str(directory / WEIGHTS)).items()}
-        except FileNotFoundError:
-            raise CheckpointError(f"{directory / WEIGHTS}: file not found") from None
-        except Exception as e:
-            raise CheckpointError(f"{directory / WEIGHTS}: unreadable ({e})") from None
-        tensors = dict(saved)
-        if meta["saved"] == "delta":
-            ref = meta["base"]
-            folder = Path(base or ref["path"])
-            if not folder.is_dir():
-                raise CheckpointError(
-                    f"{directory}: stores only its trained weights and needs its base checkpoint "
-                    f"{ref['path']} ({ref['layout']} layout, sha256 {ref['sha256'][:16]}...), which is "
-                    "not there; pass base=... (Classifier.load) with the folder holding it")
-            got = file_sha256(base_weight_files(folder, ref["layout"]))
-            if got != ref["sha256"]:
-                raise CheckpointError(
-                    f"{folder}: its weights hash to sha256 {got[:16]}..., but {directory / META} was "
-                    f"trained on {ref['sha256'][:16]}...: a different base checkpoint")
-            ckpt = read_checkpoint(folder, **{k: getattr(config, k) for k in
-                                              ("dtype", "causal", "dropout", "lora_rank", "lora_alpha")})
-            tensors = {**ckpt.tensors, **saved}
-        make = lambda: GPT2Classifier(config, num_classes, pooling=pooling, rngs=nnx.Rngs(0))
-        abstract = nnx.to_flat_state(nnx.state(nnx.eval_shape(make), nnx.Param))
-        expected = {p: tuple(v.shape) for p, v in abstract}
-        for p, arr in saved.items():
-            if p not in expected or tuple(arr.shape) != expected[p]:
-                raise CheckpointError(f"{directory / WEIGHTS}: tensor {path_str(p)!r} "
-                                      f"{'is unknown' if p not in expected else f'has shape {arr.shape}, expected {expected[p]}'}")
-        missing = [path_str(p) for p in expected if p not in tensors]
-        if missing:
-            raise CheckpointError(f"{directory / WEIGHTS}: missing tensor(s) {', '.join(missing[:5])}")
-        model = materialize(make, tensors)
-        files = tokenizer_files(directory)
-        tok = encoding_from_files(*files) if files else load_tokenizer(None)
-        return cls(model, tok, label_names, pad_length=meta.get("pad_length"),
-                   trainable=meta.get("trainable", "last_block"),
-                   base=meta.get("base"), tokenizer_dir=directory if files else None)
+        saved = saved_folder.load_folder(directory, base=base)
+        meta = saved.meta
+        task = task_from_json(meta.get("task"), saved.label_names, source=str(Path(directory) / saved_folder.META))
+        return cls(saved.model, tokenizer_from_folder(saved.tokenizer_dir), saved.label_names,
+                   pad_length=meta.get("pad_length"), task=task, trainable=meta.get("trainable", "last_block"),
+                   base=meta.get("base"), tokenizer_dir=saved.tokenizer_dir)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 from typing import Any, Mapping
 
 from jaxcls.errors import CheckpointError, ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+POOLINGS = ("last_real", "last", "first", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,19 +127,6 @@ def preset(name: str) -> GPT2Config:
     raise ConfigError(f"unknown model size {name!r}; known: {', '.join(names)}")
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`, or a CheckpointError naming the file."""
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
-        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
 PADDINGS = ("auto", "longest", "context", "buckets", "none")
 BATCHINGS = ("auto", "buckets", "global")
 SCHEDULES = ("constant", "cosine")
@@ -196,13 +182,12 @@ class TrainConfig:
     out: str | None = None
 
     def __post_init__(self):
-        from jaxcls.model import POOLINGS
-
         def need(cond, field, what):
             if not cond:
                 raise ConfigError(f"TrainConfig.{field}: {what}, got {getattr(self, field)!r}")
 
         need(self.weights in ("pretrained", "random"), "weights", "must be 'pretrained' or 'random'")
+        need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.pooling in POOLINGS, "pooling", f"must be one of {POOLINGS}")
         need(str(self.padding) in PADDINGS or str(self.padding).isdigit(), "padding",
              f"must be one of {PADDINGS} or a positive integer")

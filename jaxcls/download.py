@@ -1,4 +1,4 @@
-"""Fetch OpenAI's GPT-2 checkpoints over plain HTTP(S), robust to the ways long downloads fail.
+"""Fetch files over plain HTTP(S), robust to the ways long downloads fail; the cache's home.
 
 A file is streamed into `<name>.part`, resumed with a Range request after a dropped connection,
 checked against its sha256 when one is known, and only then renamed to its final name, so a file
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import http.client
 import os
 import re
@@ -18,18 +17,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator
 
-from jaxcls.errors import ConfigError, DownloadError
-
-OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
-from jaxcls.openai_ckpt import OPENAI_FILES  # noqa: E402  (the format's file list lives with its reader)
-# The BPE files are shared by every GPT-2 size; the weights have no published hashes.
-KNOWN_SHA256 = {
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-}
-SIZE_DIRS = {"gpt2-small": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
+from jaxcls.errors import DownloadError
+from jaxcls.fileio import sha256_files
 
 RETRY_BASE_DELAY = 1.0
 """Seconds before the first retry; doubled for each further one (tests shrink it)."""
@@ -60,16 +50,6 @@ def cache_home() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "jaxcls"
 
 
-def size_dir(name: str) -> str:
-    """OpenAI's folder name ("124M") for a model name ("gpt2-small") or for itself."""
-    if name in SIZE_DIRS:
-        return SIZE_DIRS[name]
-    if name in SIZE_DIRS.values():
-        return name
-    known = ", ".join([*SIZE_DIRS, *SIZE_DIRS.values()])
-    raise ConfigError(f"unknown GPT-2 model name {name!r}; expected one of: {known}")
-
-
 def part_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
 
@@ -90,14 +70,6 @@ def parse_content_range(value: str | None) -> tuple[int | None, int | None]:
         return None, None
     start, total = m.groups()
     return (int(start) if start else None), (int(total) if total and total != "*" else None)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK_SIZE):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _disk_error(err: OSError, path: Path) -> DownloadError:
@@ -261,7 +233,7 @@ def _check(path: Path, dest: Path, sha256: str | None, expected_size: int | None
     if expected_size is not None and size != expected_size:
         return f"size mismatch for {dest.name}: expected {expected_size} bytes, got {size}"
     if sha256:
-        actual = sha256_file(path)
+        actual = sha256_files([path])
         if actual != sha256.lower():
             return f"checksum mismatch for {dest.name}: expected sha256 {sha256.lower()}, got {actual}"
     return None
@@ -352,39 +324,3 @@ def download_file(
                 attempt += 1
     _finalize(part, dest, sha256, expected_size)
     return dest
-
-
-def download_checkpoint(
-    name: str,
-    *,
-    cache_dir: Path | None = None,
-    base_url: str | None = None,
-    progress: bool = True,
-    retries: int = 3,
-    timeout: float = 30.0,
-) -> Path:
-    """Fetch the 7 files of an OpenAI GPT-2 checkpoint into `<cache>/models/<size>`; returns that folder.
-
-    Files already there are kept (the BPE files only if their sha256 matches). The base URL comes
-    from `base_url`, else `$JAXCLS_BASE_URL`, else OpenAI's public bucket.
-    """
-    size = size_dir(name)
-    base = (base_url or os.environ.get("JAXCLS_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
-    folder = Path(cache_dir if cache_dir is not None else cache_home()) / "models" / size
-    for filename in OPENAI_FILES:
-        try:
-            download_file(
-                f"{base}/{size}/{filename}",
-                folder / filename,
-                sha256=KNOWN_SHA256.get(filename),
-                progress=progress,
-                retries=retries,
-                timeout=timeout,
-            )
-        except UnreachableError as e:
-            raise DownloadError(
-                f"could not reach {base}/{size}/ ({e.__cause__}); download the {len(OPENAI_FILES)} files "
-                f"({', '.join(OPENAI_FILES)}) of {size} by hand into {folder}, "
-                "or pass --checkpoint /path/to/folder"
-            ) from e
-    return folder

@@ -4,19 +4,34 @@
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcls.config import GPT2Config
+from jaxcls.config import POOLINGS, GPT2Config
+from jaxcls.errors import ConfigError
 
-POOLINGS = ("last_real", "last", "first", "mean")
 EMBED_STREAM = 1 << 20  # dropout key stream of the embeddings; blocks use their index
+
+
+def path_str(path: Iterable) -> str:
+    """('h', 11, 'attn', 'c_attn', 'kernel') -> 'h/11/attn/c_attn/kernel': how files and messages
+    name a parameter."""
+    return "/".join(map(str, path))
 
 
 def compute_dtype(config: GPT2Config):
     return jnp.dtype(config.dtype)
+
+
+def check_backend(config: GPT2Config) -> None:
+    """Refuse a compute dtype the default backend cannot run, before anything is compiled: XLA:CPU
+    has no float16 attention (jitted, it fails with "precision 'F16_F16_F32' is not supported")."""
+    if config.dtype == "float16" and jax.default_backend() == "cpu":
+        raise ConfigError("dtype 'float16' does not run on the CPU backend (XLA:CPU has no float16 "
+                          "attention); use bfloat16 or float32")
 
 
 def dropout(x, rate: float, key):
@@ -149,6 +164,7 @@ class GPT2(nnx.Module):
     """The GPT-2 backbone; `__call__` returns the final hidden states after `ln_f`."""
 
     def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
+        check_backend(config)
         self.config = config
         dtype = compute_dtype(config)
         init = nnx.initializers.normal(0.02)
@@ -220,7 +236,7 @@ def pool(hidden, lengths, pooling: str):
         real = (jnp.arange(hidden.shape[1])[None, :] < lengths[:, None])[..., None]
         total = jnp.sum(jnp.where(real, hidden.astype(jnp.float32), 0.0), axis=1)
         return (total / jnp.maximum(lengths, 1)[:, None]).astype(hidden.dtype)
-    raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLINGS}")
+    raise ConfigError(f"unknown pooling {pooling!r}; choose from {POOLINGS}")
 
 
 class GPT2Classifier(GPT2):
@@ -229,7 +245,7 @@ class GPT2Classifier(GPT2):
     def __init__(self, config: GPT2Config, num_classes: int, *, pooling: str = "last_real",
                  rngs: nnx.Rngs):
         if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLINGS}")
+            raise ConfigError(f"unknown pooling {pooling!r}; choose from {POOLINGS}")
         super().__init__(config, rngs=rngs)
         self.pooling = pooling
         self.num_classes = num_classes

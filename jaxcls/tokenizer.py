@@ -38,15 +38,15 @@ def encoding_from_files(merges: Path, vocab: Path) -> tiktoken.Encoding:
                              special_tokens={"<|endoftext|>": PAD_ID})
 
 
-def load_tokenizer(path_or_name: str | Path | None = None) -> tiktoken.Encoding:
-    """The tokenizer stored beside a checkpoint (or a saved classifier); tiktoken's own `gpt2`
-    encoding, which needs the network on first use, only when the folder has none."""
-    if path_or_name is not None:
-        from jaxcls.weights import resolve_checkpoint_dir
-
-        folder = Path(path_or_name)
+def tokenizer_from_folder(folder: str | Path | None = None) -> tiktoken.Encoding:
+    """The tokenizer stored in a folder (a checkpoint's or a saved classifier's); tiktoken's own
+    `gpt2` encoding, which needs the network on first use, only when the folder has none. Turning
+    a size name into its folder is jaxcls.ckpt.load.load_tokenizer's work, so that reading a
+    tokenizer never starts a checkpoint download."""
+    if folder is not None:
+        folder = Path(folder)
         if not folder.is_dir():
-            folder = resolve_checkpoint_dir(path_or_name)
+            raise CheckpointError(f"{folder}: no such folder (looking for tokenizer files)")
         files = tokenizer_files(folder)
         if files is not None:
             return encoding_from_files(*files)
@@ -55,7 +55,7 @@ def load_tokenizer(path_or_name: str | Path | None = None) -> tiktoken.Encoding:
     except Exception as e:
         raise CheckpointError(
             f"no tokenizer files (encoder.json + vocab.bpe, or vocab.json + merges.txt) in "
-            f"{path_or_name}, and tiktoken could not fetch its gpt2 encoding ({e})") from None
+            f"{folder}, and tiktoken could not fetch its gpt2 encoding ({e})") from None
 
 
 def encode(enc: tiktoken.Encoding, text: str) -> list[int]:

@@ -1,144 +1,122 @@
 """Helpers for tests/test_distributed.py, also run as a script in a fresh interpreter (the device
 count and jax.distributed must be set before JAX starts):
 
-    python tests/_dp_check.py local OUT.json            # with XLA_FLAGS forcing 4 host devices
-    python tests/_dp_check.py proc OUT.npz ADDR N I     # one of N processes
+    python tests/_dp_check.py local DATA.csv OUT.json           # FSDP, XLA_FLAGS forcing 4 devices
+    python tests/_dp_check.py proc DATA.csv OUT.json ADDR N I   # one of N processes: FSDP, then DP
+
+Every run is `jaxcls.train.fit` itself on the tiny GPT-2 fixture and a 60-row CSV, with the
+settings `jaxcls train` gets from `cli_flags()`: the single-device reference, the runs here and
+the CLI runs differ only in --data-parallel / --fsdp and the devices they see.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-STEPS = 3
-ROWS = 8  # global batch rows: 4 devices x 2, or 2 processes x 4
-MICRO = 2  # micro-batches per step: the leading axis that stays whole
+from conftest import FIXTURE, SMS
+
+STEPS = 3  # 42 training rows, 16 per step, the last step 10 rows and 6 weightless fillers
+ROWS = 8  # batch_size: a micro-batch's rows, split over 4 devices or 2 processes
+SEED = 123
+# 'all' trains wte (50257 x 16, over FSDP's 2^18-element threshold, so FSDP splits it along 16)
+TRAIN = dict(trainable="all", padding="longest", epochs=1, batch_size=ROWS, accumulation=2, lr=1e-3,
+             clip_norm=1.0, drop_last=False, eval_freq=1, eval_iter=2, seed=SEED)
+WTE = (50257, 16)
 
 
-def setup(dropout=0.0):
-    """Tiny model, the 'all' preset, AdamW with clipping, and STEPS global batches (host arrays)."""
-    from flax import nnx
+def cli_flags() -> list[str]:
+    """TRAIN as `jaxcls train` flags."""
+    out = []
+    for k, v in TRAIN.items():
+        flag = "--" + k.replace("_", "-")
+        out += ([flag] if v else ["--no-" + flag[2:]]) if isinstance(v, bool) else [flag, str(v)]
+    return out
 
-    from jaxcls import freeze, train
-    from jaxcls.config import GPT2Config, TrainConfig
-    from jaxcls.model import GPT2Classifier
 
-    cfg = GPT2Config(n_vocab=100, n_ctx=32, n_embd=16, n_head=2, n_layer=2, dropout=dropout)
-    model = GPT2Classifier(cfg, 3, pooling="last_real", rngs=nnx.Rngs(0))
-    graphdef, trainable, frozen = freeze.split_trainable(model, freeze.trainable_pattern("all", 2))
-    tx = train.make_optimizer(TrainConfig(lr=1e-3, clip_norm=1.0), STEPS)
-    spec = train.StepSpec(3)
-    rng = np.random.default_rng(0)
-    batches = []
-    for _ in range(STEPS):
-        lengths = rng.integers(3, 17, (MICRO, ROWS)).astype(np.int32)
-        ids = rng.integers(0, 99, (MICRO, ROWS, 16)).astype(np.int32)
-        ids[np.arange(16) >= lengths[..., None]] = 99
-        labels = rng.integers(0, 3, (MICRO, ROWS)).astype(np.int32)
-        weights = np.ones((MICRO, ROWS), np.float32)
-        weights[-1, -1] = 0.0  # a filler row
-        batches.append(train.Batch(ids, lengths, labels, weights))
-    return graphdef, trainable, frozen, tx, spec, batches
+def write_csv(path: Path, n: int = 60) -> Path:
+    with open(SMS, encoding="utf-8", errors="replace") as f:
+        rows = [line.rstrip("\n").split("\t", 1) for line in f][:n]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "text"])
+        w.writerows(rows)
+    return path
 
 
 def flat(state) -> dict[str, np.ndarray]:
     from flax import nnx
 
-    from jaxcls.distributed import to_host
-    from jaxcls.names import path_str
+    from jaxcls.model import path_str
 
-    return {path_str(p): v.get_value() for p, v in nnx.to_flat_state(to_host(state))}
+    return {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
 
-def run_single():
-    """The reference: plain train.make_train_step on one device, whole batches."""
+def wte_placements() -> list[tuple[str, tuple]]:
+    """(spec, shape of the piece on this process's first device) of every live mesh array shaped
+    like wte: the parameter and its two Adam moments."""
     import jax
+    from jax.sharding import NamedSharding
 
-    from jaxcls import train
-
-    graphdef, trainable, frozen, tx, spec, batches = setup()
-    step = train.make_train_step(graphdef, tx, spec)
-    opt_state = tx.init(trainable)
-    losses = []
-    for i, b in enumerate(batches):
-        trainable, opt_state, m = step(trainable, frozen, opt_state, b, jax.random.PRNGKey(i))
-        losses.append(float(m["loss"]))
-    eval_step = train.make_eval_step(graphdef, spec)
-    s, w, logits = eval_step(trainable, frozen, *(x[0] for x in batches[0]))
-    return losses, flat(trainable), [float(s), float(w), np.asarray(logits).tolist()]
+    return sorted((str(a.sharding.spec), tuple(a.addressable_data(0).shape)) for a in jax.live_arrays()
+                  if a.shape == WTE and isinstance(a.sharding, NamedSharding))
 
 
-def run_sharded(mode: str, min_size: int = 64):
-    """mode 'dp': replicated parameters, the unchanged train step. 'fsdp': sharded parameters
-    and optimizer state, make_sharded_train_step. Then fit.py's evaluation call."""
-    import jax
-
-    from jaxcls import distributed as dist
-    from jaxcls import train
-
-    graphdef, trainable, frozen, tx, spec, batches = setup()
-    mesh = dist.data_mesh()
-    fsdp = mode != "dp"
-    p_sh = dist.shardings(trainable, mesh, fsdp=fsdp, min_size=min_size)
-    trainable = dist.place(trainable, p_sh)
-    frozen = dist.replicate(frozen, mesh)
-    opt_state = dist.init_opt_state(tx, trainable, mesh, fsdp=fsdp, min_size=min_size)
-    if mode == "fsdp":
-        o_sh = dist.shardings(opt_state, mesh, fsdp=True, min_size=min_size)
-        step = dist.make_sharded_train_step(graphdef, tx, spec, mesh, p_sh, o_sh)
-    else:
-        step = train.make_train_step(graphdef, tx, spec)
-    losses = []
-    for i, b in enumerate(batches):
-        key = dist.replicate(jax.random.PRNGKey(i), mesh)
-        trainable, opt_state, m = step(trainable, frozen, opt_state, dist.shard_batch(b, mesh), key)
-        losses.append(float(m["loss"]))
-    specs = {k: str(v.sharding.spec) for k, v in _flat_arrays(trainable).items()}
-    opt_specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(opt_state)})
-    # fit.py's evaluation as it is: host arrays next to the placed parameters, read back whole
-    eval_step = train.make_eval_step(graphdef, spec)
-    s, w, logits = eval_step(trainable, frozen, *(np.asarray(x[0]) for x in batches[0]))
-    info = {"losses": losses, "specs": specs, "opt_specs": opt_specs,
-            "eval": [float(s), float(w), np.asarray(logits).tolist()]}
-    return info, flat(trainable)
-
-
-def _flat_arrays(state):
+def run_fit(data: Path, **extra):
+    """What `jaxcls train` does up to fit (the same data split, model and head seed), then fit
+    with an on_step observer that records where wte and its moments live after each step."""
     from flax import nnx
 
-    from jaxcls.names import path_str
+    from jaxcls.classifier import Classifier
+    from jaxcls.config import TrainConfig
+    from jaxcls.data import load_data
+    from jaxcls.train import fit
 
-    return {path_str(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+    cfg = TrainConfig(checkpoint=str(FIXTURE / "openai"), data=str(data), **TRAIN, **extra)
+    splits = load_data(cfg.data, progress=False, seed=cfg.seed)
+    clf = Classifier.from_pretrained(cfg.checkpoint, label_names=splits.label_names,
+                                     trainable=cfg.trainable, seed=cfg.seed)
+    init = flat(nnx.state(clf.model))
+    logs, steps = [], []
+    result = fit(clf.model, clf.encode, splits, cfg, progress=False, log=logs.append,
+                 on_step=lambda s: steps.append({"step": s["step"], "wte": wte_placements()}))
+    r = result.report
+    info = {"devices": r["devices"], "fsdp": r["fsdp"], "steps_run": r["steps_run"], "steps": steps,
+            "mesh_log": [line for line in logs if line.startswith("data parallel")],
+            "train_loss": [h["train_loss"] for h in result.history if "train_loss" in h],
+            "val_loss": [h["val_loss"] for h in result.history if "train_loss" in h],
+            "splits": {k: {"loss": v["loss"], "confusion": v["confusion_matrix"]}
+                       for k, v in r["splits"].items()}}
+    return info, flat(result.trainable), init
+
+
+def _save(out: Path, mode: str, info, params):
+    np.savez(out.with_suffix(f".{mode}.npz"), **params)
+    return info
 
 
 def main(argv):
     import jax
 
-    from jaxcls import distributed as dist
+    from jaxcls.train import distributed as dist
 
-    if argv[0] == "local":
-        out = {"devices": jax.device_count(), "slice": [dist.process_slice(ROWS).start,
-                                                        dist.process_slice(ROWS).stop]}
-        for mode in ("dp", "fsdp"):
-            info, params = run_sharded(mode)
-            np.savez(Path(argv[1]).with_suffix(f".{mode}.npz"), **params)
-            out[mode] = info
-        Path(argv[1]).write_text(json.dumps(out))
-    elif argv[0] == "proc":
-        path, addr, n, i = argv[1], argv[2], int(argv[3]), int(argv[4])
+    data, out = Path(argv[1]), Path(argv[2])
+    if argv[0] == "proc":
+        addr, n, i = argv[3], int(argv[4]), int(argv[5])
         dist.initialize(addr, n, i, timeout_s=60)
         dist.initialize(addr, n, i)  # idempotent
-        out = {"process_count": jax.process_count(), "devices": jax.device_count(),
-               "local_devices": jax.local_device_count(),
-               "slice": [dist.process_slice(ROWS).start, dist.process_slice(ROWS).stop]}
-        for mode in ("dp", "fsdp"):
-            info, params = run_sharded(mode, min_size=64)
-            np.savez(Path(path).with_suffix(f".{mode}.npz"), **params)
-            out[mode] = info
-        Path(path).with_suffix(".json").write_text(json.dumps(out))
+    rows = dist.process_slice(ROWS)
+    res = {"process_count": jax.process_count(), "devices": jax.device_count(),
+           "local_devices": jax.local_device_count(), "slice": [rows.start, rows.stop]}
+    modes = [("fsdp", {"fsdp": True})] + [("dp", {"data_parallel": True})] * (argv[0] == "proc")
+    for mode, extra in modes:
+        res[mode] = _save(out, mode, *run_fit(data, **extra)[:2])
+    out.write_text(json.dumps(res))
+    if argv[0] == "proc":
         jax.distributed.shutdown()
 
 

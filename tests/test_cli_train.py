@@ -130,7 +130,7 @@ def test_every_book_row_reaches_fit_with_the_books_settings(tmp_path, monkeypatc
     (nothing is trained: fit is replaced by a recorder; every size maps to the tiny fixture).
     Fails if a row's setting is dropped on its way to fit (planted: causal=cfg.causal removed
     from run_row's from_pretrained call: row 17 keeps the causal mask)."""
-    import jaxcls.fit
+    import jaxcls.train
     from jaxcls.data import encode_texts, load_data, resolve_pad_length
 
     book = _book_script()
@@ -152,7 +152,7 @@ def test_every_book_row_reaches_fit_with_the_books_settings(tmp_path, monkeypatc
         raise Reached
 
     monkeypatch.setattr(Classifier, "from_pretrained", classmethod(from_pretrained))
-    monkeypatch.setattr(jaxcls.fit, "fit", fit)
+    monkeypatch.setattr(jaxcls.train, "fit", fit)
     pretrained_wte = None
     for row, (size, weights, pooling, trainable, padding, batch, accum, causal, lora) in BOOK_TABLE.items():
         seen.clear()
@@ -220,32 +220,6 @@ def _small_csv(tmp_path, n=60):
     return path
 
 
-def test_data_parallel_training_equals_single_device(tmp_path):
-    """`--data-parallel` over 2 forced host devices ends with the single-device weights."""
-    import subprocess
-
-    data = _small_csv(tmp_path)
-    outs = {}
-    for name, flags, env in (("single", [], {}),
-                             ("dp", ["--data-parallel"], {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})):
-        out = tmp_path / name
-        cmd = [sys.executable, "-m", "jaxcls", "train", "--checkpoint", str(FIXTURE / "openai"), "--data", str(data),
-               "--epochs", "2", "--eval-freq", "5", "--lr", "1e-3", "--out", str(out), "--quiet", *flags]
-        r = subprocess.run(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, capture_output=True, text=True,
-                           timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        outs[name] = load_file(str(out / "weights.safetensors"))
-    for k, v in outs["single"].items():
-        got = outs["dp"][k]
-        if k.endswith("attn/c_attn/bias"):
-            # The key bias has an exactly zero gradient (it shifts every score of a query by the
-            # same q.b); Adam turns the float noise it gets into steps of up to lr, in any order.
-            n = v.shape[0] // 3
-            np.testing.assert_allclose(np.abs(got[n:2 * n] - v[n:2 * n]).max(), 0, atol=3e-2)
-            got, v = np.delete(got, np.s_[n:2 * n]), np.delete(v, np.s_[n:2 * n])
-        np.testing.assert_allclose(got, v, atol=1e-5, err_msg=k)
-
-
 def test_distributed_flag_joins_the_detected_job(tmp_path):
     """--distributed reaches jax.distributed.initialize() with no arguments; with no cluster to
     detect here it stops with a message saying what to pass instead."""
@@ -256,3 +230,113 @@ def test_distributed_flag_joins_the_detected_job(tmp_path):
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "pass --coordinator HOST:PORT" in r.stderr, r.stderr[-1000:]
     assert not (tmp_path / "o").exists()
+
+
+def _subcommands():
+    import argparse
+
+    from jaxcls.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices
+
+
+def test_every_option_has_help_text_and_its_default(capsys):
+    """`COMMAND --help` describes every option and shows each set default. Fails if a TrainConfig
+    field has no help (planted: "epochs" dropped from GROUPS) or defaults are not appended
+    (planted: HelpFormatter returning the bare help)."""
+    import argparse
+
+    from jaxcls.cli.common import HelpFormatter
+
+    parser, commands = _subcommands()
+    assert set(commands) >= {"download", "generate", "train", "classify", "eval", "serve"}
+    for name, p in commands.items():
+        formatter = HelpFormatter(name)
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+                continue
+            flag = f"{name} {action.option_strings or action.dest}"
+            assert action.help, f"{flag} has no help text"
+            shown = formatter._get_help_string(action)
+            if action.option_strings and action.default is not None and action.default is not False:
+                assert "default" in shown.lower(), f"{flag}: its default {action.default!r} is not shown"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for group in ("data:", "model:", "training loop:", "output:"):
+        assert f"\n{group}\n" in text, group
+    for flag, default in (("--epochs", "5"), ("--batch-size", "8"), ("--lr", "5e-05"), ("--seed", "123")):
+        block = text[text.index(f"  {flag} "):]
+        assert f"(default: {default})" in " ".join(block[:400].split()), flag
+
+
+def test_top_level_help_is_for_users(capsys):
+    """Fails if `jaxcls --help` prints the module docstring (planted: description=__doc__)."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "reads argv" not in text and "jaxcls train" in text and "--model" in text
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["classify", "--model", "m", "--checkpoint", "gpt2-small", "hi"], "is --model DIR"),
+    (["eval", "--checkpoint", "runs/x", "--data", "d.csv"], "is --model DIR"),
+    (["serve", "--checkpoint", "runs/x"], "is --model DIR"),
+    (["train", "--model", "runs/x"], "is --checkpoint"),
+    (["generate", "--model", "runs/x", "hi"], "is --checkpoint"),
+    (["train", "--output", "runs/x"], "is --out DIR"),
+    (["classify", "--model", "m", "--out", "p.jsonl", "hi"], "--output FILE"),
+])
+def test_a_flag_of_another_subcommand_gets_a_hint(argv, hint, capsys):
+    """--checkpoint (a GPT-2) vs --model (a trained classifier), --out (a run folder) vs --output (a
+    predictions file): the wrong one stops with one line naming the right one. Fails without the
+    WrongFlag traps (planted: wrong_flag a no-op): argparse then errors generically, or takes
+    classify's --out as an abbreviation of --output."""
+    from jaxcls.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    wrong = next(a for a in argv if a in ("--checkpoint", "--model", "--output", "--out") and
+                 not (a == "--model" and argv[0] in ("classify", "eval", "serve")))
+    assert err.count("\n") == 1 and err.startswith(f"jaxcls {argv[0]}: error: {wrong} ") and hint in err, err
+
+
+def _documented_commands():
+    """Every `jaxcls ...` command line in the fenced blocks of README.md and docs/predict.md."""
+    import re
+    import shlex
+
+    for doc in (ROOT / "README.md", ROOT / "docs" / "predict.md"):
+        fenced, lines = False, []
+        for line in doc.read_text(encoding="utf-8").splitlines():
+            if line.startswith("```"):
+                fenced = not fenced
+                continue
+            if fenced:
+                lines.append(line)
+            elif lines:
+                lines.append("")
+        for line in re.sub(r"\\\n\s*", " ", "\n".join(lines)).splitlines():
+            m = re.match(r"\s*(?:\$ )?(?:.*\| )?(?:\.venv/bin/)?jaxcls (.*)", line)
+            if m:
+                words = shlex.split(m.group(1), comments=True)
+                cut = min((words.index(s) for s in ("&&", "|", ">") if s in words), default=len(words))
+                yield f"{doc.name}: jaxcls {m.group(1)}", words[:cut]
+
+
+def test_documented_commands_parse():
+    """Each command README.md and docs/predict.md show still parses. Fails if a documented flag is renamed
+    or removed (planted: eval's --json renamed --as-json)."""
+    from jaxcls.cli import build_parser
+
+    commands = list(_documented_commands())
+    assert len(commands) >= 15 and any(w[0] == "eval" for _, w in commands)
+    for where, words in commands:
+        try:
+            build_parser().parse_args(words)
+        except SystemExit:
+            pytest.fail(f"{where} does not parse")

@@ -18,12 +18,14 @@ import pytest
 
 from conftest import SHARED, requires_shared
 from jaxcls import data
+from jaxcls.data import sms as sms_lib
 from jaxcls.data import (
     DataSplits,
     TextDataset,
     batches,
     default_bucket_lengths,
     encode_texts,
+    label_ids,
     length_buckets,
     load_data,
     load_sms_spam,
@@ -157,7 +159,7 @@ def test_sms_download_from_local_server(tmp_path, monkeypatch):
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
             url = f"http://127.0.0.1:{server.server_port}/{SMS_ZIP.name}"
-            monkeypatch.setattr(data, "SMS_SPAM_URL", url)
+            monkeypatch.setattr(sms_lib, "SMS_SPAM_URL", url)
             monkeypatch.setenv("JAXCLS_HOME", str(tmp_path))
             got = load_sms_spam(progress=False)
         finally:
@@ -344,11 +346,35 @@ BAD_FILES = [
     ("h.csv", "text,label\n", r"no data rows"),
     ("z.csv", "", r"empty file \(no header line\)"),
     ("d.csv", "text,text,label\na,b,c\n", r"line 1: repeated column names"),
+    (
+        "a.csv",
+        "text,Text,label\na,b,c\n",
+        r"header has columns \['text', 'Text'\] all match 'text'; choose one with --text-column",
+    ),
+    (
+        "col.jsonl",
+        '{"text": "a", "label": 1}\r\n[\r\n',
+        r"line 2: invalid JSON \(Expecting value at column 2\)",
+    ),
+    (
+        "deep.jsonl",
+        '{"text": "a", "label": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+        r"line 1: invalid JSON \(nested too deeply\)",
+    ),
+    (
+        "big.jsonl",
+        '{"text": "a", "label": ' + "9" * 5000 + "}\n",
+        r"line 1: invalid JSON \(Exceeds the limit \(4300 digits\)",
+    ),
 ]
 
 
 @pytest.mark.parametrize("name,content,pattern", BAD_FILES, ids=[b[0] for b in BAD_FILES])
 def test_bad_files(tmp_path, name, content, pattern):
+    """a.csv fails if an ambiguous default column reads as missing (planted: no `if matches`
+    raise in TableReader._pick); col.jsonl if the line ending reaches json.loads (planted: no
+    rstrip in _json); deep/big.jsonl if RecursionError/ValueError escape _json (planted: except
+    json.JSONDecodeError only)."""
     f = write(tmp_path / name, content)
     with pytest.raises(DataError, match=rf"{name}: {pattern}"):
         load_splits(f)
@@ -367,6 +393,62 @@ def test_non_utf8_names_line_and_offset(tmp_path):
     f.write_bytes("text,label\nok,a\ncaf\xe9,b\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin\.csv: line 3: not valid UTF-8 \(byte offset 19"):
         read_table(f)
+
+
+def test_non_utf8_offset_counts_the_bom(tmp_path):
+    """Fails if the byte offset leaves out a stripped BOM (planted: `at = self.bytes_read +
+    e.start` in TableReader._lines)."""
+    f = tmp_path / "bom.csv"
+    f.write_bytes(b"\xef\xbb\xbf" + "text,label\nok,a\ncaf\xe9,b\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"bom\.csv: line 3: not valid UTF-8 \(byte offset 22: "):
+        read_table(f)
+    f.write_bytes(b"\xef\xbb\xbf" + "text,lab\xe9l\nok,a\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"bom\.csv: line 1: not valid UTF-8 \(byte offset 11: "):
+        read_table(f)
+
+
+def test_lone_cr_ends_csv_lines(tmp_path):
+    """Old Mac line endings: a lone CR ends a CSV line outside quotes and stays inside them.
+    Fails without the split at lone CRs (planted: _cr_split returns (data,)), or if a line
+    ending CRLF is never split (planted: `cr == 0 or data.endswith(b"\\r\\n")` in _cr_split)."""
+    f = tmp_path / "cr.csv"
+    f.write_bytes(b'Text,label\rhello,pos\r"two\rlines",neg\r\rlast,pos\r"bad"x,pos\r')
+    with pytest.raises(DataError, match=r"cr\.csv: line 7: malformed \.csv"):
+        read_table(f)
+    f.write_bytes(b'Text,label\rhello,pos\r"two\rlines",neg\r\rlast,pos\rcrlf,neg\r\n')
+    assert read_table(f) == (["hello", "two\rlines", "last", "crlf"], ["pos", "neg", "pos", "neg"])
+
+
+def test_label_ids_one_rule_for_every_caller():
+    """Fails if integers that spell names are taken as indices (planted: drop `and not
+    all(str(v) in names ...)` in LabelMap.onto), if NumPy integers are not integers (planted:
+    is_int_label checks `int` only), or if an unknown label is let through (planted:
+    `self.lookup.get(str(v), 0)` in LabelMap.ids)."""
+    assert label_ids([1, 2, 2], ("1", "2"), source="s").tolist() == [0, 1, 1]
+    assert label_ids(np.array([1, 0]), ("ham", "spam"), source="s").tolist() == [1, 0]
+    assert label_ids(["spam", "ham"], ("ham", "spam"), source="s").tolist() == [1, 0]
+    with pytest.raises(DataError, match=r"<train>: row 2: label 'eggs' is not one of "
+                                        r"label_names \['ham', 'spam'\]$"):
+        label_ids(["spam", "eggs"], ("ham", "spam"), source="<train>")
+    with pytest.raises(DataError, match=r"s: row 2: label 1 is not one of label_names"):
+        label_ids(["spam", 1], ("ham", "spam"), source="s")  # mixed: by name throughout
+    with pytest.raises(DataError, match=r"f\.csv: line 9: label 2 in column 'y' is not one of "
+                                        r"the class indices 0\.\.1 of the classifier's labels"):
+        label_ids([0, 2], ("ham", "spam"), source="f.csv", lines=[3, 9], column="y",
+                  described="the classifier's labels")
+
+
+def test_classifier_fit_pairs_use_the_label_mapping():
+    """(texts, labels) given to Classifier.fit map like a file's labels. Fails with the old
+    lookup, where integer labels never matched names (planted: `lookup[l] if l in lookup else
+    int(l)` in Classifier._dataset)."""
+    from jaxcls.classifier import Classifier
+
+    stars = types.SimpleNamespace(label_names=("1", "2"))
+    ds = Classifier._dataset(stars, (["good", "bad"], [2, 1]), "train")
+    assert ds.labels.tolist() == [1, 0] and ds.source == "<train>"
+    with pytest.raises(DataError, match=r"<validation>: row 1: label 'x' is not one of"):
+        Classifier._dataset(stars, (["a"], ["x"]), "validation")
 
 
 def test_unseen_and_unusable_labels(tmp_path):

@@ -16,12 +16,9 @@ import pytest
 
 from conftest import SHARED, requires_shared
 from jaxcls import download
-from jaxcls.download import (
-    KNOWN_SHA256,
-    OPENAI_FILES,
-    download_checkpoint,
-    download_file,
-)
+from jaxcls.ckpt.download import KNOWN_SHA256, download_checkpoint
+from jaxcls.ckpt.openai import OPENAI_FILES
+from jaxcls.download import download_file
 from jaxcls.errors import DownloadError, JaxclsError
 
 FIXTURE = SHARED / "fixtures/gpt2-tiny/openai"

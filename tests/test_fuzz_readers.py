@@ -15,7 +15,6 @@ import contextlib
 import json
 import random
 import resource
-import shutil
 import signal
 import struct
 from pathlib import Path
@@ -28,7 +27,7 @@ from flax import nnx
 import jaxcls
 from conftest import FIXTURE, requires_shared
 from jaxcls.errors import JaxclsError
-from jaxcls.weights import expected_shapes
+from jaxcls.ckpt.load import expected_shapes
 
 pytestmark = requires_shared
 

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from jaxcls.data import read_table
 from jaxcls.errors import DataError
-from jaxcls.inputs import PredictionWriter, TextReader, read_texts
+from jaxcls.infer.io import PredictionWriter, TextReader, read_texts
 
 TEXTS = ["Free entry, win £1000 now!", 'He said "ok"\nthen left', "naïve café 🎉", "  spaced  "]
 
@@ -45,6 +46,9 @@ def test_csv_and_tsv(tmp_path, suffix, sep):
 
 
 def test_csv_errors_name_the_line(tmp_path):
+    """The unclosed quote fails if only the first line of a bad row is named (planted: `where =
+    f"line {start}"` in TableReader._csv); the repeated header if inference skips the header
+    check it shares with training (planted: no set(header) check in TableReader._header)."""
     f = tmp_path / "bad.csv"
     f.write_text("text,label\nok,1\nragged,1,extra\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"bad.csv: line 3: 3 fields"):
@@ -53,6 +57,34 @@ def test_csv_errors_name_the_line(tmp_path):
     g.write_text("", encoding="utf-8")
     with pytest.raises(DataError, match="empty file"):
         read_texts(g)
+    f.write_text('text\nok\n"never closed\nmore\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.csv: lines 3-4: malformed \.csv"):
+        read_texts(f)
+    f.write_text("id,text,id\n1,a,2\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.csv: line 1: repeated column names in header"):
+        read_texts(f)
+
+
+def test_training_and_inference_read_the_same_texts(tmp_path):
+    """One reader: a BOM, CRLF, a quoted multi-line field, blank lines and a "Text" header read
+    the same for `read_table` and `TextReader`. Fails if the BOM is kept (planted: `start = 0`
+    in TableReader._lines)."""
+    f = tmp_path / "both.csv"
+    f.write_bytes(b'\xef\xbb\xbfText,label\r\nhi,a\r\n\r\n"two\r\nlines, quoted",b\r\n  x ,a\r\n')
+    want = ["hi", "two\r\nlines, quoted", "  x "]
+    assert read_table(f)[0] == want
+    assert read_texts(f) == want
+
+
+def test_reader_streams_chunks(tmp_path):
+    """A chunk comes out before a later bad line is read. Fails if the reader takes all rows
+    first (planted: `for row in list(self._table)` in TextReader.__iter__)."""
+    f = tmp_path / "late.jsonl"
+    f.write_text('"a"\n"b"\n{"text": \n', encoding="utf-8")
+    chunks = iter(TextReader(f, chunk_size=2))
+    assert next(chunks) == ["a", "b"]
+    with pytest.raises(DataError, match=r"late.jsonl: line 3: invalid JSON"):
+        next(chunks)
 
 
 def test_jsonl(tmp_path):
@@ -62,7 +94,7 @@ def test_jsonl(tmp_path):
     assert read_texts(f) == TEXTS + ["a bare string"]
     g = tmp_path / "msg.jsonl"
     g.write_text('{"msg": "hi"}\n{"msg": 3}\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"msg.jsonl: line 2: 'msg' must be a string"):
+    with pytest.raises(DataError, match=r"msg.jsonl: line 2: column 'msg' must be a string, got int"):
         read_texts(g, text_column="msg")
     with pytest.raises(DataError, match=r"line 1: no column 'text'"):
         read_texts(g)
@@ -87,7 +119,7 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
 
 
 def test_unknown_types_and_missing_file(tmp_path):
-    with pytest.raises(DataError, match="unknown input type '.xlsx'"):
+    with pytest.raises(DataError, match=r"unknown file type '\.xlsx'; supported: .*\.txt"):
         TextReader(tmp_path / "a.xlsx")
     with pytest.raises(DataError, match="no such file"):
         TextReader(tmp_path / "a.txt")

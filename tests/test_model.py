@@ -11,8 +11,7 @@ from flax import nnx
 from conftest import FIXTURE
 from jaxcls import load_pretrained
 from jaxcls.config import GPT2Config
-from jaxcls.model import GPT2, GPT2Classifier, pool
-from jaxcls.names import path_str
+from jaxcls.model import GPT2, GPT2Classifier, path_str, pool
 
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text()) if FIXTURE.is_dir() else None
 

@@ -6,7 +6,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxcls import freeze, train
+from jaxcls.train import freeze
+from jaxcls.train import step as train
+from jaxcls.task import SingleLabel
 from jaxcls.config import GPT2Config
 from jaxcls.model import GPT2Classifier
 
@@ -16,7 +18,7 @@ def test_train_step_runs_under_transfer_guard():
     model = GPT2Classifier(cfg, 2, rngs=nnx.Rngs(0))
     graphdef, tr, fr = freeze.split_trainable(model, freeze.trainable_pattern("last_block", 2))
     tx = optax.adamw(1e-3)
-    step = train.make_train_step(graphdef, tx, train.StepSpec(2))
+    step = train.make_train_step(graphdef, tx, train.StepSpec(SingleLabel.with_classes(2)))
     opt = tx.init(tr)
     rng = np.random.default_rng(0)
     batch = jax.device_put(train.Batch(rng.integers(0, 100, (1, 4, 16)).astype(np.int32),

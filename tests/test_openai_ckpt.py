@@ -1,9 +1,8 @@
-"""Tests for jaxcls.openai_ckpt: the TF bundle reader must match the HF export bit for bit and
+"""Tests for jaxcls.ckpt.openai (with its sstable and crc32c parts): the TF bundle reader must match the HF export bit for bit and
 turn every corrupted, truncated or unsupported input into a CheckpointError naming the file."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -15,7 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import SHARED
-from jaxcls import openai_ckpt as oc
+from jaxcls.ckpt import crc32c as c32
+from jaxcls.ckpt import openai as oc
+from jaxcls.ckpt import sstable as sst
 from jaxcls.errors import CheckpointError
 
 TINY = SHARED / "fixtures" / "gpt2-tiny"
@@ -124,7 +125,7 @@ def test_verify_passes_on_pristine_fixture(openai_dir):
 
 
 def test_verify_with_numpy_fallback(openai_dir, monkeypatch):
-    monkeypatch.setattr(oc, "_google_crc32c", None)
+    monkeypatch.setattr(c32, "_google_crc32c", None)
     assert len(oc.read_openai_checkpoint(openai_dir, verify=True)) == 28
 
 
@@ -132,8 +133,8 @@ def test_tensor_crc_is_masked(openai_dir):
     """TF stores crc32c::Mask(crc) in BundleEntryProto; read_index hands back the plain crc."""
     entry = oc.read_index(openai_dir / INDEX_NAME)["model/wpe"]
     raw = (openai_dir / DATA_NAME).read_bytes()[entry.offset : entry.offset + entry.size]
-    assert entry.crc32c == oc.crc32c(raw)
-    assert oc._unmask(oc._mask(entry.crc32c)) == entry.crc32c
+    assert entry.crc32c == c32.crc32c(raw)
+    assert c32.unmask(c32.mask(entry.crc32c)) == entry.crc32c
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,26 +144,26 @@ def test_tensor_crc_is_masked(openai_dir):
 
 def test_crc32c_check_value_google():
     pytest.importorskip("google_crc32c")
-    if oc._google_crc32c is None:
+    if c32._google_crc32c is None:
         pytest.skip("google_crc32c has no C implementation here")
-    assert oc.crc32c(b"123456789") == 0xE3069283
+    assert c32.crc32c(b"123456789") == 0xE3069283
 
 
 def test_crc32c_check_value_fallback(monkeypatch):
-    assert oc._crc32c_fallback(b"123456789") == 0xE3069283
-    monkeypatch.setattr(oc, "_google_crc32c", None)
-    assert oc.crc32c(b"123456789") == 0xE3069283
+    assert c32._crc32c_fallback(b"123456789") == 0xE3069283
+    monkeypatch.setattr(c32, "_google_crc32c", None)
+    assert c32.crc32c(b"123456789") == 0xE3069283
 
 
 @pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 255, 8191, 8192, 8193, 70_001, (1 << 20) + 3])
 def test_crc32c_fallback_matches_reference(n):
     data = random.Random(n).randbytes(n)
-    reference = oc.crc32c(data)
-    assert oc._crc32c_fallback(data) == reference
-    assert oc._crc32c_fallback(np.frombuffer(data, dtype=np.uint8)) == reference
+    reference = c32.crc32c(data)
+    assert c32._crc32c_fallback(data) == reference
+    assert c32._crc32c_fallback(np.frombuffer(data, dtype=np.uint8)) == reference
     cut = n // 3
-    assert oc._crc32c_fallback(data[cut:], oc._crc32c_fallback(data[:cut])) == reference
-    if oc._google_crc32c is not None:
+    assert c32._crc32c_fallback(data[cut:], c32._crc32c_fallback(data[:cut])) == reference
+    if c32._google_crc32c is not None:
         import google_crc32c
 
         assert reference == google_crc32c.value(data)
@@ -170,7 +171,7 @@ def test_crc32c_fallback_matches_reference(n):
 
 def test_crc32c_loop_matches_lanes():
     data = np.frombuffer(random.Random(7).randbytes(20_000), dtype=np.uint8)
-    assert oc._crc32c_lanes(data, 0x12345678) == oc._crc32c_loop(data.tobytes(), 0x12345678)
+    assert c32._crc32c_lanes(data, 0x12345678) == c32._crc32c_loop(data.tobytes(), 0x12345678)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +357,7 @@ def _entry(dtype=1, shape=(2,), offset=0, size=8, crc=None, shard_id=0, slices=F
     dims = b"".join(_pb_bytes(2, _pb_int(1, d)) for d in shape)
     out = _pb_int(1, dtype) + _pb_bytes(2, dims) + _pb_int(3, shard_id) + _pb_int(4, offset) + _pb_int(5, size)
     if crc is not None:
-        out += _varint(6 << 3 | 5) + struct.pack("<I", oc._mask(crc))
+        out += _varint(6 << 3 | 5) + struct.pack("<I", c32.mask(crc))
     if slices:
         out += _pb_bytes(7, _pb_bytes(1, b""))
     return out
@@ -376,7 +377,7 @@ def _block(items) -> bytes:
 
 
 def _with_trailer(block: bytes, kind: int = 0) -> bytes:
-    return block + bytes([kind]) + struct.pack("<I", oc._mask(oc.crc32c(block + bytes([kind]))))
+    return block + bytes([kind]) + struct.pack("<I", c32.mask(c32.crc32c(block + bytes([kind]))))
 
 
 def _sstable(items, kind: int = 0) -> bytes:
@@ -402,7 +403,7 @@ def _write_bundle(folder: Path, items, data: bytes, kind: int = 0) -> Path:
 
 
 def test_writer_round_trips_fixture_index(openai_dir, tmp_path):
-    items = oc._table_items((openai_dir / INDEX_NAME).read_bytes())
+    items = sst.table_items((openai_dir / INDEX_NAME).read_bytes())
     (tmp_path / "x.index").write_bytes(_sstable(items))
     assert oc.read_index(tmp_path / "x.index") == oc.read_index(openai_dir / INDEX_NAME)
 
@@ -423,7 +424,7 @@ def test_many_dtypes_scalar_and_empty(tmp_path):
     data, items = b"", [(b"", _header())]
     for name, (code, array) in arrays.items():
         raw = array.tobytes()
-        items.append((name.encode(), _entry(code, array.shape, len(data), len(raw), oc.crc32c(raw))))
+        items.append((name.encode(), _entry(code, array.shape, len(data), len(raw), c32.crc32c(raw))))
         data += raw
     folder = _write_bundle(tmp_path / "b", items, data)
     tensors = oc.read_openai_checkpoint(folder, verify=True)
@@ -433,7 +434,7 @@ def test_many_dtypes_scalar_and_empty(tmp_path):
 
 
 def test_empty_data_file(tmp_path):
-    items = [(b"", _header()), (b"empty", _entry(1, (0,), 0, 0, oc.crc32c(b"")))]
+    items = [(b"", _header()), (b"empty", _entry(1, (0,), 0, 0, c32.crc32c(b"")))]
     folder = _write_bundle(tmp_path / "b", items, b"")
     assert oc.read_openai_checkpoint(folder, verify=True)["empty"].shape == (0,)
 
@@ -477,11 +478,11 @@ def test_compressed_table_is_refused(tmp_path):
 
 
 def _block_spans(table: bytes) -> list[tuple[int, int]]:
-    meta_handle, index_handle = oc._footer_handles(table)
-    index = oc._read_block(table, index_handle, "index block")
+    meta_handle, index_handle = sst._footer_handles(table)
+    index = sst._read_block(table, index_handle, "index block")
     spans = [meta_handle, index_handle]
-    for _, value in oc._block_entries(index, "index block"):
-        spans.append(oc._block_handle(value, 0, len(value))[0])
+    for _, value in sst._block_entries(index, "index block"):
+        spans.append(sst._block_handle(value, 0, len(value))[0])
     return spans
 
 
@@ -506,7 +507,7 @@ def _mutate_block_resealed(rng: random.Random, table: bytes) -> tuple[bytes, str
     for pos in positions:
         buf[pos] = rng.randrange(256) if rng.random() < 0.5 else buf[pos] ^ (1 << rng.randrange(8))
     sealed = bytes(buf[offset : offset + size + 1])
-    buf[offset + size + 1 : offset + size + 5] = struct.pack("<I", oc._mask(oc.crc32c(sealed)))
+    buf[offset + size + 1 : offset + size + 5] = struct.pack("<I", c32.mask(c32.crc32c(sealed)))
     return bytes(buf), f"resealed block at {offset}, bytes {positions}"
 
 

@@ -11,9 +11,10 @@ from conftest import TOKENIZER_DIR, requires_shared
 from jaxcls.config import TINY_SIZES
 from jaxcls.data import pad_batch
 from jaxcls.errors import ConfigError
-from jaxcls.model import GPT2Classifier
-from jaxcls.names import path_str
-from jaxcls.predict import Predictor, enable_compilation_cache, softmax
+from jaxcls.compile_cache import enable_compilation_cache
+from jaxcls.infer.predictor import Predictor
+from jaxcls.model import GPT2Classifier, path_str
+from jaxcls.task import softmax
 from jaxcls.tokenizer import PAD_ID, encode, encoding_from_files
 
 pytestmark = requires_shared
@@ -222,7 +223,7 @@ def test_small_vocabulary_pads_inside_the_table():
 
     from jaxcls.config import GPT2Config
     from jaxcls.model import GPT2Classifier
-    from jaxcls.predict import Predictor
+    from jaxcls.infer.predictor import Predictor
 
     model = GPT2Classifier(GPT2Config(n_vocab=50, n_ctx=16, n_embd=8, n_head=2, n_layer=1), 2, rngs=nnx.Rngs(0))
     pred = Predictor(model, lambda t: [len(w) % 50 for w in t.split()], batch_size=2, bucket_lengths=(16,))
@@ -251,3 +252,23 @@ def test_duplicates_run_once_and_the_partial_batch_is_the_shortest(tok):
     for i, t in enumerate(texts):
         np.testing.assert_allclose(got[i], np_classify(model, reference_ids(tok, t)), atol=2e-4)
     np.testing.assert_array_equal(got[0], got[2])
+
+
+def test_unknown_pooling_label_and_dtype_are_named_errors():
+    """Fails if these raise a bare ValueError (planted: GPT2Classifier raises ValueError for an
+    unknown pooling; check_backend returns at once, so float16 fails only when jitted)."""
+    from jaxcls.classifier import Classifier
+    from jaxcls.errors import DataError
+    from jaxcls.model import pool
+
+    with pytest.raises(ConfigError, match=r"unknown pooling 'max'; choose from \('last_real', 'last'"):
+        GPT2Classifier(CFG, 2, pooling="max", rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="unknown pooling 'max'"):
+        pool(np.zeros((1, 2, 3), np.float32), None, "max")
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ConfigError, match="float16.*CPU.*bfloat16 or float32"):
+            GPT2Classifier(CFG.replace(dtype="float16"), 2, rngs=nnx.Rngs(0))
+    clf = Classifier.from_pretrained("tiny", label_names=["ham", "spam"], weights="random",
+                                     tokenizer=TOKENIZER_DIR)
+    with pytest.raises(DataError, match=r"<train>: row 2: label 'eggs' .*\['ham', 'spam'\]"):
+        clf.fit((["a text", "another"], ["ham", "eggs"]), epochs=1, max_steps=1, log=lambda s: None)

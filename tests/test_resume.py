@@ -1,15 +1,18 @@
 """The kill-and-resume promise of `jaxcls train`, end to end through the CLI in subprocesses.
 
-A run killed with SIGKILL at a random-ish moment after its first save, then resumed with
-`--resume`, ends with exactly the weights and metrics of the same run left alone; SIGTERM saves
-and exits with a message saying how to resume; a NaN loss exits with status 2 naming the step and
-batch, keeping only the saves made before it. Every subprocess shares one persistent XLA
-compilation cache, so only the first run of the module pays for compiling.
+A run killed with SIGKILL at a moment drawn from the whole run, then resumed with `--resume`,
+really continues from its last save (metrics.json's start_step and steps_run, the "resumed from"
+line) and ends with exactly the weights and metrics of the same run left alone, with dropout too.
+SIGTERM saves and exits with a message saying how to resume; a NaN loss exits with status 2
+naming the step and batch, keeping only the saves made before it; changed settings are refused.
+Subprocesses share persistent XLA compilation caches, so only the first run of each kind pays
+for compiling, and they run in three waves of runs side by side.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import random
@@ -25,17 +28,22 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURE, SMS, requires_shared
-from jaxcls import trainstate
+from jaxcls.train import state as trainstate
 from jaxcls.errors import CheckpointError
 
 pytestmark = requires_shared
 
-ROWS = 160  # -> 112 train / 16 validation / 32 test; batch 8 in length buckets: 15 steps an epoch
-MAX_STEPS = 28  # two epochs would be 30: the run also ends mid-epoch on --max-steps
-SAVE_EVERY = 4  # saves at 4, 8, 12, 15 (end of epoch 1), 16, 20, 24, 28 (the max-steps stop)
+ROWS = 160  # -> 112 train / 16 validation / 32 test; batch 8, last partial batch dropped: 14 steps an epoch
+MAX_STEPS = 28  # = two epochs of 14, so the --max-steps stop falls on the end of epoch 2
+SAVE_EVERY = 4  # saves at 4, 8, 12, 14 (end of epoch 1), 16, 20, 24, 28 (the max-steps stop)
 TRAIN_ARGS = ("--epochs", "2", "--max-steps", str(MAX_STEPS), "--save-every", str(SAVE_EVERY), "--eval-freq", "10",
-              "--lr", "1e-3", "--batch-size", "8", "--quiet")
+              "--lr", "1e-3", "--batch-size", "8")
+DROPOUT = ("--dropout", "0.1")  # no frozen-prefix cache then: every step runs the whole network
 TIMEOUT = 120  # per subprocess: a hang fails instead of stalling CI
+# Kills wait for a save of step >= k, k drawn from 1..LAST_KILL_POINT; the 8 steps after it keep
+# the kill well ahead of the run's end. The seed is in every failure message; set it to replay a k.
+LAST_KILL_POINT = MAX_STEPS - 2 * SAVE_EVERY
+KILL_SEED = int(os.environ.get("JAXCLS_KILL_SEED") or random.SystemRandom().randrange(2**31))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,26 +64,48 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
-def env(workdir: Path) -> dict:
+def env(workdir: Path, args) -> dict:
+    """One compilation cache for the runs with dropout and one for the rest: runs side by side
+    never write the same cache entry at once."""
+    cache = "xla-cache-dropout" if "--dropout" in args else "xla-cache"
     return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-                JAX_COMPILATION_CACHE_DIR=str(workdir / "xla-cache"),
+                JAX_COMPILATION_CACHE_DIR=str(workdir / cache),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
-def train_cmd(workdir: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "jaxcls", "train", "--checkpoint", str(FIXTURE / "openai"),
-            "--data", str(workdir / "sms.csv"), *TRAIN_ARGS, "--out", str(out), *extra]
+# The CLI with every save kept (trainstate.KEEP raised), so tests can resume from any of them.
+KEEP_ALL = "import sys; from jaxcls import cli; from jaxcls.train import state; state.KEEP = 10**6; sys.exit(cli.main(sys.argv[1:]))"
 
 
-def start(workdir: Path, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(train_cmd(workdir, out, *extra), env=env(workdir), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def train_cmd(workdir: Path, out: Path, *extra: str, keep_all: bool = False) -> list[str]:
+    return [sys.executable, *(("-c", KEEP_ALL) if keep_all else ("-m", "jaxcls")), "train",
+            "--checkpoint", str(FIXTURE / "openai"), "--data", str(workdir / "sms.csv"), *TRAIN_ARGS,
+            "--out", str(out), *extra]
 
 
-def run(workdir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(workdir, out, *extra), env=env(workdir), text=True,
-                          capture_output=True, timeout=TIMEOUT)
+@dataclasses.dataclass
+class Started:
+    """A training subprocess whose output goes to files (a pipe nobody reads could fill and block it)."""
+
+    proc: subprocess.Popen
+    out: Path
+    logs: Path
+
+    def stdout(self) -> str:
+        return (self.logs / "stdout").read_text()
+
+    def stderr(self) -> str:
+        return (self.logs / "stderr").read_text()
+
+
+def start(workdir: Path, out: Path, *extra: str, keep_all: bool = False) -> Started:
+    logs = workdir / "logs" / f"{out.name}-{len(list(workdir.glob(f'logs/{out.name}-*')))}"
+    logs.mkdir(parents=True)
+    with open(logs / "stdout", "w") as o, open(logs / "stderr", "w") as e:
+        proc = subprocess.Popen(train_cmd(workdir, out, *extra, keep_all=keep_all), env=env(workdir, extra), text=True,
+                                stdout=o, stderr=e)
+    return Started(proc, out, logs)
 
 
 def latest_step(out: Path) -> int | None:
@@ -85,19 +115,21 @@ def latest_step(out: Path) -> int | None:
         return None
 
 
-def wait_for_save(proc: subprocess.Popen, out: Path, at_least: int = 1) -> int:
-    """Poll (every millisecond) until LATEST names a save of step >= `at_least`."""
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        step = latest_step(out)
-        if step is not None and step >= at_least:
-            return step
-        if proc.poll() is not None:
-            pytest.fail(f"training exited ({proc.returncode}) before a save of step >= {at_least}:\n"
-                        f"{proc.stderr.read()}")
-        time.sleep(0.001)
-    proc.kill()
-    pytest.fail(f"no save of step >= {at_least} in {out / 'state'} within {TIMEOUT}s")
+def kill_moment(what: str) -> tuple[int, float, str]:
+    """(k, a delay of up to about one step, a context line): kill `delay` after a save of step >= k."""
+    rng = random.Random(f"{KILL_SEED}-{what}")
+    k, delay = rng.randint(1, LAST_KILL_POINT), rng.uniform(0.0, 0.02)
+    return k, delay, f"{what} {delay * 1000:.1f} ms after a save of step >= {k} (JAXCLS_KILL_SEED={KILL_SEED})"
+
+
+def assert_resumed(stdout: str, out: Path, step: int, context: str) -> None:
+    """The run continued from the save of `step`, not from step 0: metrics.json and the log agree."""
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["start_step"] == step > 0, f"started at step {report['start_step']}, not {step} ({context})"
+    assert report["steps_run"] == MAX_STEPS - step, context
+    m = re.search(r"^resumed from (\S+) \(step (\d+), epoch \d+, batch \d+\)$", stdout, re.M)
+    assert m, f"no 'resumed from' line ({context}):\n{stdout}"
+    assert (Path(m.group(1)), int(m.group(2))) == (out / "state" / f"step-{step:09d}", step), context
 
 
 def assert_same_run(a: Path, b: Path, context: str) -> None:
@@ -122,36 +154,107 @@ def assert_same_run(a: Path, b: Path, context: str) -> None:
     assert history(a) == history(b), context
 
 
-@pytest.fixture(scope="module")
-def reference(workdir) -> dict:
-    """Run A, uninterrupted. Each save is copied aside when it appears (the process is paused with
-    SIGSTOP for the copy, which changes nothing it computes), so tests can resume from any of them."""
-    out = workdir / "A"
-    snapshots = workdir / "A-saves"
-    snapshots.mkdir()
-    proc = start(workdir, out)
-    seen = set()
-    deadline = time.monotonic() + TIMEOUT
-    while proc.poll() is None and time.monotonic() < deadline:
-        step = latest_step(out)
-        if step is not None and step not in seen:
-            proc.send_signal(signal.SIGSTOP)
-            try:
-                name = f"step-{step:09d}"
-                if (out / "state" / name).is_dir():
-                    shutil.copytree(out / "state" / name, snapshots / name)
-                    seen.add(step)
-            finally:
-                proc.send_signal(signal.SIGCONT)
+@dataclasses.dataclass
+class Job:
+    """A run for `side_by_side`: its extra flags; whether it keeps every save; and an optional
+    (signal, k, delay): send the signal `delay` seconds after LATEST names a step >= k."""
+
+    extra: tuple[str, ...]
+    keep_all: bool = False
+    stop: tuple[signal.Signals, int, float] | None = None
+
+
+def side_by_side(workdir: Path, jobs: dict[str, Job]) -> dict[str, dict]:
+    """Start each job (run folder name -> Job) at once and wait for all of them: two cores do twice
+    the work of one. Signals go by what a run has saved, never by time alone."""
+    started = {name: start(workdir, workdir / name, *job.extra, keep_all=job.keep_all)
+               for name, job in jobs.items()}
+    due, signalled = {}, set()
+    deadline = time.monotonic() + TIMEOUT * len(jobs)
+    while any(s.proc.poll() is None for s in started.values()) and time.monotonic() < deadline:
+        for name, job in jobs.items():
+            s = started[name]
+            if job.stop is None or name in signalled or s.proc.poll() is not None:
+                continue
+            sig, k, delay = job.stop
+            step = latest_step(s.out)
+            if step is not None and step >= k:
+                due.setdefault(name, time.monotonic() + delay)
+            if name in due and time.monotonic() >= due[name]:
+                s.proc.send_signal(sig)
+                signalled.add(name)
         time.sleep(0.001)
-    if proc.poll() is None:
-        proc.kill()
-        pytest.fail(f"reference run did not finish within {TIMEOUT}s")
-    err = proc.stderr.read()
-    assert proc.returncode == 0, err
-    metas = {s: json.loads((snapshots / f"step-{s:09d}" / "meta.json").read_text()) for s in seen}
-    epoch_ends = [s for s, m in metas.items() if m["done_in_epoch"] == 0 and s < MAX_STEPS]
-    return {"out": out, "snapshots": snapshots, "saved_steps": sorted(seen), "epoch_ends": epoch_ends}
+    late = [s for s in started.values() if s.proc.poll() is None]
+    for s in late:
+        s.proc.kill()
+    if late:
+        pytest.fail(f"{', '.join(s.out.name for s in late)} did not finish within {TIMEOUT * len(jobs)}s")
+    result = {name: {"out": s.out, "returncode": s.proc.returncode, "stdout": s.stdout(), "stderr": s.stderr(),
+                     "latest": latest_step(s.out), "signalled": name in signalled,
+                     "weights": (s.out / "weights.safetensors").exists()}
+              for name, s in started.items()}
+    for name, job in jobs.items():
+        if job.keep_all:
+            r = result[name]
+            assert r["returncode"] == 0, r["stderr"]
+            metas = {int(p.parent.name.split("-")[1]): json.loads(p.read_text())
+                     for p in (r["out"] / "state").glob("step-*/meta.json")}
+            r.update(saved_steps=sorted(metas), metas=metas,
+                     epoch_ends=[st for st, m in metas.items() if m["done_in_epoch"] == 0 and st < MAX_STEPS])
+    return result
+
+
+def copy_save(ref: dict, step: int, out: Path) -> None:
+    """A fresh run folder holding only the save of `step`, as if killed right after it."""
+    name = f"step-{step:09d}"
+    shutil.copytree(ref["out"] / "state" / name, out / "state" / name)
+    (out / "state" / "LATEST").write_text(json.dumps({"step": step, "path": name}))
+
+
+DROPOUT_RESUME_STEP = 2 * SAVE_EVERY  # mid-epoch 1: the resumed run crosses into epoch 2
+KILL = kill_moment("SIGKILL")
+TERM = kill_moment("SIGTERM")
+# A stale half-written save with a higher step number, planted before resuming the killed run.
+FAKE_TMP = ".tmp-step-000000099-12345"
+
+# The subprocesses run in three waves, each side by side; a wave holds what needs only earlier
+# waves' results (or their compiled programs in the XLA cache).
+
+
+@pytest.fixture(scope="module")
+def wave1(workdir) -> dict:
+    """A, the reference, uninterrupted; D, the same with dropout, started with --resume in an
+    empty folder. Both keep every save."""
+    return side_by_side(workdir, {"A": Job(("--quiet",), keep_all=True),
+                                  "D": Job((*DROPOUT, "--resume"), keep_all=True)})
+
+
+@pytest.fixture(scope="module")
+def wave2(workdir, wave1) -> dict:
+    """Runs killed with SIGKILL and stopped with SIGTERM at the drawn moments; resumes from copies
+    of A's end-of-epoch save (one with a changed --lr) and of one of D's; the NaN run."""
+    (epoch_end,) = wave1["A"]["epoch_ends"]
+    copy_save(wave1["A"], epoch_end, workdir / "E-epoch-end")
+    copy_save(wave1["A"], epoch_end, workdir / "E-changed-lr")
+    copy_save(wave1["D"], DROPOUT_RESUME_STEP, workdir / "D-resumed")
+    result = side_by_side(workdir, {
+        "B-kill": Job(("--quiet",), stop=(signal.SIGKILL, *KILL[:2])),
+        "C-term": Job(("--quiet",), stop=(signal.SIGTERM, *TERM[:2])),
+        "E-epoch-end": Job(("--resume",)),
+        "E-changed-lr": Job(("--resume", "--quiet", "--lr", "2e-3")),
+        "D-resumed": Job((*DROPOUT, "--resume")),
+        "N-nan": Job(("--quiet", "--lr", "1e30", "--save-every", "1"))})
+    result["E-epoch-end"]["step"] = result["E-changed-lr"]["step"] = epoch_end
+    return result
+
+
+@pytest.fixture(scope="module")
+def wave3(workdir, wave2) -> dict:
+    """--resume of the killed and of the stopped run."""
+    fake = workdir / "B-kill" / "state" / FAKE_TMP
+    fake.mkdir(parents=True, exist_ok=True)
+    (fake / "arrays.npz").write_bytes(b"half-writt")
+    return side_by_side(workdir, {"B-kill": Job(("--resume",)), "C-term": Job(("--resume",))})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,77 +262,107 @@ def reference(workdir) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_reference_run_saved_at_every_save_point(reference):
-    assert len(reference["epoch_ends"]) == 1 and 0 < reference["epoch_ends"][0] < MAX_STEPS
+def test_reference_run_saved_at_every_save_point(wave1):
+    ref = wave1["A"]
+    assert len(ref["epoch_ends"]) == 1 and 0 < ref["epoch_ends"][0] < MAX_STEPS
     periodic = set(range(SAVE_EVERY, MAX_STEPS, SAVE_EVERY))
-    assert reference["saved_steps"] == sorted(periodic | set(reference["epoch_ends"]) | {MAX_STEPS})
-    final = trainstate.latest_state(reference["out"] / "state")
+    assert ref["saved_steps"] == sorted(periodic | set(ref["epoch_ends"]) | {MAX_STEPS})
+    final = trainstate.latest_state(ref["out"] / "state")
     assert final.name == f"step-{MAX_STEPS:09d}"
-    assert not list((reference["out"] / "state").glob(".tmp-*"))
+    assert not list((ref["out"] / "state").glob(".tmp-*"))
+    report = json.loads((ref["out"] / "metrics.json").read_text())
+    assert (report["start_step"], report["steps_run"]) == (0, MAX_STEPS)
 
 
-def test_sigkill_at_a_random_moment_then_resume_is_bit_exact(workdir, reference):
-    out = workdir / "B-kill"
-    delay = random.Random().uniform(0.0, 0.02)  # after the first save; logged on failure
-    proc = start(workdir, out)
-    wait_for_save(proc, out)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(TIMEOUT)
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = latest_step(out)
-    context = f"SIGKILL {delay * 1000:.1f} ms after the first save; last complete save: step {killed_at}"
-    assert killed_at is not None and killed_at < MAX_STEPS, context
-    # A stale half-written save with a higher step number must not be picked over LATEST.
-    fake = out / "state" / ".tmp-step-000000099-12345"
-    fake.mkdir(exist_ok=True)
-    (fake / "arrays.npz").write_bytes(b"half-writt")
-    r = run(workdir, out, "--resume")
-    assert r.returncode == 0, f"{context}\n{r.stderr}"
-    assert_same_run(reference["out"], out, context)
+def test_sigkill_at_a_drawn_moment_then_resume_is_bit_exact(wave1, wave2, wave3):
+    """Fails if --resume is ignored (planted: Run.restore a no-op), or resumes from an older save
+    (planted: latest_state returning the older of the two kept saves): start_step is not the save."""
+    killed, k, context = wave2["B-kill"], KILL[0], KILL[2]
+    assert killed["signalled"] and killed["returncode"] == -signal.SIGKILL, \
+        f"{context}: exit {killed['returncode']}\n{killed['stderr']}"
+    killed_at = killed["latest"]
+    context += f"; last complete save: step {killed_at}"
+    assert killed_at is not None and k <= killed_at < MAX_STEPS, context
+    r = wave3["B-kill"]
+    assert r["returncode"] == 0, f"{context}\n{r['stderr']}"
+    assert_resumed(r["stdout"], r["out"], killed_at, context)
+    assert_same_run(wave1["A"]["out"], r["out"], context)
 
 
-def test_resume_from_the_end_of_epoch_save_is_bit_exact(workdir, reference):
-    """As if killed right after the end-of-epoch save: a fresh run folder holding only that save."""
-    out = workdir / "B-epoch-end"
-    (step,) = reference["epoch_ends"]
-    name = f"step-{step:09d}"
-    shutil.copytree(reference["snapshots"] / name, out / "state" / name)
-    (out / "state" / "LATEST").write_text(json.dumps({"step": step, "path": name}))
-    r = run(workdir, out, "--resume")
-    assert r.returncode == 0, r.stderr
-    assert_same_run(reference["out"], out, "resumed from the end-of-epoch-1 save")
-
-
-def test_sigterm_saves_exits_with_a_resume_hint_and_resume_completes(workdir, reference):
-    out = workdir / "C-term"
-    delay = random.Random().uniform(0.0, 0.02)
-    proc = start(workdir, out)
-    wait_for_save(proc, out)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=TIMEOUT)
-    context = f"SIGTERM {delay * 1000:.1f} ms after the first save"
-    assert proc.returncode == 2, f"{context}: exit {proc.returncode}\n{err}"
+def test_sigterm_saves_exits_with_a_resume_hint_and_resume_completes(wave1, wave2, wave3):
+    """Fails if --resume is ignored (planted: Run.restore a no-op), or resumes from an older save
+    (planted: latest_state returning the older of the two kept saves): start_step is not the save."""
+    stopped, k, context = wave2["C-term"], TERM[0], TERM[2]
+    out, err = stopped["out"], stopped["stderr"]
+    assert stopped["signalled"] and stopped["returncode"] == 2, f"{context}: exit {stopped['returncode']}\n{err}"
     m = re.search(r"stopped by SIGTERM at step (\d+); state saved in (\S+); continue with --resume", err)
     assert m, f"{context}\n{err}"
     stopped_at = int(m.group(1))
+    context += f", stopped at step {stopped_at}"
     assert Path(m.group(2)) == out / "state"
-    assert latest_step(out) == stopped_at, context  # the save made on the way out
+    assert k <= stopped_at < MAX_STEPS, context
+    assert stopped["latest"] == stopped_at, context  # the save made on the way out
     assert "Traceback" not in err
-    assert not (out / "weights.safetensors").exists()
-    r = run(workdir, out, "--resume")
-    assert r.returncode == 0, f"{context}\n{r.stderr}"
-    assert_same_run(reference["out"], out, f"{context}, stopped at step {stopped_at}")
+    assert not stopped["weights"], context
+    r = wave3["C-term"]
+    assert r["returncode"] == 0, f"{context}\n{r['stderr']}"
+    assert_resumed(r["stdout"], out, stopped_at, context)
+    assert_same_run(wave1["A"]["out"], out, context)
 
 
-def test_nan_loss_exits_2_naming_step_and_batch_and_keeps_only_good_saves(workdir):
-    out = workdir / "N-nan"
-    r = run(workdir, out, "--lr", "1e30", "--save-every", "1")
-    assert r.returncode == 2, r.stderr
-    m = re.search(r"loss is (nan|inf|-inf) at step (\d+) \(epoch (\d+), batch (\d+)", r.stderr)
-    assert m, r.stderr
-    assert "Traceback" not in r.stderr
+def test_resume_from_the_end_of_epoch_save_is_bit_exact(wave1, wave2):
+    """Fails if --resume is ignored (planted: Run.restore a no-op), or if that save counts its
+    epoch twice (the bug this test found)."""
+    r = wave2["E-epoch-end"]
+    assert r["returncode"] == 0, r["stderr"]
+    assert_resumed(r["stdout"], r["out"], r["step"], "resumed from the end-of-epoch-1 save")
+    assert_same_run(wave1["A"]["out"], r["out"], "resumed from the end-of-epoch-1 save")
+
+
+def test_resume_with_dropout_is_bit_exact(wave1, wave2):
+    """Resumed mid-epoch, with a dropout key per step. Fails if the dropout key restarts with the
+    resumed run (planted: fold_in(base_key, step - start_step) in fit)."""
+    assert wave1["D"]["metas"][DROPOUT_RESUME_STEP]["done_in_epoch"] > 0 and wave1["D"]["epoch_ends"]
+    r = wave2["D-resumed"]
+    context = f"dropout {DROPOUT[1]}, resumed from step {DROPOUT_RESUME_STEP}"
+    assert r["returncode"] == 0, r["stderr"]
+    assert_resumed(r["stdout"], r["out"], DROPOUT_RESUME_STEP, context)
+    assert_same_run(wave1["D"]["out"], r["out"], context)
+
+
+def test_resume_with_nothing_saved_says_so_and_starts_from_step_0(wave1):
+    """Run D was started with --resume in an empty folder. Fails if fit stops saying so (planted:
+    that log call removed)."""
+    d = wave1["D"]
+    assert f"--resume: no saved state in {d['out'] / 'state'}; starting from step 0\n" in d["stdout"], d["stdout"]
+    assert "resumed from" not in d["stdout"]
+    report = json.loads((d["out"] / "metrics.json").read_text())
+    assert (report["start_step"], report["steps_run"], report["steps"]) == (0, MAX_STEPS, MAX_STEPS)
+
+
+def test_resume_with_a_changed_setting_is_refused_naming_it(wave2):
+    """--lr 2e-3 against a save made with 1e-3: exit 2, one line naming the save and lr, nothing
+    written. Fails if settings are not compared on resume (planted: that check skipped in fit)."""
+    r = wave2["E-changed-lr"]
+    out, name = r["out"], f"step-{r['step']:09d}"
+    assert r["returncode"] == 2, f"exit {r['returncode']}\n{r['stderr']}"
+    lines = r["stderr"].strip().splitlines()
+    assert len(lines) == 1, r["stderr"]
+    m = re.fullmatch(r"jaxcls: error: (\S+): saved with other settings \(([^)]*)\); .*new --out", lines[0])
+    assert m, lines[0]
+    assert (Path(m.group(1)), m.group(2)) == (out / "state" / name, "lr"), lines[0]
+    assert latest_step(out) == r["step"]
+    assert sorted(p.name for p in (out / "state").iterdir()) == ["LATEST", name]
+    assert not (out / "metrics.jsonl").exists() and not (out / "weights.safetensors").exists()
+
+
+def test_nan_loss_exits_2_naming_step_and_batch_and_keeps_only_good_saves(wave2):
+    n = wave2["N-nan"]
+    out, err = n["out"], n["stderr"]
+    assert n["returncode"] == 2, err
+    m = re.search(r"loss is (nan|inf|-inf) at step (\d+) \(epoch (\d+), batch (\d+)", err)
+    assert m, err
+    assert "Traceback" not in err
     nan_step = int(m.group(2))
     saves = sorted((out / "state").glob("step-*"))
     assert saves, "with --save-every 1 at least the step before the NaN is saved"

@@ -10,9 +10,11 @@ from flax import nnx
 
 from conftest import TOKENIZER_DIR, requires_shared
 from jaxcls.classifier import Classifier
+from jaxcls.cli import main
 from jaxcls.config import TINY_SIZES
+from jaxcls.errors import ConfigError
 from jaxcls.model import GPT2Classifier
-from jaxcls.serve import make_server
+from jaxcls.infer.serve import make_server
 from jaxcls.tokenizer import encoding_from_files
 
 pytestmark = requires_shared
@@ -80,18 +82,67 @@ def test_classify(server):
     assert request(server, "GET", "/info")[1]["num_compiles"] == compiles_at_start  # none while serving
 
 
-def test_concurrent_requests(server):
+def test_concurrent_requests_get_their_own_answers(server):
+    """Fails if answers are mixed between threads (planted: ClassifierServer.classify keeps the
+    request's texts in self._texts, shared by all threads, and predicts those once it holds the lock)."""
+    batches = [[f"{w} number {i}" for w in ("win cash", "lunch at", "call me")] for i in range(4)]
+    alone = [request(server, "POST", "/classify", {"texts": b}) for b in batches]
+    assert all(status == 200 for status, _ in alone)
+    alone = [out["predictions"] for _, out in alone]
+    for a in range(4):  # every client's answer differs from every other's, so a mix-up shows
+        for b in range(a):
+            assert alone[a] != alone[b]
+    start = threading.Barrier(4)
     results = {}
 
     def worker(i):
-        results[i] = request(server, "POST", "/classify", {"texts": [f"text number {i}"] * (i + 1)})
+        start.wait(30)
+        for _ in range(3):
+            results.setdefault(i, []).append(request(server, "POST", "/classify", {"texts": batches[i]}))
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
-    assert all(results[i][0] == 200 and len(results[i][1]["predictions"]) == i + 1 for i in range(4))
+        t.join(60)
+    for i in range(4):
+        assert len(results[i]) == 3
+        for status, out in results[i]:
+            assert status == 200
+            assert [p["label"] for p in out["predictions"]] == [p["label"] for p in alone[i]]
+            for got, want in zip(out["predictions"], alone[i]):
+                np.testing.assert_allclose(list(got["probs"].values()), list(want["probs"].values()),
+                                           atol=1e-6)
+
+
+def test_busy_or_invalid_port_fails_before_compiling(server):
+    """Fails if the port is bound only after the predictor is built and warmed up (planted:
+    make_server calls classifier.predictor() and warmup() before bind())."""
+
+    class NeverUsed:
+        def predictor(self, **kw):
+            raise AssertionError("the predictor was built before the port was bound")
+
+    busy = server.server_address[1]
+    with pytest.raises(ConfigError, match=f"cannot serve on 127.0.0.1:{busy}"):
+        make_server(NeverUsed(), "127.0.0.1", busy)
+    for port in (99999, -1):
+        with pytest.raises(ConfigError, match="port must be an integer in 0..65535"):
+            make_server(NeverUsed(), "127.0.0.1", port)
+    with pytest.raises(ConfigError, match="max_texts must be >= 1"):
+        make_server(NeverUsed(), "127.0.0.1", 0, max_texts=0)
+    assert request(server, "GET", "/health")[0] == 200  # the failed attempts left it serving
+
+
+@pytest.mark.parametrize("port", ["busy", "99999"])
+def test_cli_serve_reports_a_bad_port_before_loading(server, tmp_path, capsys, port):
+    """The model folder does not exist: the port error comes first, as one line with exit 2.
+    Fails if cmd_serve loads before binding (planted: _load(args) moved above bind())."""
+    port = str(server.server_address[1]) if port == "busy" else port
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxcls: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert ("already in use" in err) if port != "99999" else ("got 99999" in err)
 
 
 @pytest.mark.parametrize("body,status,message", [

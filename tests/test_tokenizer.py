@@ -7,7 +7,8 @@ import pytest
 from conftest import FIXTURE, TOKENIZER_DIR, requires_shared
 from jaxcls.cli import main
 from jaxcls.errors import CheckpointError
-from jaxcls.tokenizer import PAD_ID, encode, load_tokenizer
+from jaxcls import load_tokenizer
+from jaxcls.tokenizer import PAD_ID, encode
 
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text()) if FIXTURE.is_dir() else None
 

@@ -10,13 +10,14 @@ import pytest
 from flax import nnx
 
 from conftest import TOKENIZER_DIR
-from jaxcls import freeze, train
+from jaxcls.train import freeze
+from jaxcls.train import step as train
+from jaxcls.task import SingleLabel
 from jaxcls.config import GPT2Config, TrainConfig
 from jaxcls.data import DataSplits, TextDataset
 from jaxcls.errors import ConfigError, TrainingError
-from jaxcls.fit import fit
-from jaxcls.model import GPT2Classifier
-from jaxcls.names import path_str
+from jaxcls.train import fit
+from jaxcls.model import GPT2Classifier, path_str
 
 CFG = GPT2Config(n_vocab=200, n_ctx=32, n_embd=16, n_head=2, n_layer=3)
 
@@ -87,7 +88,7 @@ def test_bad_trainable_values_are_config_errors():
 def one_step(m, preset, spec=None):
     graphdef, tr, fr = freeze.split_trainable(m, freeze.trainable_pattern(preset, CFG.n_layer))
     tx = optax.adamw(1e-2, weight_decay=0.1)
-    step = train.make_train_step(graphdef, tx, spec or train.StepSpec(2))
+    step = train.make_train_step(graphdef, tx, spec or train.StepSpec(SingleLabel.with_classes(2)))
     rng = np.random.default_rng(0)
     batch = train.Batch(jnp.asarray(rng.integers(0, 200, (1, 4, 12)), jnp.int32), jnp.full((1, 4), 12, jnp.int32),
                         jnp.asarray([[0, 1, 0, 1]], jnp.int32), jnp.ones((1, 4), jnp.float32))
@@ -124,7 +125,7 @@ def test_optax_mask_over_full_tree_equals_the_split():
     graphdef, params = nnx.split(model(), nnx.Param)
     labels = freeze.optax_labels(params, pattern)
     tx = freeze.masked_optimizer(optax.adamw(1e-2, weight_decay=0.1), labels)
-    full_step = train.make_train_step(graphdef, tx, train.StepSpec(2))
+    full_step = train.make_train_step(graphdef, tx, train.StepSpec(SingleLabel.with_classes(2)))
     new_params, _, _ = full_step(params, nnx.State({}), tx.init(params), batch, key)
     full, split_new = flat(new_params), flat(new_tr)
     for k, v in split_new.items():
@@ -142,7 +143,7 @@ def test_gradient_accumulation_equals_the_larger_batch():
     with uneven filler weights so that a per-micro-batch mean would differ."""
     graphdef, tr, fr = freeze.split_trainable(model(), freeze.trainable_pattern("last_block", 3))
     tx = optax.sgd(1.0)
-    step = train.make_train_step(graphdef, tx, train.StepSpec(2, class_weights=(1.0, 2.5)))
+    step = train.make_train_step(graphdef, tx, train.StepSpec(SingleLabel.with_classes(2, class_weights=(1.0, 2.5))))
     rng = np.random.default_rng(1)
     ids = jnp.asarray(rng.integers(0, 200, (8, 12)), jnp.int32)
     lengths = jnp.asarray(rng.integers(3, 13, 8), jnp.int32)
@@ -213,9 +214,9 @@ def test_label_smoothing_and_class_weights_change_the_loss():
     logits = jnp.array([[2.0, -1.0], [0.5, 0.2]])
     labels = jnp.array([0, 1])
     w = jnp.ones(2)
-    plain = train.loss_terms(logits, labels, w, train.StepSpec(2))
-    smooth = train.loss_terms(logits, labels, w, train.StepSpec(2, label_smoothing=0.2))
-    weighted = train.loss_terms(logits, labels, w, train.StepSpec(2, class_weights=(1.0, 3.0)))
+    plain = train.loss_terms(logits, labels, w, train.StepSpec(SingleLabel.with_classes(2)))
+    smooth = train.loss_terms(logits, labels, w, train.StepSpec(SingleLabel.with_classes(2, label_smoothing=0.2)))
+    weighted = train.loss_terms(logits, labels, w, train.StepSpec(SingleLabel.with_classes(2, class_weights=(1.0, 3.0))))
     ce = -jax.nn.log_softmax(logits)[jnp.arange(2), labels]
     np.testing.assert_allclose(plain[0], ce.sum(), rtol=1e-6)
     np.testing.assert_allclose(weighted[0] / weighted[1], (ce[0] + 3 * ce[1]) / 4, rtol=1e-6)
@@ -264,7 +265,7 @@ def test_global_batching_with_the_cache_follows_the_unbucketed_run():
 
 
 def test_bucket_batching_draws_each_batch_from_one_bucket():
-    from jaxcls.fit import plan_batches, prepare_split
+    from jaxcls.train.batches import plan_batches, prepare_split
 
     splits = long_toy_splits()
     seqs = [np.array(encode(t), np.int32) for t in splits.train.texts]
@@ -302,7 +303,7 @@ def test_cache_budget_message_and_bfloat16_storage():
 
 
 def test_cache_in_device_memory_builds_the_same_batches_on_the_device():
-    from jaxcls.fit import make_batch, plan_batches, prepare_split
+    from jaxcls.train.batches import make_batch, plan_batches, prepare_split
 
     splits = long_toy_splits()
     seqs = [np.array(encode(t), np.int32) for t in splits.train.texts]
@@ -354,7 +355,7 @@ def test_train_step_donates_parameters_and_optimizer_state():
 
 
 def test_bucket_shuffle_is_a_function_of_seed_and_epoch():
-    from jaxcls.fit import plan_batches, prepare_split
+    from jaxcls.train.batches import plan_batches, prepare_split
 
     splits = long_toy_splits()
     seqs = [np.array(encode(t), np.int32) for t in splits.train.texts]

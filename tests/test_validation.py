@@ -3,6 +3,7 @@ a folder missing one of its files, and a text that spells GPT-2's special token.
 
 from __future__ import annotations
 
+import json
 import shutil
 import stat
 from pathlib import Path
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURE, requires_shared
-from jaxcls.classifier import META, WEIGHTS, Classifier, base_weight_files, file_sha256
+from jaxcls.ckpt.folder import META, WEIGHTS, base_weight_files
+from jaxcls.fileio import sha256_files
+from jaxcls.classifier import Classifier
 from jaxcls.errors import CheckpointError
 from jaxcls.tokenizer import PAD_ID
 
@@ -56,8 +59,8 @@ def test_changed_base_checkpoint_names_both_hashes(saved, tmp_path):
     buf = bytearray(data.read_bytes())
     buf[len(buf) // 2] ^= 0x01
     data.write_bytes(bytes(buf))
-    recorded = file_sha256(base_weight_files(saved["base"], "openai"))
-    now = file_sha256(base_weight_files(base, "openai"))
+    recorded = sha256_files(base_weight_files(saved["base"], "openai"))
+    now = sha256_files(base_weight_files(base, "openai"))
     assert recorded != now
     with pytest.raises(CheckpointError) as e:
         Classifier.load(saved["dir"], base=base)
@@ -79,8 +82,41 @@ def test_changed_base_at_its_recorded_path_is_refused(saved):
 
 
 def test_missing_base_checkpoint_says_where_it_was_expected(saved, tmp_path):
-    with pytest.raises(CheckpointError, match=r"needs its base checkpoint .*not there"):
+    """The message names the folder looked in and both ways to point elsewhere. Fails if it names
+    only the Python argument (planted: the old "pass base=..." message)."""
+    with pytest.raises(CheckpointError, match=r"needs its base checkpoint .*not at") as e:
         Classifier.load(saved["dir"], base=tmp_path / "nowhere")
+    msg = str(e.value)
+    assert str(tmp_path / "nowhere") in msg and "--base DIR" in msg and "base=DIR" in msg
+
+
+def test_cli_base_finds_a_moved_base_checkpoint(saved, tmp_path, capsys):
+    """classify and eval load a delta classifier whose base checkpoint moved, given --base; without
+    it the error names --base. Fails if --base is not passed to Classifier.load (planted:
+    `Classifier.load(args.model)` in jaxcls.cli.common.load_classifier)."""
+    from jaxcls.cli import main
+
+    folder = copy_of(saved, "moved-base")
+    meta = json.loads((folder / META).read_text())
+    meta["base"]["path"] = str(tmp_path / "moved-away")
+    (folder / META).write_text(json.dumps(meta))
+    assert main(["classify", "--model", str(folder), *TEXTS[:2]]) == 2
+    err = capsys.readouterr().err
+    assert "moved-away" in err and "--base DIR" in err and err.count("\n") == 1
+
+    out = tmp_path / "pred.jsonl"
+    assert main(["classify", "--model", str(folder), "--base", str(saved["base"]), "--output", str(out),
+                 "--quiet", *TEXTS[:4]]) == 0
+    probs = [list(json.loads(line)["probs"].values()) for line in out.read_text().splitlines()]
+    np.testing.assert_allclose(probs, saved["clf"].predict_proba(TEXTS[:4]), atol=1e-5)
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in zip(TEXTS, LABELS)))
+    assert main(["eval", "--model", str(folder), "--base", str(saved["base"]), "--data", str(data), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == len(TEXTS)
+    expected = saved["clf"].predict(TEXTS)
+    assert report["accuracy"] == pytest.approx(np.mean([a == b for a, b in zip(expected, LABELS)]))
 
 
 @pytest.mark.parametrize("missing", [WEIGHTS, META])

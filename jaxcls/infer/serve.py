@@ -9,7 +9,8 @@
 Bad requests get a 4xx status and {"error": "..."}. Requests are handled in threads, but the model
 runs one request at a time (a lock around the predictor): each request's texts go through the
 fixed-shape buckets, which were all compiled at startup (the predictor's `warmup()`), so no request
-waits for a compile. Binds to 127.0.0.1 unless told otherwise; there is no authentication.
+waits for a compile. The address is bound before anything compiles, so a busy port fails at once.
+Binds to 127.0.0.1 unless told otherwise; there is no authentication.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
+
+from jaxcls.errors import ConfigError
 
 MAX_TEXTS = 1024
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -32,17 +35,28 @@ class _BadRequest(Exception):
 
 
 class ClassifierServer(ThreadingHTTPServer):
+    """Holds its address from construction on (see `bind`); listens once `attach` gives it a
+    classifier, so no client connects to a server that cannot answer yet."""
+
     daemon_threads = True
 
-    def __init__(self, address, classifier, predictor, *, max_texts: int, max_body_bytes: int,
-                 log: bool):
-        self.classifier = classifier
-        self.predictor = predictor
-        self.max_texts = max_texts
-        self.max_body_bytes = max_body_bytes
-        self.log = log
+    def __init__(self, address):
+        self.classifier = self.predictor = None
+        self.max_texts, self.max_body_bytes, self.log = MAX_TEXTS, MAX_BODY_BYTES, False
         self.lock = threading.Lock()
-        super().__init__(address, _Handler)
+        super().__init__(address, _Handler, bind_and_activate=False)
+        try:
+            self.server_bind()
+        except BaseException:
+            self.server_close()
+            raise
+
+    def attach(self, classifier, predictor, *, max_texts: int = MAX_TEXTS,
+               max_body_bytes: int = MAX_BODY_BYTES, log: bool = False) -> None:
+        """Serve `classifier` through `predictor` and start listening (`serve_forever()` answers)."""
+        self.classifier, self.predictor = classifier, predictor
+        self.max_texts, self.max_body_bytes, self.log = max_texts, max_body_bytes, log
+        self.server_activate()
 
     @property
     def url(self) -> str:
@@ -173,27 +187,49 @@ class _Handler(BaseHTTPRequestHandler):
         return texts
 
 
+def bind(host: str = "127.0.0.1", port: int = 0) -> ClassifierServer:
+    """A server holding `host:port` but not yet listening. A bad, busy or forbidden address is a
+    ConfigError here, in milliseconds, not after a model has loaded and compiled."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"port must be an integer in 0..65535, got {port!r}")
+    try:
+        return ClassifierServer((host, port))
+    except (OSError, OverflowError, UnicodeError) as e:
+        raise ConfigError(f"cannot serve on {host}:{port} ({e})") from None
+
+
 def make_server(classifier, host: str = "127.0.0.1", port: int = 0, *, warmup: bool = True,
                 max_texts: int = MAX_TEXTS, max_body_bytes: int = MAX_BODY_BYTES,
-                predictor_kw: dict | None = None, log: bool = False) -> ClassifierServer:
-    """A bound, not yet started server (`serve_forever()` starts it; port 0 picks a free port,
-    see `server.url`). The model runs through `classifier.predictor(**predictor_kw)`; `warmup`
-    compiles all of that predictor's batch shapes first, so no request waits for a compile."""
-    predictor = classifier.predictor(**(predictor_kw or {}))
-    if warmup:
-        predictor.warmup()
-    return ClassifierServer((host, port), classifier, predictor, max_texts=max_texts,
-                            max_body_bytes=max_body_bytes, log=log)
-
-
-def serve(classifier, host: str = "127.0.0.1", port: int = 8000, **kw) -> None:
-    """Serve until interrupted (Ctrl-C)."""
-    kw.setdefault("log", True)
-    print("jaxcls: compiling the batch shapes before serving...", file=sys.stderr, flush=True)
-    server = make_server(classifier, host, port, **kw)
-    print(f"jaxcls: serving {', '.join(classifier.label_names)} classifier on {server.url} "
-          "(Ctrl-C to stop)", file=sys.stderr, flush=True)
+                predictor_kw: dict | None = None, log: bool = False,
+                server: ClassifierServer | None = None) -> ClassifierServer:
+    """A listening, not yet started server (`serve_forever()` starts it; port 0 picks a free port,
+    see `server.url`). The address is bound first, or `server` (from `bind`) is used. The model
+    runs through `classifier.predictor(**predictor_kw)`; `warmup` compiles all of that
+    predictor's batch shapes before the server listens, so no request waits for a compile."""
+    if max_texts < 1:
+        raise ConfigError(f"max_texts must be >= 1, got {max_texts}")
+    server = bind(host, port) if server is None else server
     try:
+        predictor = classifier.predictor(**(predictor_kw or {}))
+        if warmup:
+            predictor.warmup()
+        server.attach(classifier, predictor, max_texts=max_texts, max_body_bytes=max_body_bytes, log=log)
+    except BaseException:
+        server.server_close()
+        raise
+    return server
+
+
+def serve(classifier, host: str = "127.0.0.1", port: int = 8000, *,
+          server: ClassifierServer | None = None, **kw) -> None:
+    """Serve until interrupted (Ctrl-C); `server` (from `bind`) replaces host and port."""
+    kw.setdefault("log", True)
+    server = bind(host, port) if server is None else server
+    try:
+        print("jaxcls: compiling the batch shapes before serving...", file=sys.stderr, flush=True)
+        make_server(classifier, server=server, **kw)
+        print(f"jaxcls: serving {', '.join(classifier.label_names)} classifier on {server.url} "
+              "(Ctrl-C to stop)", file=sys.stderr, flush=True)
         server.serve_forever()
     finally:
         server.server_close()

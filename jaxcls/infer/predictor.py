@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import threading
 import warnings
-from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
@@ -30,6 +29,7 @@ from flax import nnx
 
 from jaxcls.data import fine_bucket_lengths, length_buckets
 from jaxcls.errors import ConfigError
+from jaxcls.task import SingleLabel
 from jaxcls.tokenizer import pad_id_for
 
 LONG_MODES = ("truncate", "sliding")
@@ -50,22 +50,24 @@ def predict_step(graphdef, state, ids, lengths):
     return model(ids, lengths).astype(jnp.float32)
 
 
-def enable_compilation_cache(path: str | Path, *, min_compile_time_secs: float = 0.0) -> Path:
-    """Keep compiled programs in `path` across processes (JAX's persistent compilation cache), so
-    a second `jaxcls classify`/`serve` loads its buckets from disk instead of compiling them.
-
-    Every program is cached (JAX's defaults skip those that compile in under a second). Works even
-    if something was compiled already in this process. The folder is trusted: anyone who can write
-    to it can make this process run code, so never point it at a shared, writable folder."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    path = Path(path).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    compilation_cache.reset_cache()  # JAX decides once whether the cache is on; ask again
-    return path
+def resolve_buckets(n_ctx: int, pad_length, bucket_lengths) -> tuple[int | None, tuple[int, ...]]:
+    """(pad length, the padded lengths batches may have): exactly the pad length a classifier was
+    trained with, or the given lengths, or the default ladder up to n_ctx."""
+    if pad_length is not None:
+        if isinstance(pad_length, bool) or not 1 <= int(pad_length) <= n_ctx:
+            raise ConfigError(f"pad_length must be in 1..n_ctx={n_ctx}, got {pad_length!r}")
+        pad_length = int(pad_length)
+        if bucket_lengths is not None and tuple(bucket_lengths) != (pad_length,):
+            raise ConfigError(
+                f"bucket_lengths {tuple(bucket_lengths)} conflict with pad_length {pad_length}: "
+                "a classifier trained with a fixed pad length is served with exactly that length")
+        return pad_length, (pad_length,)
+    if bucket_lengths is None:
+        return None, fine_bucket_lengths(n_ctx)
+    buckets = tuple(sorted({int(b) for b in bucket_lengths}))
+    if not buckets or buckets[0] < 1 or buckets[-1] > n_ctx:
+        raise ConfigError(f"bucket_lengths must lie in 1..n_ctx={n_ctx}, got {tuple(bucket_lengths)}")
+    return None, buckets
 
 
 @dataclasses.dataclass
@@ -100,6 +102,8 @@ class Predictor:
     long: "truncate" keeps the first max_length tokens of a longer text (the book's choice);
         "sliding" classifies windows of max_length tokens, `window_stride` apart (default
         max_length // 2), the last window ending at the text's end, and averages their logits.
+    task: how logits become probabilities and predictions (jaxcls.task; default single-label
+        over the model's classes).
 
     A text with no tokens (the empty string) has no token to pool; it is classified as a single
     padding token (length 1), which gives a well-defined, text-independent prediction, and is
@@ -123,27 +127,14 @@ class Predictor:
         long: str = "truncate",
         window_stride: int | None = None,
         pad_id: int | None = None,
+        task=None,
     ):
         n_ctx = int(model.config.n_ctx)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         if long not in LONG_MODES:
             raise ConfigError(f"long must be one of {LONG_MODES}, got {long!r}")
-        if pad_length is not None:
-            if isinstance(pad_length, bool) or not 1 <= int(pad_length) <= n_ctx:
-                raise ConfigError(f"pad_length must be in 1..n_ctx={n_ctx}, got {pad_length!r}")
-            pad_length = int(pad_length)
-            if bucket_lengths is not None and tuple(bucket_lengths) != (pad_length,):
-                raise ConfigError(
-                    f"bucket_lengths {tuple(bucket_lengths)} conflict with pad_length {pad_length}: "
-                    "a classifier trained with a fixed pad length is served with exactly that length")
-            buckets = (pad_length,)
-        elif bucket_lengths is None:
-            buckets = fine_bucket_lengths(n_ctx)
-        else:
-            buckets = tuple(sorted({int(b) for b in bucket_lengths}))
-            if not buckets or buckets[0] < 1 or buckets[-1] > n_ctx:
-                raise ConfigError(f"bucket_lengths must lie in 1..n_ctx={n_ctx}, got {tuple(bucket_lengths)}")
+        pad_length, buckets = resolve_buckets(n_ctx, pad_length, bucket_lengths)
         if getattr(model, "pooling", None) == "last" and pad_length is None:
             warnings.warn(
                 "pooling 'last' without pad_length: a text's result depends on the bucket length it "
@@ -166,6 +157,9 @@ class Predictor:
         self.window_stride = int(window_stride)
         self.pad_id = pad_id_for(model.config.n_vocab) if pad_id is None else int(pad_id)
         self.num_classes = int(model.num_classes)
+        self.task = SingleLabel.with_classes(self.num_classes) if task is None else task
+        if self.task.num_outputs != self.num_classes:
+            raise ConfigError(f"the task has {self.task.num_outputs} outputs, the model's head {self.num_classes}")
         self.num_compiles = 0
         self.stats = PredictStats()
         self._lock = threading.RLock()
@@ -271,9 +265,10 @@ class Predictor:
         return (total / counts[:, None]).astype(np.float32)
 
     def predict(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(class ids int64 [N], probabilities float32 [N, C]) in input order."""
-        probs = softmax(self.logits(texts))
-        return np.argmax(probs, axis=-1), probs
+        """(predictions [N], probabilities float32 [N, C]) in input order, as the task decides
+        (single-label: class ids and the softmax)."""
+        probs = self.task.probabilities(self.logits(texts))
+        return self.task.decide(probs), probs
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every (rows, length) batch shape this predictor can run."""
@@ -290,11 +285,3 @@ class Predictor:
                 self.stats.tokens_run -= rows * length
             return self.num_compiles - before
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, np.float64)
-    if z.size == 0:
-        return z.astype(np.float32)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxcls.errors import ConfigError
-from jaxcls.train import Batch, StepSpec, make_train_step
+from jaxcls.train.step import Batch, StepSpec, make_train_step
 
 DATA = "data"  # the mesh axis: batch rows in data parallelism, parameter shards in FSDP
 FSDP_MIN_SIZE = 2**18  # leaves with fewer elements (biases, LayerNorms, small heads) stay replicated
@@ -127,12 +127,6 @@ def replicate(tree, mesh: Mesh):
     return place(tree, shardings(tree, mesh))
 
 
-def shard_params_fsdp(tree, mesh: Mesh, min_size: int = FSDP_MIN_SIZE):
-    """FSDP placement: big leaves split along their largest axis divisible by the mesh size,
-    the rest replicated. Use for parameters and the optimizer state alike."""
-    return place(tree, shardings(tree, mesh, fsdp=True, min_size=min_size))
-
-
 def init_opt_state(tx, trainable, mesh: Mesh, *, fsdp: bool = False, min_size: int = FSDP_MIN_SIZE):
     """`tx.init(trainable)` created directly at its placement: no device ever holds the whole
     FSDP optimizer state."""
@@ -190,12 +184,10 @@ def shard_batch(batch: Batch, mesh: Mesh, *, is_global: bool = True) -> Batch:
 
 def make_sharded_train_step(graphdef, tx, spec: StepSpec, mesh: Mesh, param_sharding,
                             opt_sharding):
-    """train.make_train_step's own step function, re-jitted with its outputs pinned: parameters
-    at `param_sharding`, optimizer state at `opt_sharding` (pytrees of NamedSharding, e.g. from
-    `shardings(...)`), metrics replicated. Inputs are taken at whatever placement they carry."""
-    step = make_train_step(graphdef, tx, spec).__wrapped__
-    return jax.jit(step, donate_argnums=(0, 2),
-                   out_shardings=(param_sharding, opt_sharding, replicated(mesh)))
+    """The train step with its outputs pinned: parameters at `param_sharding`, optimizer state at
+    `opt_sharding` (pytrees of NamedSharding, e.g. from `shardings(...)`), metrics replicated.
+    Inputs are taken at whatever placement they carry."""
+    return make_train_step(graphdef, tx, spec, out_shardings=(param_sharding, opt_sharding, replicated(mesh)))
 
 
 def to_host(tree):

@@ -3,6 +3,7 @@ into place, then named in LATEST (itself replaced atomically). A half-written sa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxcls.errors import CheckpointError
+from jaxcls.errors import CheckpointError, ConfigError
 from jaxcls.fileio import atomic_write_json
 
 KEEP = 2
@@ -67,3 +68,45 @@ def load_state(path: Path, template):
             raise CheckpointError(f"{path}: array {i} is {a.dtype}{list(a.shape)}, expected "
                                   f"{t.dtype}{list(t.shape)}")
     return jax.tree.unflatten(treedef, [jax.numpy.asarray(a) for a in arrays]), meta
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Exactly what a resumable save holds: parameters that train, optimizer state, where the loop
+    is, the metrics history and the best epoch so far."""
+
+    trainable: object
+    opt_state: object
+    step: int = 0
+    epoch: int = 0
+    done_in_epoch: int = 0  # batches of `epoch` already taken
+    history: list = dataclasses.field(default_factory=list)
+    best: dict | None = None
+
+    def meta(self, cfg) -> dict:
+        return {"config": resumable(cfg), "epoch": self.epoch, "done_in_epoch": self.done_in_epoch,
+                "history": self.history, "best": self.best}
+
+
+def resumable(cfg) -> dict:
+    """The settings a resumed run must share with the saved one."""
+    d = dataclasses.asdict(cfg)
+    for k in ("out", "save_every", "cache", "cache_budget_mb", "cache_dtype", "cache_memory", "data_parallel",
+              "fsdp"):
+        d.pop(k)
+    return json.loads(json.dumps(d))
+
+
+def restore(state: LoopState, state_dir: Path, cfg) -> tuple[LoopState, Path] | None:
+    """The newest save in `state_dir` loaded into `state`'s tree, or None when nothing is saved.
+    Refuses a save made with other settings, naming them."""
+    latest = latest_state(state_dir)
+    if latest is None:
+        return None
+    (trainable, opt_state), meta = load_state(latest, (state.trainable, state.opt_state))
+    if meta["config"] != resumable(cfg):
+        diff = sorted(k for k in meta["config"] if meta["config"][k] != resumable(cfg).get(k))
+        raise ConfigError(f"{latest}: saved with other settings ({', '.join(diff)}); "
+                          "resume with the same options or use a new --out")
+    return LoopState(trainable, opt_state, meta["step"], meta["epoch"], meta["done_in_epoch"],
+                     meta["history"], meta.get("best")), latest

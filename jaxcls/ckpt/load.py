@@ -1,4 +1,7 @@
-"""From a checkpoint folder (or a size name) to a filled NNX module: strict about every tensor."""
+"""From a checkpoint folder (or a size name) to a filled NNX module: strict about every tensor.
+
+`match_tensors` is the one check between a file's tensors and the parameters a model expects; the
+checkpoint readers here and the saved-classifier folder (ckpt/folder.py) both go through it."""
 
 from __future__ import annotations
 
@@ -11,10 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxcls import names
-from jaxcls.config import GPT2Config, canonical_size, read_json
+from jaxcls.ckpt import hf, names, openai
+from jaxcls.ckpt.download import checkpoint_folder, download_checkpoint, missing_files
+from jaxcls.config import GPT2Config, canonical_size
 from jaxcls.errors import CheckpointError
+from jaxcls.fileio import read_json
 from jaxcls.model import GPT2
+from jaxcls.tokenizer import tokenizer_from_folder
 
 OPENAI_MARKERS = ("checkpoint", "model.ckpt.index", "hparams.json")
 
@@ -43,7 +49,7 @@ def layout_of(folder: Path) -> str:
 def resolve_checkpoint_dir(path_or_name: str | Path, *, download: bool = True,
                            progress: bool = True) -> Path:
     """A folder as given, or a released size ('gpt2-small', '124M') from the cache, downloaded
-    there on first use."""
+    there on first use unless `download` is False."""
     path = Path(path_or_name).expanduser()
     if path.is_file() and path.suffix == ".safetensors":
         return path.parent
@@ -53,23 +59,26 @@ def resolve_checkpoint_dir(path_or_name: str | Path, *, download: bool = True,
     if size is None:
         raise CheckpointError(f"{path_or_name}: no such checkpoint folder, and not a released size "
                               "(gpt2-small/124M, gpt2-medium/355M, gpt2-large/774M, gpt2-xl/1558M)")
-    from jaxcls import download
-
-    folder = download.cache_home() / "models" / download.SIZE_DIRS[size]
-    complete = all((folder / f).is_file() for f in download.OPENAI_FILES)
-    if not complete:
+    folder = checkpoint_folder(size)
+    missing = missing_files(folder)
+    if missing:
         if not download:
-            raise CheckpointError(f"{folder}: checkpoint {size} is not downloaded; "
-                                  f"run `jaxcls download {size}`")
-        download.download_checkpoint(size, progress=progress)
+            raise CheckpointError(f"{folder}: checkpoint {size} is not downloaded (missing "
+                                  f"{', '.join(missing)}); run `jaxcls download {size}`")
+        download_checkpoint(size, progress=progress)
     return folder
+
+
+def param_shapes(make_model: Callable[[], nnx.Module]) -> dict:
+    """Flax path -> shape of every parameter `make_model()` would have; nothing is allocated."""
+    abstract = nnx.eval_shape(make_model)
+    return {p: tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
 
 
 def expected_shapes(config: GPT2Config) -> dict:
     """Flax path -> shape of every parameter a GPT-2 checkpoint of this config holds."""
-    abstract = nnx.eval_shape(lambda: GPT2(config, rngs=nnx.Rngs(0)))
-    return {p: tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-            if names.in_checkpoint(p)}
+    shapes = param_shapes(lambda: GPT2(config, rngs=nnx.Rngs(0)))
+    return {p: s for p, s in shapes.items() if names.in_checkpoint(p)}
 
 
 def _parse_config(read: Callable[[], GPT2Config], file: Path) -> GPT2Config:
@@ -102,25 +111,30 @@ def _to_float32(arr: np.ndarray, where: str) -> np.ndarray:
     return arr
 
 
-def _match(raw: dict, table: dict, shapes: dict, *, file: Path, config_file: Path,
-           config: GPT2Config, reshape: Callable) -> dict:
-    """Every expected tensor present with its shape, nothing unknown left over."""
+def match_tensors(raw: dict, table: dict, shapes: dict, *, file: Path, model: str, source: Path,
+                  described: dict, reshape: Callable = lambda path, arr: arr,
+                  required=None) -> dict:
+    """Flax path -> array for every tensor of `raw` (name -> array, as `file` holds them): each
+    name must be in `table` (name -> Flax path), floating point, and of the shape `shapes` gives
+    after `reshape` (which returns None for a shape it cannot take); every path of `required`
+    (default: all of `table`) must be there. `model`, `source` and `described` say what sets the
+    expectation ("GPT-2", hparams.json, its five numbers) for the messages, which all name `file`
+    and the tensor."""
     out = {}
     for name, arr in raw.items():
         if name not in table:
-            raise CheckpointError(
-                f"{file}: tensor {name!r} is not a parameter of GPT-2 as {config_file.name} describes it "
-                f"({config.hparams()})")
+            raise CheckpointError(f"{file}: tensor {name!r} is not a parameter of {model} as "
+                                  f"{source.name} describes it ({described})")
         path = table[name]
         want = shapes[path]
         arr = _to_float32(arr, f"{file}: tensor {name!r}")
         got = reshape(path, arr)
         if got is None or tuple(got.shape) != want:
-            raise CheckpointError(
-                f"{file}: tensor {name!r} has shape {tuple(arr.shape)}, but {config_file.name} "
-                f"({config.hparams()}) implies {want}")
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(arr.shape)}, but "
+                                  f"{source.name} ({described}) implies {want}")
         out[path] = got
-    missing = [n for n, p in table.items() if p not in out]
+    wanted = set(table.values()) if required is None else set(required)
+    missing = [n for n, p in table.items() if p in wanted and p not in out]
     if missing:
         raise CheckpointError(f"{file}: missing tensor(s) {', '.join(missing[:5])}"
                               + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
@@ -131,21 +145,17 @@ def read_config(folder: Path, **overrides) -> tuple[GPT2Config, Path]:
     """The config a checkpoint folder's own file states (hparams.json or config.json), and that
     file; no tensor is read."""
     if layout_of(folder) == "openai":
-        from jaxcls import openai_ckpt
-
         file = folder / "hparams.json"
-        return _parse_config(lambda: GPT2Config.from_hparams(openai_ckpt.read_hparams(folder), str(file),
+        return _parse_config(lambda: GPT2Config.from_hparams(openai.read_hparams(folder), str(file),
                                                              **overrides), file), file
     file = folder / "config.json"
     return _parse_config(lambda: GPT2Config.from_hf_config(read_json(file), str(file), **overrides), file), file
 
 
 def read_openai(folder: Path, *, verify: bool = False, **overrides) -> Checkpoint:
-    from jaxcls import openai_ckpt
-
     config, hparams_file = read_config(folder, **overrides)
-    raw = openai_ckpt.read_openai_checkpoint(folder, verify=verify)
-    index = openai_ckpt.index_of(openai_ckpt.resolve_prefix(folder))
+    raw = openai.read_openai_checkpoint(folder, verify=verify)
+    index = openai.index_of(openai.resolve_prefix(folder))
     check_plausible(config, raw, file=index, config_file=hparams_file)
     shapes = expected_shapes(config)
     table = {names.to_openai(p): p for p in shapes}
@@ -155,23 +165,21 @@ def read_openai(folder: Path, *, verify: bool = False, **overrides) -> Checkpoin
             return arr[0] if arr.ndim == 3 and arr.shape[0] == 1 else None
         return arr
 
-    tensors = _match(raw, table, shapes, file=index, config_file=hparams_file, config=config,
-                     reshape=reshape)
+    tensors = match_tensors(raw, table, shapes, file=index, model="GPT-2", source=hparams_file,
+                            described=config.hparams(), reshape=reshape)
     return Checkpoint(config, tensors, "openai", folder)
 
 
 def read_hf(folder: Path, **overrides) -> Checkpoint:
-    from jaxcls import hf_ckpt
-
     config, config_file = read_config(folder, **overrides)
-    file = hf_ckpt.find_weights_file(folder)
-    raw = {names.strip_hf_prefix(k): v for k, v in hf_ckpt.read_safetensors(file).items()}
+    file = hf.find_weights_file(folder)
+    raw = {names.strip_hf_prefix(k): v for k, v in hf.read_safetensors(file).items()}
     raw = {k: v for k, v in raw.items() if not names.HF_IGNORED.fullmatch(k)}
     check_plausible(config, raw, file=file, config_file=config_file)
     shapes = expected_shapes(config)
     table = {names.to_hf(p): p for p in shapes}
-    tensors = _match(raw, table, shapes, file=file, config_file=config_file, config=config,
-                     reshape=lambda path, arr: arr)
+    tensors = match_tensors(raw, table, shapes, file=file, model="GPT-2", source=config_file,
+                            described=config.hparams())
     return Checkpoint(config, tensors, "hf", folder)
 
 
@@ -209,3 +217,10 @@ def load_pretrained(path_or_name: str | Path, *, verify: bool = False, **overrid
     """A GPT-2 backbone holding a checkpoint's weights; its config at `.config`."""
     ckpt = read_checkpoint(path_or_name, verify=verify, **overrides)
     return materialize(lambda: GPT2(ckpt.config, rngs=nnx.Rngs(0)), ckpt.tensors)
+
+
+def load_tokenizer(path_or_name: str | Path | None = None, *, download: bool = True):
+    """The tokenizer stored beside a checkpoint given by folder or released size (downloaded
+    first unless `download` is False); tiktoken's own `gpt2` encoding when there is none."""
+    folder = None if path_or_name is None else resolve_checkpoint_dir(path_or_name, download=download)
+    return tokenizer_from_folder(folder)

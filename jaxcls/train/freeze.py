@@ -9,7 +9,7 @@ import optax
 from flax import nnx
 
 from jaxcls.errors import ConfigError
-from jaxcls.names import path_str
+from jaxcls.model import path_str
 
 PRESETS = ("head", "last_layer", "last_block", "last_two_blocks", "last_k_blocks:K", "all", "lora")
 

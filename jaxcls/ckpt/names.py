@@ -12,7 +12,6 @@ weight is already [in, out], so nothing is transposed."""
 from __future__ import annotations
 
 import re
-from typing import Iterable
 
 Path = tuple  # a Flax state path, e.g. ('h', 11, 'attn', 'c_attn', 'kernel')
 
@@ -23,11 +22,6 @@ HF_IGNORED = re.compile(r"(h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)")
 HF_PREFIX = "transformer."
 CHECKPOINT_MODULES = ("wte", "wpe", "h", "ln_f")
 ADAPTER_LEAVES = ("lora_a", "lora_b")
-
-
-def path_str(path: Iterable) -> str:
-    """('h', 11, 'attn', 'c_attn', 'kernel') -> 'h/11/attn/c_attn/kernel'."""
-    return "/".join(map(str, path))
 
 
 def in_checkpoint(path: Path) -> bool:

@@ -1,4 +1,5 @@
-"""Fine-tuning numerics: pure, jitted functions of pytrees. The loop that feeds them is in fit.py."""
+"""Fine-tuning numerics: pure, jitted functions of pytrees. The loop that feeds them is in loop.py;
+the loss comes from the task (jaxcls.task)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from jaxcls.config import TrainConfig
-from jaxcls.errors import ConfigError
 from jaxcls.model import pool
+from jaxcls.task import SingleLabel
 
 
 class Batch(NamedTuple):
@@ -31,11 +31,9 @@ class Batch(NamedTuple):
 class StepSpec:
     """What the jitted step computes, as hashable static data."""
 
-    num_classes: int
+    task: SingleLabel  # the head's loss (any jaxcls.task type)
     start_block: int = 0  # 0: inputs are token ids; k > 0: hidden states entering block k
     pooled: bool = False  # inputs are pooled final features: only the head runs (linear probe)
-    label_smoothing: float = 0.0
-    class_weights: tuple[float, ...] | None = None
 
 
 def forward(model, inputs, lengths, spec: StepSpec, dropout_key=None):
@@ -57,20 +55,14 @@ def frozen_features(model, token_ids, lengths, spec: StepSpec):
 
 
 def loss_terms(logits, labels, weights, spec: StepSpec):
-    """(sum of weighted per-example cross-entropy, sum of weights): the ratio is the batch loss,
-    and sums add up exactly across micro-batches, which makes accumulation equal a larger batch."""
-    targets = jax.nn.one_hot(labels, spec.num_classes)
-    if spec.label_smoothing:
-        targets = optax.smooth_labels(targets, spec.label_smoothing)
-    ce = optax.softmax_cross_entropy(logits, targets)
-    if spec.class_weights is not None:
-        weights = weights * jnp.asarray(spec.class_weights, jnp.float32)[labels]
-    return jnp.sum(weights * ce), jnp.sum(weights)
+    """(sum of weighted per-example losses, sum of weights), as the task defines them."""
+    return spec.task.loss_terms(logits, labels, weights)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, spec: StepSpec):
+def make_train_step(graphdef, tx: optax.GradientTransformation, spec: StepSpec, *, out_shardings=None):
     """-> jitted `train_step(trainable, frozen, opt_state, batch, key) -> (trainable, opt_state,
-    metrics)`. Gradients exist only for `trainable`; its buffers and the optimizer state are donated."""
+    metrics)`. Gradients exist only for `trainable`; its buffers and the optimizer state are donated.
+    `out_shardings` pins the outputs' placement (FSDP: parameters and optimizer state stay sharded)."""
 
     def loss_sum(trainable, frozen, inputs, lengths, labels, weights, key):
         model = nnx.merge(graphdef, trainable, frozen)
@@ -79,7 +71,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, spec: StepSpec):
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 2))
+    @functools.partial(jax.jit, donate_argnums=(0, 2), out_shardings=out_shardings)
     def train_step(trainable, frozen, opt_state, batch: Batch, key):
         def micro(carry, xs):
             grads, total, weight = carry
@@ -139,20 +131,3 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
     optionally after global-norm clipping."""
     adamw = optax.adamw(learning_rate(cfg, total_steps), weight_decay=cfg.weight_decay)
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm else adamw
-
-
-def class_weights(cfg: TrainConfig, train_labels: np.ndarray, num_classes: int):
-    """None, 'balanced' (n / (classes * count), scikit-learn's rule) or explicit weights."""
-    if cfg.class_weights == "none":
-        return None
-    if cfg.class_weights == "balanced":
-        counts = np.bincount(train_labels, minlength=num_classes).astype(np.float64)
-        return tuple(float(len(train_labels) / (num_classes * max(c, 1))) for c in counts)
-    try:
-        weights = tuple(float(w) for w in cfg.class_weights.split(","))
-    except ValueError:
-        raise ConfigError(f"class_weights: {cfg.class_weights!r} is not 'none', 'balanced' or "
-                          "comma-separated numbers") from None
-    if len(weights) != num_classes or min(weights) < 0:
-        raise ConfigError(f"class_weights: need {num_classes} non-negative numbers, got {cfg.class_weights!r}")
-    return weights

@@ -1,12 +1,13 @@
 """Texts to classify, streamed in chunks, and prediction files written atomically.
 
-Readers never hold a whole file: they read line by line and hand out lists of at most
-`chunk_size` texts, so a file larger than memory streams through the predictor.
+Reading goes through jaxcls.data.tables, the reader training uses too, so a file means the same
+texts to both. The reader never holds a whole file: it hands out lists of at most `chunk_size`
+texts, so a file larger than memory streams through the predictor.
 
-Invalid UTF-8 is not fatal here (unlike training data, see jaxcls.data): a line holding bytes that
-are not UTF-8 is decoded with U+FFFD replacement characters and classified anyway, so every input
-row still gets its prediction. The reader counts such lines (`invalid_lines`) and remembers the
-first one (`first_invalid_line`); `jaxcls classify` reports both on stderr.
+Invalid UTF-8 is not fatal here (unlike training data): a line holding bytes that are not UTF-8 is
+decoded with U+FFFD replacement characters and classified anyway, so every input row still gets
+its prediction. The reader counts such lines (`invalid_lines`) and remembers the first one
+(`first_invalid_line`); `jaxcls classify` reports both on stderr.
 """
 
 from __future__ import annotations
@@ -15,34 +16,16 @@ import csv
 import io
 import json
 import os
-import sys
 from pathlib import Path
 from typing import IO, Iterator, Sequence
 
 import numpy as np
 
+from jaxcls.data.tables import JSONL_SUFFIXES, TableReader
 from jaxcls.errors import DataError
 from jaxcls.fileio import atomic_open
 
 CHUNK_SIZE = 4096
-TEXT_SUFFIXES = (".txt", ".text")
-CSV_SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-INPUT_KINDS = "'-' (stdin), .txt, .csv, .tsv, .jsonl"
-
-
-def input_format(path: str | os.PathLike) -> str:
-    """'lines' (stdin, .txt), 'csv', 'tsv' or 'jsonl', from the name."""
-    if str(path) == "-":
-        return "lines"
-    suffix = Path(path).suffix.lower()
-    if suffix in TEXT_SUFFIXES:
-        return "lines"
-    if suffix in CSV_SUFFIXES:
-        return "tsv" if CSV_SUFFIXES[suffix] == "\t" else "csv"
-    if suffix in JSONL_SUFFIXES:
-        return "jsonl"
-    raise DataError(f"{path}: unknown input type {suffix or '(none)'!r}; supported: {INPUT_KINDS}")
 
 
 class TextReader:
@@ -64,138 +47,31 @@ class TextReader:
                  chunk_size: int = CHUNK_SIZE, stdin: IO[bytes] | None = None):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self._table = TableReader(path, text_column=text_column, errors="replace", stdin=stdin)
         self.path = str(path)
-        self.format = input_format(path)
+        self.format = self._table.format
         self.text_column = text_column
         self.chunk_size = int(chunk_size)
-        self._stdin = stdin
+        self.total_bytes = self._table.total_bytes
         self.rows = 0
-        self.bytes_read = 0
-        self.invalid_lines = 0
-        self.first_invalid_line: int | None = None
-        if self.path == "-":
-            self.total_bytes = None
-        else:
-            p = Path(self.path)
-            if not p.is_file():
-                raise DataError(f"{p}: no such file")
-            self.total_bytes = p.stat().st_size
 
-    # -- decoding -----------------------------------------------------------------------------
+    @property
+    def bytes_read(self) -> int:
+        return self._table.bytes_read
 
-    def _open(self) -> IO[bytes]:
-        if self.path == "-":
-            return self._stdin if self._stdin is not None else sys.stdin.buffer
-        return open(self.path, "rb")
+    @property
+    def invalid_lines(self) -> int:
+        return self._table.invalid_lines
 
-    def _lines(self, raw: IO[bytes]) -> Iterator[tuple[int, str]]:
-        """(1-based line number, decoded line with its ending). b"\\n" never occurs inside a UTF-8
-        multi-byte sequence, so splitting bytes on it first is safe."""
-        for number, data in enumerate(raw, start=1):
-            self.bytes_read += len(data)
-            if number == 1 and data.startswith(b"\xef\xbb\xbf"):
-                data = data[3:]
-            try:
-                line = data.decode("utf-8")
-            except UnicodeDecodeError:
-                line = data.decode("utf-8", errors="replace")
-                self.invalid_lines += 1
-                if self.first_invalid_line is None:
-                    self.first_invalid_line = number
-            yield number, line
-
-    # -- formats ------------------------------------------------------------------------------
-
-    def _texts(self) -> Iterator[str]:
-        raw = self._open()
-        try:
-            if self.format == "lines":
-                yield from self._plain(raw)
-            elif self.format == "jsonl":
-                yield from self._jsonl(raw)
-            else:
-                yield from self._csv(raw, "\t" if self.format == "tsv" else ",")
-        finally:
-            if raw is not self._stdin and self.path != "-":
-                raw.close()
-
-    def _plain(self, raw):
-        for _, line in self._lines(raw):
-            text = line.rstrip("\r\n")
-            if text.strip():
-                self.rows += 1
-                yield text
-
-    def _jsonl(self, raw):
-        for number, line in self._lines(raw):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{self.path}: line {number}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if isinstance(obj, str):
-                text = obj
-            elif isinstance(obj, dict):
-                key = self._column(list(obj), f"line {number}: ")
-                text = obj[key]
-                if not isinstance(text, str):
-                    raise DataError(f"{self.path}: line {number}: {key!r} must be a string, "
-                                    f"got {type(text).__name__}")
-            else:
-                raise DataError(f"{self.path}: line {number}: expected a JSON object or string, "
-                                f"got {type(obj).__name__}")
-            self.rows += 1
-            yield text
-
-    def _csv(self, raw, sep):
-        numbered = self._lines(raw)
-        current = [0]
-
-        def lines():
-            for number, line in numbered:
-                current[0] = number
-                yield line
-
-        reader = csv.reader(lines(), delimiter=sep, strict=True)
-        header, index, start = None, 0, 1
-        try:
-            for row in reader:
-                line_no, start = start, current[0] + 1
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue
-                if header is None:
-                    header = row
-                    index = header.index(self._column(header, "header: "))
-                    continue
-                if len(row) != len(header):
-                    raise DataError(f"{self.path}: line {line_no}: {len(row)} fields where the header has "
-                                    f"{len(header)}; check quoting and separators")
-                self.rows += 1
-                yield row[index]
-        except csv.Error as e:
-            raise DataError(f"{self.path}: line {start}: malformed {self.format.upper()} ({e})") from None
-        if header is None:
-            raise DataError(f"{self.path}: empty file (no header line)")
-
-    def _column(self, columns: Sequence[str], where: str) -> str:
-        if self.text_column is not None:
-            if self.text_column in columns:
-                return self.text_column
-        else:
-            matches = [c for c in columns if c.strip().lower() == "text"]
-            if len(matches) == 1:
-                return matches[0]
-        wanted = self.text_column or "text"
-        raise DataError(f"{self.path}: {where}no column {wanted!r}; columns: {list(columns)} "
-                        "(choose one with --text-column)")
-
-    # -- chunks -------------------------------------------------------------------------------
+    @property
+    def first_invalid_line(self) -> int | None:
+        return self._table.first_invalid_line
 
     def __iter__(self) -> Iterator[list[str]]:
         chunk: list[str] = []
-        for text in self._texts():
-            chunk.append(text)
+        for row in self._table:
+            chunk.append(row.text)
+            self.rows += 1
             if len(chunk) >= self.chunk_size:
                 yield chunk
                 chunk = []

@@ -1,0 +1,123 @@
+"""What every subcommand shares: the help formatter, hints for another command's flags, and the
+options and loading of a trained classifier (classify, eval, serve)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxcls.errors import ConfigError
+
+LONG_MODES = ("truncate", "sliding")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends each option's default to its help, unless the default is None or False (the help
+    then says what happens) or the help already names it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or "default" in text.lower() or not action.option_strings:
+            return text
+        if isinstance(action, argparse.BooleanOptionalAction):
+            on, off = action.option_strings
+            return f"{text} (default: {on if action.default else off})"
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kw)
+
+
+class WrongFlag(argparse.Action):
+    """A flag that belongs to another subcommand: using it stops with a hint naming the right one,
+    instead of argparse's "unrecognized arguments" or "required: --model"."""
+
+    def __init__(self, option_strings, dest, hint: str, **kw):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs="?", default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS)
+        self.hint = hint
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.exit(2, f"{parser.prog}: error: {option_string} {self.hint}\n")
+
+
+MODEL_HINT = ("names a trained classifier folder (classify, eval, serve); "
+                        "the pretrained GPT-2 to start from is --checkpoint")
+CHECKPOINT_HINT = ("names a pretrained GPT-2 checkpoint (train, generate); "
+                        "a folder written by `jaxcls train` is --model DIR")
+
+
+def wrong_flag(p, flag: str, hint: str) -> None:
+    p.add_argument(flag, action=WrongFlag, hint=hint)
+
+
+def model_options(p) -> None:
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="a trained classifier: the folder `jaxcls train --out` wrote (or Classifier.save)")
+    p.add_argument("--base", metavar="DIR", default=None,
+                   help="where the pretrained checkpoint of a classifier saved without it now is "
+                        "(default: the path recorded in DIR/classifier.json)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="texts per inference batch: speed and memory only, never the result")
+    p.add_argument("--long", choices=LONG_MODES, default="truncate",
+                   help="texts over the maximum length: keep the first tokens (truncate, as in training) "
+                        "or average overlapping windows (sliding)")
+    p.add_argument("--window-stride", type=int, default=None, metavar="N",
+                   help="tokens between sliding windows (default: half the maximum length)")
+    p.add_argument("--compilation-cache", metavar="DIR", default=None,
+                   help="keep compiled programs in DIR so the next run starts faster "
+                        "(a folder only you can write; default: off)")
+    wrong_flag(p, "--checkpoint", CHECKPOINT_HINT)
+
+
+def load_classifier(args):
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.compilation_cache:
+        from jaxcls.compile_cache import enable_compilation_cache
+
+        enable_compilation_cache(args.compilation_cache)
+    from jaxcls.classifier import Classifier
+
+    return Classifier.load(args.model, base=args.base)
+
+
+def predictor_kw(args, **extra) -> dict:
+    kw = {"batch_size": args.batch_size, "long": args.long, **extra}
+    if args.window_stride is not None:
+        kw["window_stride"] = args.window_stride
+    return kw
+
+
+def stderr():
+    from rich.console import Console
+
+    return Console(file=sys.stderr, soft_wrap=True)
+
+
+def shorten(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def report_long(stats: dict, clf, predictor, console) -> None:
+    """Say on stderr how many texts were cut, windowed or empty."""
+    n, L = stats["long_texts"], predictor.max_length
+    if n and predictor.long == "truncate":
+        console.print(f"{n} of {stats['texts']} texts had more than {L} tokens and were truncated to their "
+                      f"first {L} (--long sliding classifies every part)", highlight=False)
+    elif n:
+        console.print(f"{n} of {stats['texts']} texts had more than {L} tokens; their {stats['windows']} "
+                      f"windows were classified and averaged", highlight=False)
+    if stats["empty"]:
+        console.print(f"{stats['empty']} empty texts were classified as a lone padding token", highlight=False)
+
+
+def stats_since(predictor, before: dict) -> dict:
+    now = predictor.stats.as_dict()
+    return {k: now[k] - before.get(k, 0) for k in now}

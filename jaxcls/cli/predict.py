@@ -1,0 +1,148 @@
+"""`jaxcls classify` and `jaxcls serve`: use a classifier saved by `jaxcls train`."""
+
+from __future__ import annotations
+
+import sys
+
+from jaxcls.cli.common import (load_classifier, model_options, predictor_kw, report_long, shorten,
+                               stats_since, stderr, wrong_flag)
+from jaxcls.errors import ConfigError, DataError
+
+
+def register_classify(sub) -> None:
+    p = sub.add_parser("classify", help="classify texts (arguments, a file or stdin) with a saved classifier")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (or use --input)")
+    model_options(p)
+    p.add_argument("--input", metavar="FILE", help="a .txt (a text per line), .csv, .tsv or .jsonl file, "
+                                                   "or - for stdin (a text per line); streamed in chunks")
+    p.add_argument("--text-column", default=None,
+                   help='the column or JSON key holding the text (default: the one named "text", any case)')
+    p.add_argument("--output", metavar="FILE", help="write predictions to a .jsonl or .csv file "
+                                                    "(default: a table for TEXT arguments, JSONL on stdout for --input)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="keep only the K most likely classes' probabilities in the output (default: all)")
+    p.add_argument("--chunk-size", type=int, default=4096, metavar="N", help="texts read per chunk with --input")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary on stderr")
+    wrong_flag(p, "--out", "names train's run folder; classify writes its predictions to --output FILE")
+    p.set_defaults(func=cmd_classify)
+
+
+def register_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a saved classifier over HTTP (POST /classify, GET /)")
+    model_options(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; the default, 127.0.0.1, is reachable from this machine only")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    p.add_argument("--max-texts", type=int, default=1024, metavar="N", help="most texts per request")
+    p.add_argument("--quiet", action="store_true", help="no line per request on stderr")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_classify(args) -> int:
+    from jaxcls.infer.io import PredictionWriter
+
+    if args.texts and args.input:
+        raise ConfigError("give TEXT arguments or --input, not both")
+    if not args.texts and not args.input:
+        raise ConfigError("nothing to classify: give TEXT arguments or --input FILE (- for stdin)")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.chunk_size < 1:
+        raise ConfigError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if args.output:  # check the name before loading anything
+        _check_output(args.output)
+    clf = load_classifier(args)
+    predictor = clf.predictor(**predictor_kw(args))
+    before = predictor.stats.as_dict()
+    err = stderr()
+    if args.texts:
+        ids, probs = predictor.predict(list(args.texts))
+        if args.output:
+            with PredictionWriter(clf.label_names, args.output, top_k=args.top_k) as w:
+                w.write(args.texts, ids, probs)
+            if not args.quiet:
+                err.print(f"wrote {len(ids)} predictions to {args.output}", highlight=False)
+        else:
+            _print_table(args.texts, ids, probs, clf.label_names, args.top_k)
+    else:
+        _classify_stream(args, clf, predictor, err)
+    if not args.quiet:
+        report_long(stats_since(predictor, before), clf, predictor, err)
+    return 0
+
+
+def _check_output(path: str) -> None:
+    from pathlib import Path
+
+    if Path(path).suffix.lower() not in (".jsonl", ".ndjson", ".csv", ".tsv"):
+        raise DataError(f"{path}: unknown output type; use .jsonl or .csv (or .tsv)")
+
+
+def _print_table(texts, ids, probs, label_names, top_k) -> None:
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=sys.stdout)
+    show_top = top_k is not None and top_k > 1
+    longest = max(5, *(len(n) for n in label_names))
+    others = longest + 22 + ((longest + 8) * min(top_k, len(label_names)) + 3 if show_top else 0)
+    table = Table(show_edge=False)
+    # the text is cut to what the terminal leaves beside the other columns
+    table.add_column("text", no_wrap=True, overflow="ellipsis", max_width=max(20, console.width - others))
+    table.add_column("label")
+    table.add_column("probability", justify="right")
+    if show_top:
+        table.add_column(f"top {min(top_k, len(label_names))}")
+    for text, i, p in zip(texts, ids, probs):
+        row = [shorten(text, 200), label_names[int(i)], f"{float(p[int(i)]):.4f}"]
+        if show_top:
+            ranked = np.argsort(-p, kind="stable")[:top_k]
+            row.append(", ".join(f"{label_names[j]} {float(p[j]):.3f}" for j in ranked))
+        table.add_row(*row)
+    console.print(table)
+
+
+def _classify_stream(args, clf, predictor, err) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from jaxcls.infer.io import PredictionWriter, TextReader
+
+    reader = TextReader(args.input, text_column=args.text_column, chunk_size=args.chunk_size)
+    if args.output:
+        writer = PredictionWriter(clf.label_names, args.output, top_k=args.top_k)
+    else:
+        writer = PredictionWriter(clf.label_names, stream=sys.stdout, top_k=args.top_k)
+    progress = Progress(TextColumn("classifying"), BarColumn(), TextColumn("{task.fields[n]} texts"),
+                        TimeElapsedColumn(), console=err, disable=args.quiet)
+    with writer, progress:
+        task = progress.add_task("classify", total=reader.total_bytes, n=0)
+        for chunk in reader:
+            ids, probs = predictor.predict(chunk)
+            writer.write(chunk, ids, probs)
+            progress.update(task, completed=reader.bytes_read, n=reader.rows)
+    if not args.quiet:
+        where = f" to {args.output}" if args.output else ""
+        err.print(f"classified {reader.rows} texts from {args.input}{where}", highlight=False)
+    if reader.invalid_lines:
+        err.print(f"warning: {reader.invalid_lines} lines of {args.input} were not valid UTF-8 "
+                  f"(first: line {reader.first_invalid_line}); bad bytes were read as U+FFFD",
+                  highlight=False)
+
+
+def cmd_serve(args) -> int:
+    from jaxcls.infer.serve import bind, serve
+
+    if args.max_texts < 1:
+        raise ConfigError(f"--max-texts must be >= 1, got {args.max_texts}")
+    server = bind(args.host, args.port)  # a busy port fails now, not after loading and compiling
+    try:
+        clf = load_classifier(args)
+        # A request with a single text runs a one-row batch instead of a full batch of dummies.
+        kw = predictor_kw(args, row_buckets=(1, args.batch_size))
+        serve(clf, server=server, max_texts=args.max_texts, predictor_kw=kw, log=not args.quiet)
+    except KeyboardInterrupt:
+        print("jaxcls: stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0

@@ -1,0 +1,222 @@
+"""`jaxcls train`: one flag per TrainConfig field, generated from the dataclass."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+import typing
+from pathlib import Path
+
+from jaxcls.config import TrainConfig
+
+# Every TrainConfig field, by --help group; a field left out here fails test_every_option_has_help_text_and_its_default.
+GROUPS: dict[str, dict[str, str]] = {
+    "data": {
+        "data": "sms-spam (the book's data set, downloaded on first use), or a CSV/TSV/JSONL file of "
+                "texts and labels, split 70/10/20 by --seed unless --validation/--test are given",
+        "data_path": "--data sms-spam only: a local SMSSpamCollection, its zip or folder "
+                     "(default: downloaded into the cache)",
+        "validation": "a validation file; with --validation or --test, --data is used whole for "
+                      "training (default: the seeded split of --data)",
+        "test": "a test file, scored once at the end (default: the seeded split of --data)",
+        "text_column": 'the column or JSON key holding the text (default: the one named "text", any case)',
+        "label_column": 'the column or JSON key holding the label (default: the one named "label", any case)',
+    },
+    "model": {
+        "checkpoint": "the pretrained GPT-2 to start from: a checkpoint folder (OpenAI or Hugging Face), "
+                      "a released size (gpt2-small/124M, gpt2-medium/355M, gpt2-large/774M, gpt2-xl/1558M; "
+                      "downloaded on first use), or tiny/mini (random-init presets)",
+        "weights": "pretrained | random (the checkpoint's shape, freshly initialized)",
+        "pooling": "token(s) the head reads: last_real (the last non-padding token) | last (the book: "
+                   "the last padded position) | first | mean (over real tokens)",
+        "trainable": "head (book: last_layer) | last_block | last_two_blocks | last_k_blocks:K | all | "
+                     "lora | a regex over parameter paths",
+        "lora_rank": "LoRA rank, with --trainable lora",
+        "lora_alpha": "LoRA alpha, with --trainable lora (the update is scaled by alpha, as in the book)",
+        "causal": "causal attention mask; --no-causal attends over all real tokens",
+        "dropout": "dropout rate while training (disables the frozen-prefix cache)",
+        "dtype": "compute dtype: float32 | bfloat16 | float16 (parameters, optimizer state and loss "
+                 "stay float32)",
+    },
+    "training loop": {
+        "epochs": "passes over the training split",
+        "batch_size": "training examples per step (the book's 8; this changes the result, while "
+                      "classify/eval/serve's --batch-size only changes speed)",
+        "accumulation": "micro-batches of --batch-size per optimizer update",
+        "lr": "AdamW learning rate",
+        "weight_decay": "AdamW weight decay",
+        "schedule": "learning-rate schedule: constant | cosine",
+        "warmup_steps": "linear warm-up steps before the schedule",
+        "clip_norm": "clip gradients to this global norm (default: no clipping)",
+        "class_weights": "loss weight per class: none | balanced | w0,w1,...",
+        "label_smoothing": "cross-entropy label smoothing, in [0, 1)",
+        "seed": "seed of the head's initialization, the shuffles, and the split of a single --data file",
+        "eval_freq": "steps between validation estimates in the log",
+        "eval_iter": "batches per validation estimate",
+        "keep_best": "keep the parameters of the epoch with the lowest validation loss",
+        "drop_last": "drop the last partial training batch, as the book does",
+        "max_steps": "stop after this many steps (default: no limit)",
+        "padding": "auto | longest (the book) | context | buckets | none | N",
+        "batching": "with length buckets: auto (global when the frozen prefix is cached, else buckets) | "
+                    "buckets (each batch from one length bucket: least padding) | global (the book's "
+                    "shuffle, each batch padded to the bucket of its longest text)",
+        "cache": "reuse frozen-prefix activations across epochs (exact; never for lora/all/dropout)",
+        "cache_budget_mb": "host memory (MiB) the frozen-prefix cache may take; over it, training runs uncached",
+        "cache_dtype": "cached states stored as auto (the compute dtype) | float32 (exact) | bfloat16 "
+                       "(half the memory)",
+        "cache_memory": "host | device: keep cached states in device memory (one device), so batches are "
+                        "built there",
+        "compilation_cache": "keep compiled programs in this folder so the next run starts faster "
+                             "(a folder only you can write; default: off)",
+    },
+    "output": {
+        "out": "run folder: the saved classifier (pass it to classify/eval/serve as --model), metrics, "
+               "curves, resumable state (default: runs/<name of --data>)",
+        "save_every": "steps between resumable train-state saves",
+        "save_full": "save every weight, not only the trained ones and the base checkpoint's path",
+    },
+    "devices and hosts (see docs/scaling.md)": {
+        "data_parallel": "split each batch over all devices (and processes)",
+        "fsdp": "also shard large parameters and their optimizer state over the devices",
+    },
+}
+HELP = {name: text for group in GROUPS.values() for name, text in group.items()}
+OUTPUT_NOT_OUT = "names classify's predictions file; train's run folder is --out DIR"
+
+
+def register(sub) -> None:
+    from jaxcls.cli.common import MODEL_HINT, wrong_flag
+
+    p = sub.add_parser("train", help="fine-tune GPT-2 as a classifier",
+                       description="Fine-tune a pretrained GPT-2 (--checkpoint) as a classifier and save it\n"
+                                   "to a run folder (--out). The defaults reproduce the book's chapter 6.")
+    groups = {title: p.add_argument_group(title) for title in GROUPS}
+    where = {name: groups[title] for title, fields in GROUPS.items() for name in fields}
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        group = where.get(f.name, p)
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=HELP.get(f.name))
+            continue
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        group.add_argument(flag, type=base if base in (int, float) else str, default=f.default,
+                           help=HELP.get(f.name))
+    groups["model"].add_argument("--tokenizer", default=None,
+                                 help="folder with encoder.json + vocab.bpe (default: the checkpoint's)")
+    groups["output"].add_argument("--resume", action="store_true", help="continue from the last save in --out")
+    groups["output"].add_argument("--quiet", action="store_true", help="no progress bars, log or summary")
+    wrong_flag(p, "--model", MODEL_HINT)
+    wrong_flag(p, "--output", OUTPUT_NOT_OUT)
+    multi = groups["devices and hosts (see docs/scaling.md)"]
+    multi.add_argument("--distributed", action="store_true",
+                       help="join the job JAX detects itself (Cloud TPU pod slice, SLURM, Open MPI)")
+    multi.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (default: single host)")
+    multi.add_argument("--num-processes", type=int, default=None,
+                       help="processes in the job, with --coordinator")
+    multi.add_argument("--process-id", type=int, default=None, help="this process's rank, with --coordinator")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from jaxcls.classifier import Classifier
+    from jaxcls.data import load_data
+
+    if args.distributed or args.coordinator or args.num_processes:
+        from jaxcls.train import distributed
+
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    out = Path(cfg.out or f"runs/{Path(cfg.data).stem}")
+    cfg = cfg.replace(out=str(out))
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    t0 = time.perf_counter()
+    kw = dict(path=cfg.data_path) if cfg.data in ("sms-spam", "sms_spam") else dict(
+        validation=cfg.validation, test=cfg.test, text_column=cfg.text_column,
+        label_column=cfg.label_column, seed=cfg.seed)
+    splits = load_data(cfg.data, progress=not args.quiet, **kw)
+    log(f"data: train {len(splits.train)}, validation {len(splits.validation or ())}, "
+        f"test {len(splits.test or ())}; labels {list(splits.label_names)}")
+    clf = Classifier.from_pretrained(
+        cfg.checkpoint, label_names=splits.label_names, trainable=cfg.trainable, pooling=cfg.pooling,
+        weights=cfg.weights, seed=cfg.seed, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+        dtype=cfg.dtype, causal=cfg.causal, dropout=cfg.dropout, tokenizer=args.tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    report = clf.fit(splits, train_config=cfg, out=out, resume=args.resume, progress=not args.quiet, log=log)
+    from jaxcls.train.distributed import is_main_process
+
+    if not is_main_process():
+        return 0  # process 0 writes the classifier and the metrics
+    report["wall_time_total_s"] = time.perf_counter() - t0
+    report["config"] = dataclasses.asdict(cfg)
+    report["data_sha256"] = data_hashes(cfg)
+    clf.save(out, full=cfg.save_full)
+    from jaxcls.fileio import atomic_write_json
+
+    atomic_write_json(out / "metrics.json", report)
+    plot_curves(out)
+    if not args.quiet:
+        print_summary(report)
+        print(f"saved to {out}")
+    return 0
+
+
+def data_hashes(cfg: TrainConfig) -> dict[str, str]:
+    """sha256 of each training file by role, so `jaxcls eval` can tell a file the model saw
+    (and whether it was split) wherever it has moved since."""
+    from jaxcls.fileio import sha256_files
+
+    files = {"validation": cfg.validation, "test": cfg.test}
+    if cfg.data not in ("sms-spam", "sms_spam"):
+        files["train"] = cfg.data
+    return {role: sha256_files([Path(f)]) for role, f in files.items() if f}
+
+
+def print_summary(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="accuracy")
+    for col in ("split", "n", "accuracy", "loss", "macro F1"):
+        table.add_column(col)
+    for name, r in report["splits"].items():
+        table.add_row(name, str(r["n"]), f"{100 * r['accuracy']:.2f}%", f"{r['loss']:.4f}", f"{r['macro_f1']:.3f}")
+    Console().print(table)
+    print(f"{report['steps']} steps in {report['wall_time_s']:.1f}s "
+          f"(padding {report['padding']}, batching {report['batching']}, "
+          f"prefix cache {'on' if report['cached_prefix'] else 'off'})")
+
+
+def plot_curves(out: Path) -> Path | None:
+    """loss.png and accuracy.png from metrics.jsonl, when matplotlib is installed (an extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    steps = [r for r in rows if "train_loss" in r]
+    epochs = [r for r in rows if "train_acc" in r]
+    from jaxcls.fileio import atomic_open
+
+    for name, series, x in (("loss", (("train_loss", steps), ("val_loss", steps)), "examples_seen"),
+                            ("accuracy", (("train_acc", epochs), ("val_acc", epochs)), "epoch")):
+        fig, ax = plt.subplots(figsize=(5, 3))
+        for key, rs in series:
+            pts = [(r[x], r[key]) for r in rs if r.get(key) is not None and x in r]
+            if pts:
+                ax.plot(*zip(*pts), label=key)
+        ax.set_xlabel(x.replace("_", " "))
+        ax.set_ylabel(name)
+        ax.legend()
+        fig.tight_layout()
+        with atomic_open(out / f"{name}.png", "wb") as f:
+            fig.savefig(f, format="png")
+        plt.close(fig)
+    return out / "loss.png"

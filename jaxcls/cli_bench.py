@@ -1,5 +1,0 @@
-"""Placeholder until this feature's subcommands land."""
-
-
-def register(sub) -> None:
-    pass

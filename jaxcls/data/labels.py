@@ -1,0 +1,140 @@
+"""The one mapping from label values to class ids, and the labelled data sets it produces.
+
+Training splits, evaluation, `Classifier.fit((texts, labels))` and the CLI all go through
+`LabelMap`, so a label means the same class wherever it comes from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from jaxcls.errors import DataError
+
+
+@dataclass(frozen=True, eq=False)
+class TextDataset:
+    """One split: texts and their class indices into `label_names`."""
+
+    texts: tuple[str, ...]
+    labels: np.ndarray
+    label_names: tuple[str, ...]
+    source: str
+
+    def __post_init__(self):
+        texts = tuple(self.texts)
+        labels = np.array(self.labels, dtype=np.int32).reshape(-1)
+        labels.flags.writeable = False  # frozen means the labels too
+        names = tuple(self.label_names)
+        if len(labels) != len(texts):
+            raise DataError(f"{self.source}: {len(texts)} texts but {len(labels)} labels")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
+            raise DataError(f"{self.source}: labels must lie in 0..{len(names) - 1} ({names})")
+        object.__setattr__(self, "texts", texts)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "label_names", names)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass(frozen=True, eq=False)
+class DataSplits:
+    """Train plus optional validation and test splits that share one label mapping."""
+
+    train: TextDataset
+    validation: TextDataset | None
+    test: TextDataset | None
+    label_names: tuple[str, ...]
+
+
+def is_int_label(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _shown(value):
+    """A label as a message shows it: 3 and 'spam', not np.int64(3) or np.str_('spam')."""
+    if is_int_label(value):
+        return int(value)
+    return str(value) if isinstance(value, str) else value
+
+
+def _at(source: str, lines: Sequence[int] | None, i: int, column: str | None) -> tuple[str, str]:
+    """The message's prefix naming the row, and its ' in column ...' part."""
+    where = f"line {lines[i]}" if lines is not None else f"row {i + 1}"
+    return f"{source}: {where}: ", "" if column is None else f" in column {column!r}"
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Class names, a lookup from each label's text to its class id (integers and strings alike
+    go by text), and how to describe the allowed labels in an error."""
+
+    names: tuple[str, ...]
+    lookup: Mapping[str, int]
+    known: str
+
+    @classmethod
+    def onto(cls, names: Sequence[str], labels: Sequence = (), *,
+             described: str = "label_names") -> LabelMap:
+        """Labels onto fixed `names`: by name, except that integer labels which do not all spell
+        names are class indices 0..K-1."""
+        names = tuple(str(n) for n in names)
+        if all(is_int_label(v) for v in labels) and not all(str(v) in names for v in labels):
+            known = f"the class indices 0..{len(names) - 1} of {described} {list(names)}"
+            return cls(names, {str(i): i for i in range(len(names))}, known)
+        return cls(names, {n: i for i, n in enumerate(names)}, f"{described} {list(names)}")
+
+    @classmethod
+    def infer(cls, labels: Sequence, *, source: str, lines: Sequence[int] | None = None,
+              column: str | None = None) -> LabelMap:
+        """Names from training labels: integers are class indices 0..max, named "0".."K-1";
+        anything else maps to its sorted distinct values."""
+        if not len(labels):
+            raise DataError(f"{source}: no labels")
+        if all(is_int_label(v) for v in labels):
+            for i, v in enumerate(labels):
+                if v < 0:
+                    prefix, col = _at(source, lines, i, column)
+                    raise DataError(f"{prefix}integer label {int(v)}{col}; "
+                                    "integer labels are class indices and must be >= 0")
+            names = tuple(str(i) for i in range(int(max(labels)) + 1))
+        else:
+            names = tuple(sorted({str(v) for v in labels}))
+        return cls(names, {n: i for i, n in enumerate(names)},
+                   f"the training data's labels {list(names)}")
+
+    @classmethod
+    def for_training(cls, labels: Sequence, label_names: Sequence[str] | None, *, source: str,
+                     lines: Sequence[int] | None = None, column: str | None = None) -> LabelMap:
+        """`infer` from the labels, or `onto` the user's `label_names` (checked first)."""
+        if label_names is None:
+            return cls.infer(labels, source=source, lines=lines, column=column)
+        names = [str(n) for n in label_names]
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise DataError(f"label_names must be at least two distinct names, got {names}")
+        return cls.onto(names, labels)
+
+    def ids(self, labels: Sequence, *, source: str, lines: Sequence[int] | None = None,
+            column: str | None = None) -> np.ndarray:
+        """Class ids int32; a label outside the mapping raises naming `source` and its line (or
+        its 1-based row when there are no `lines`)."""
+        out = np.empty(len(labels), dtype=np.int32)
+        for i, v in enumerate(labels):
+            index = self.lookup.get(str(v))
+            if index is None:
+                prefix, col = _at(source, lines, i, column)
+                raise DataError(f"{prefix}label {_shown(v)!r}{col} is not one of {self.known}")
+            out[i] = index
+        return out
+
+
+def label_ids(labels: Sequence, names: Sequence[str], *, source: str,
+              described: str = "label_names", lines: Sequence[int] | None = None,
+              column: str | None = None) -> np.ndarray:
+    """`labels` as class ids into the fixed `names` (see `LabelMap.onto`)."""
+    labels = list(labels)
+    return LabelMap.onto(names, labels, described=described).ids(
+        labels, source=source, lines=lines, column=column)

@@ -1,0 +1,1 @@
+"""Inference: text readers and prediction writers (io)."""

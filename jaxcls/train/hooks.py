@@ -1,0 +1,164 @@
+"""The loop's side work, one hook each: reading losses back (and stopping on a non-finite one),
+the progress bar, periodic evaluation, the stop signal, periodic saves, the end-of-epoch metrics
+with keep-best, and an observer of the steps taken. Each hook sees the run after every step and
+at the end of every epoch; the loop itself only takes steps (loop.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+from jaxcls.errors import CheckpointError, TrainingError
+from jaxcls.train import state as state_lib
+from jaxcls.train.batches import batch_length
+
+FETCH_EVERY = 10  # steps between reading metrics back from the device (and NaN checks)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """The step just taken."""
+
+    step: int
+    epoch: int
+    batch_index: int
+    group: int | None  # the length group, or None for a batch mixing groups
+    indices: np.ndarray  # example indices of the split
+    last_of_epoch: bool
+    final: bool  # the run's last step
+
+
+class Hook:
+    def after_step(self, run, info: StepInfo) -> None:
+        pass
+
+    def after_epoch(self, run, plan: list) -> None:
+        pass
+
+
+class LossCheck(Hook):
+    """Losses stay on the device and are read back together, every FETCH_EVERY steps and before
+    anything that must not see a bad step (evaluation, saves, stops, the epoch's end); a
+    non-finite loss stops the run naming its step and batch. The progress bar moves then too."""
+
+    def __init__(self, bar, task):
+        self.bar, self.task = bar, task
+
+    def after_step(self, run, info):
+        cfg = run.prog.cfg
+        s = info.step
+        if (s % FETCH_EVERY == 0 or s % cfg.eval_freq == 0 or info.last_of_epoch or s % cfg.save_every == 0
+                or run.signals.stop or info.final):
+            loss, rate = run.check_losses()
+            self.bar.update(self.task, completed=s, loss=loss, rate=rate)
+
+
+class Evaluate(Hook):
+    """Every `eval_freq` steps: the loss on the first `eval_iter` batches of train and validation
+    (the book's evaluate_model), appended to the history and metrics.jsonl."""
+
+    def after_step(self, run, info):
+        cfg = run.prog.cfg
+        if info.step % cfg.eval_freq:
+            return
+        tr = run.prog.evaluate(run.state.trainable, run.train, run.plan, cfg.eval_iter)[0]
+        va = (run.prog.evaluate(run.state.trainable, run.data.splits["validation"], None, cfg.eval_iter)[0]
+              if "validation" in run.data.splits else None)
+        run.record({"step": info.step, "epoch": info.epoch + 1, "train_loss": tr, "val_loss": va,
+                    "examples_seen": info.step * run.prog.rows, "elapsed_s": time.perf_counter() - run.t_start})
+
+
+class StopOnSignal(Hook):
+    """SIGINT/SIGTERM: save what was checked and stop at this step's boundary."""
+
+    def after_step(self, run, info):
+        if not run.signals.stop:
+            return
+        run.check_losses()  # never save steps whose loss was not checked
+        run.save()
+        where = (f"state saved in {run.state_dir}; continue with --resume" if run.state_dir
+                 else "nothing saved (no --out)")
+        raise Interrupted(f"stopped by {run.signals.stop} at step {info.step}; {where}")
+
+
+class SaveEvery(Hook):
+    """A resumable save every `save_every` steps (the epoch's end and the last step save anyway)."""
+
+    def after_step(self, run, info):
+        if info.step % run.prog.cfg.save_every == 0 and not info.last_of_epoch and not info.final:
+            run.save()
+
+
+class EpochEnd(Hook):
+    """Train accuracy on the first batches, validation loss and accuracy on the whole split, and
+    with keep_best the parameters of the epoch with the lowest validation loss."""
+
+    def after_epoch(self, run, plan):
+        prog, st = run.prog, run.state
+        task = prog.spec.task
+        entry = {"epoch": st.epoch + 1, "step": st.step,
+                 "train_acc": _accuracy(task, prog.evaluate(st.trainable, run.train, plan, prog.cfg.eval_iter))}
+        if "validation" in run.data.splits:
+            va_loss, logits, y = prog.evaluate(st.trainable, run.data.splits["validation"])
+            entry.update(val_acc=_accuracy(task, (va_loss, logits, y)), val_loss_full=va_loss)
+            if prog.cfg.keep_best and (st.best is None or va_loss < st.best["val_loss"]):
+                st.best = {"val_loss": va_loss, "epoch": st.epoch + 1}
+                run.save_best()
+        run.record(entry)
+
+
+class Observe(Hook):
+    """Hands each step to a caller's function: what ran, not what the config asked for."""
+
+    def __init__(self, fn: Callable[[dict], None]):
+        self.fn = fn
+
+    def after_step(self, run, info):
+        self.fn({"step": info.step, "epoch": info.epoch, "batch_index": info.batch_index, "group": info.group,
+                 "indices": info.indices, "length": batch_length(run.train, info.group, info.indices)})
+
+
+class Interrupted(TrainingError):
+    pass
+
+
+def _accuracy(task, result) -> float | None:
+    _, logits, y = result
+    return float(np.mean(task.predictions(logits) == y)) if len(y) else None
+
+
+def check_losses(pending: list, train_split, state_dir: Path | None) -> float:
+    """The last of `pending` (step, where, device loss) after one transfer; raises on a non-finite one."""
+    losses = jax.device_get([l for _, _, l in pending])
+    for (s, where, _), loss in zip(pending, losses):
+        if not math.isfinite(float(loss)):
+            saved = f" (see {state_dir})" if state_dir else ""
+            raise TrainingError(f"loss is {float(loss)} at step {s} (epoch {where[0] + 1}, batch {where[1]}, "
+                                f"group of length {batch_length(train_split, *where[2:])}); parameters after "
+                                f"the last good save are discarded{saved}")
+    return float(losses[-1])
+
+
+def append_jsonl(out: Path | None, entry: dict) -> None:
+    if out:
+        with open(Path(out) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def save_best(out: Path | None, trainable) -> None:
+    if out:
+        state_lib.save_state(Path(out) / "best", 0, trainable, {})
+
+
+def load_best(out: Path, trainable):
+    path = state_lib.latest_state(Path(out) / "best")
+    if path is None:
+        raise CheckpointError(f"{out}/best: no saved best epoch")
+    return state_lib.load_state(path, trainable)[0]

@@ -1,0 +1,238 @@
+"""`fit`: the training run as named phases, and the loop that takes the steps.
+
+    prepare_data -> build_program (freeze split, mesh, prefix cache, optimizer, jitted steps)
+    -> precompile -> restore -> the loop, with its side work on hooks -> the final report
+
+The CLI, `Classifier.fit`, the tests and the benchmarks all go through these phases."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+from flax import nnx
+
+from jaxcls import data as data_lib
+from jaxcls.config import TrainConfig
+from jaxcls.fileio import atomic_open
+from jaxcls.task import SingleLabel, class_weights
+from jaxcls.train import hooks as hooks_lib
+from jaxcls.train import state as state_lib
+from jaxcls.train.batches import Prepared, prepare_data
+from jaxcls.train.program import Program, build_program, precompile
+from jaxcls.train.state import LoopState
+
+
+@dataclasses.dataclass
+class FitResult:
+    trainable: nnx.State
+    frozen: nnx.State
+    graphdef: object
+    history: list[dict]
+    report: dict
+    pad_length: int | None
+
+
+def task_for(splits: data_lib.DataSplits, cfg: TrainConfig) -> SingleLabel:
+    """The single-label task the data and the loss settings describe."""
+    names = tuple(splits.label_names)
+    return SingleLabel(names, label_smoothing=cfg.label_smoothing,
+                       class_weights=class_weights(cfg.class_weights, splits.train.labels, len(names)))
+
+
+def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, cfg: TrainConfig, *,
+        out: Path | None = None, resume: bool = False, progress: bool = True,
+        log: Callable[[str], None] = print,
+        on_step: Callable[[dict], None] | None = None) -> FitResult:
+    """Fine-tune `model` (a GPT2Classifier) in place of its trainable parameters.
+
+    `on_step`, if given, sees each step as it is taken (step, epoch, batch index, the bucket group
+    or None for a mixed batch, the example indices and the padded length): what ran, not what the
+    config asked for."""
+    if cfg.compilation_cache:
+        from jaxcls.compile_cache import enable_compilation_cache
+
+        enable_compilation_cache(cfg.compilation_cache)
+    data = prepare_data(model, encode, splits, cfg, log)
+    model.pooling = data.pooling  # the saved classifier predicts the way it was trained
+    prog, state = build_program(model, data, task_for(splits, cfg), cfg, log)
+    log = log if prog.main_process else (lambda s: None)
+    compile_s = 0.0
+    if prog.mesh is None:  # with a mesh, the first step of each shape compiles instead
+        compile_s, n_shapes = precompile(prog, data, state, lambda n: _progress(progress, n, "compile"))
+        log(f"compiled {n_shapes} step shapes in {compile_s:.1f}s")
+    run = Run(prog, state, data, out, log)
+    if resume:
+        run.restore()
+    if out and prog.main_process:
+        _rewrite_jsonl(Path(out) / "metrics.jsonl", run.state.history)
+    bar = _progress(progress and prog.main_process, prog.total_steps)
+    with _Signals() as run.signals, bar:
+        task = bar.add_task("train", total=prog.total_steps, completed=min(run.state.step, prog.total_steps),
+                            loss=float("nan"), rate=0.0)
+        hooks = [hooks_lib.LossCheck(bar, task), hooks_lib.Evaluate(), hooks_lib.StopOnSignal(),
+                 hooks_lib.SaveEvery(), hooks_lib.EpochEnd()]
+        if on_step is not None:
+            hooks.insert(0, hooks_lib.Observe(on_step))
+        run.loop(hooks)
+    return finish(run, splits, compile_s)
+
+
+class Run:
+    """One fit's moving parts: the program, the loop state, the data, where saves go, and the
+    losses not yet read back from the device."""
+
+    def __init__(self, prog: Program, state: LoopState, data: Prepared, out: Path | None, log):
+        self.prog, self.state, self.data, self.log = prog, state, data, log
+        self.train = data.splits["train"]
+        self.out = Path(out) if out else None
+        self.state_dir = self.out / "state" if self.out else None
+        self.start_step = 0
+        self.plan: list = []
+        self.signals = None
+        self.pending: list = []  # (step, where, device loss) not yet checked
+        self.seen_since, self.t_since = 0, time.perf_counter()
+        self.t_start = time.perf_counter()
+
+    def loop(self, hooks: list[hooks_lib.Hook]) -> None:
+        """Epochs of planned batches; resumes mid-epoch at `done_in_epoch`."""
+        prog, st, cfg = self.prog, self.state, self.prog.cfg
+        base_key = jax.random.PRNGKey(cfg.seed)
+        while st.epoch < cfg.epochs and st.step < prog.total_steps:
+            self.plan = prog.plan(self.train, st.epoch)
+            for b_index in range(st.done_in_epoch, len(self.plan)):
+                g, idx = self.plan[b_index]
+                metrics = prog.step(st, self.train, g, idx, jax.random.fold_in(base_key, st.step))
+                st.step, st.done_in_epoch = st.step + 1, b_index + 1
+                self.seen_since += len(idx)
+                self.pending.append((st.step, (st.epoch, b_index, g, idx), metrics["loss"]))
+                info = hooks_lib.StepInfo(st.step, st.epoch, b_index, g, idx, b_index == len(self.plan) - 1,
+                                          st.step >= prog.total_steps)
+                for h in hooks:
+                    h.after_step(self, info)
+                if info.final:
+                    break
+            if st.done_in_epoch == len(self.plan):
+                for h in hooks:
+                    h.after_epoch(self, self.plan)
+                st.epoch, st.done_in_epoch = st.epoch + 1, 0
+            self.save()
+        self.check_losses()
+
+    def check_losses(self):
+        """Read pending losses back in one transfer; -> (last loss, examples/s since the last check)."""
+        if not self.pending:
+            return None
+        loss = hooks_lib.check_losses(self.pending, self.train, self.state_dir)
+        rate = self.seen_since / max(time.perf_counter() - self.t_since, 1e-9)
+        self.seen_since, self.t_since = 0, time.perf_counter()
+        self.pending.clear()
+        return loss, rate
+
+    def record(self, entry: dict) -> None:
+        self.state.history.append(entry)
+        hooks_lib.append_jsonl(self.out if self.prog.main_process else None, entry)
+
+    def _host(self, tree):
+        if self.prog.mesh is None:
+            return tree
+        from jaxcls.train import distributed as dist
+
+        return dist.to_host(tree)  # a collective: every process takes part
+
+    def save(self) -> None:
+        if self.state_dir is None:
+            return
+        tree = self._host((self.state.trainable, self.state.opt_state))
+        if self.prog.main_process:
+            state_lib.save_state(self.state_dir, self.state.step, tree, self.state.meta(self.prog.cfg))
+
+    def save_best(self) -> None:
+        host = self._host(self.state.trainable)
+        hooks_lib.save_best(self.out if self.prog.main_process else None, host)
+
+    def restore(self) -> None:
+        found = state_lib.restore(self.state, self.state_dir, self.prog.cfg) if self.state_dir else None
+        if found is None:
+            self.log(f"--resume: no saved state in {self.state_dir or '(no --out)'}; starting from step 0")
+            return
+        self.state, latest = found
+        if self.prog.mesh is not None:
+            from jaxcls.train import distributed as dist
+
+            self.state.trainable = dist.place(self.state.trainable, self.prog.param_sharding)
+            self.state.opt_state = dist.place(self.state.opt_state, self.prog.opt_sharding)
+        st = self.state
+        self.start_step = st.step
+        self.log(f"resumed from {latest} (step {st.step}, epoch {st.epoch + 1}, batch {st.done_in_epoch})")
+
+
+def finish(run: Run, splits: data_lib.DataSplits, compile_s: float) -> FitResult:
+    """Keep the best epoch if asked, evaluate every split in full, and report."""
+    prog, st, cfg = run.prog, run.state, run.prog.cfg
+    trainable, frozen = st.trainable, prog.frozen
+    if prog.mesh is not None:
+        trainable, frozen = run._host(trainable), run._host(frozen)
+    if cfg.keep_best and st.best is not None and run.out and prog.main_process:
+        trainable = hooks_lib.load_best(run.out, trainable)
+        run.log(f"keeping epoch {st.best['epoch']} (lowest validation loss {st.best['val_loss']:.4f})")
+    host_prog = dataclasses.replace(prog, frozen=frozen)
+    data, cache = run.data, prog.cache
+    report = {"splits": {}, "trainable_params": prog.n_trainable, "total_params": prog.n_trainable + prog.n_frozen,
+              "wall_time_s": time.perf_counter() - run.t_start, "compile_s": compile_s, "steps": st.step,
+              "start_step": run.start_step, "steps_run": st.step - run.start_step,
+              "devices": prog.mesh.size if prog.mesh is not None else 1,
+              "fsdp": bool(cfg.fsdp and prog.mesh is not None), "padding": data.mode, "batching": prog.batching,
+              "pad_length": data.pad_length, "cached_prefix": cache is not None,
+              "cache_dtype": cache.dtype if cache else None, "cache_memory": cache.memory if cache else None,
+              "label_names": list(splits.label_names)}
+    for name, d in data.splits.items():
+        loss, logits, y = host_prog.evaluate(trainable, d)
+        report["splits"][name] = {"loss": loss, "n": len(d), "truncated": d.truncated,
+                                  **prog.spec.task.report(y, logits)}
+    return FitResult(trainable, frozen, prog.graphdef, st.history, report, data.pad_length)
+
+
+class _Signals:
+    """SIGINT/SIGTERM set a flag; the loop saves and stops at the next step boundary."""
+
+    def __init__(self):
+        self.stop = None
+
+    def __enter__(self):
+        self._old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.stop = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _rewrite_jsonl(path: Path, history):
+    """metrics.jsonl holds exactly the history of the state resumed from, not lines written after."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "w") as f:
+        for e in history:
+            f.write(json.dumps(e) + "\n")
+
+
+def _progress(enabled: bool, total: int, what: str = "train"):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
+    if what == "train":
+        columns += [TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} ex/s")]
+    return Progress(*columns, TimeRemainingColumn(), disable=not enabled, transient=False)
