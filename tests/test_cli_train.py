@@ -128,8 +128,8 @@ BOOK_TABLE = {
 def test_every_book_row_reaches_fit_with_the_books_settings(tmp_path, monkeypatch):
     """Each of the 19 rows, with the script's own defaults, reaches `fit` with the book's settings
     (nothing is trained: fit is replaced by a recorder; every size maps to the tiny fixture).
-    Fails if a row's setting is dropped on its way to fit (planted: causal=cfg.causal removed
-    from run_row's from_pretrained call: row 17 keeps the causal mask)."""
+    Fails if a row's setting is lost on its way to fit (planted: row_config's overrides merged
+    as {**ROWS[row][1], **BOOK}: row 2 pools the last token, not the first)."""
     import jaxcls.train
     from jaxcls.data import encode_texts, load_data, resolve_pad_length
 
