@@ -91,7 +91,7 @@ def markdown(results: list[dict], note: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="1-19")
     p.add_argument("--checkpoint", default=None, help="use this checkpoint for every row (default: each row's size)")
@@ -102,7 +102,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--out", default="book_table.md")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     from jaxcls.data import load_data
     from jaxcls.fileio import atomic_write_text

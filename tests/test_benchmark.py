@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SMS, TOKENIZER_DIR, requires_shared
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 
 
@@ -107,8 +109,16 @@ def test_cli_parses_defaults(tp):
         ("gpt2-small", "last_block", 8, 120, "float32", 10, 2)
 
 
-def test_sms_inference_smoke(tmp_path):
-    """The SMS test-set benchmark on the tiny model: every row does at least the least exact work."""
+@requires_shared
+def test_sms_inference_smoke(tmp_path, monkeypatch):
+    """The SMS test-set benchmark on the tiny model: every row does at least the least exact work,
+    and where transformers is installed its two rows are there (fails, not skips, without them:
+    planted `raise ImportError` before the HF rows in sms_inference.main)."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    import throughput
+
+    monkeypatch.setattr(throughput, "DEFAULT_SMS", SMS)
+    monkeypatch.setattr(throughput, "DEFAULT_TOKENIZER", TOKENIZER_DIR)
     spec = importlib.util.spec_from_file_location("jaxcls_bench_sms", BENCH.parent / "sms_inference.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -123,3 +133,10 @@ def test_sms_inference_smoke(tmp_path):
     for r in record["rows"]:
         assert r["seconds"] > 0 and r["tokens_run"] >= least["tokens"] and r["flops"] >= least["flops"]
     assert jax_rows[0]["compiles"] >= 1
+    hf_rows = [r for r in record["rows"] if r["system"].startswith("HF ")]
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
+        assert hf_rows == []
+        pytest.skip("torch or transformers not installed (the bench extra): the HF rows were not run")
+    hf = "HF GPT2ForSequenceClassification, {}, each batch padded to its longest, batch 8"
+    assert [r["system"] for r in hf_rows] == [hf.format("file order"), hf.format("sorted by length")]
+    assert hf_rows[1]["tokens_run"] <= hf_rows[0]["tokens_run"]  # sorting can only shrink the padding

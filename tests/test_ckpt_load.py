@@ -16,7 +16,7 @@ import pytest
 
 import jaxcls
 import jaxcls.download
-from conftest import FIXTURE
+from conftest import FIXTURE, requires_shared
 from jaxcls.ckpt import download as ckpt_download
 from jaxcls.ckpt import folder as saved_folder
 from jaxcls.ckpt.folder import HASH_CACHE, META, WEIGHTS
@@ -64,6 +64,7 @@ def test_download_false_names_what_is_missing_without_the_network(no_network):
         assert "model.ckpt.index" in missing and "hparams.json" not in missing, e.value
 
 
+@requires_shared
 def test_tokenizer_from_folder_never_resolves_a_size(no_network):
     """A size name is not a folder to the tokenizer: it is refused, not downloaded. Fails if a
     non-folder falls through to tiktoken's download (planted: `if False:` for the is_dir check)."""
@@ -95,6 +96,7 @@ def delta_saved(tmp_path, monkeypatch):
     return {"dir": out, "base": base, "calls": calls, "clf": clf, "home": tmp_path / "home"}
 
 
+@requires_shared
 def test_delta_load_hashes_the_base_once_per_file_version(delta_saved):
     """Fails if the remembered hash is never used (planted: `hit = None` in base_sha256) or if a
     changed mtime does not force a new hash (planted: stamp left out of the cache check)."""
@@ -113,6 +115,7 @@ def test_delta_load_hashes_the_base_once_per_file_version(delta_saved):
     assert len(d["calls"]) == 2, d["calls"]
 
 
+@requires_shared
 def test_a_just_written_base_is_not_remembered(delta_saved):
     """A file written within the filesystem clock's tick could change again unseen: its hash is
     not kept. Fails if every hash is remembered (planted: settled = True in base_sha256)."""
@@ -125,6 +128,7 @@ def test_a_just_written_base_is_not_remembered(delta_saved):
     assert len(d["calls"]) == 2
 
 
+@requires_shared
 def test_a_changed_base_is_refused_even_after_its_hash_was_remembered(delta_saved):
     """Same size, new bytes, new mtime: hashed again and refused. Fails if a remembered hash is
     trusted without its stamp (planted: stamp left out of the cache check in base_sha256)."""
@@ -156,6 +160,7 @@ def _edit_weights(src: Path, dest: Path, edit) -> Path:
     return dest
 
 
+@requires_shared
 @pytest.mark.parametrize("case, edit, expected", [
     ("unknown", lambda t: t.__setitem__("h/0/attn/extra", np.zeros(3, np.float32)),
      r"tensor 'h/0/attn/extra' is not a parameter of the classifier as classifier\.json describes it"),
@@ -174,6 +179,7 @@ def test_saved_folder_tensor_errors_name_the_file_and_tensor(full_saved, tmp_pat
     assert str(e.value).startswith(f"{folder / WEIGHTS}: "), e.value
 
 
+@requires_shared
 def test_saved_folder_missing_the_base_reference_is_named(full_saved, tmp_path):
     """Fails with a bare KeyError if the base reference is not checked (planted: `if False:` for
     the absent-fields check in _read_meta)."""

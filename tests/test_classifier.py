@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import FIXTURE
+from conftest import FIXTURE, requires_shared
 from jaxcls.ckpt.folder import META
 from jaxcls.classifier import Classifier
 from jaxcls.errors import ConfigError
 from jaxcls.model import path_str
 
-pytestmark = pytest.mark.skipif(not (FIXTURE / "openai").is_dir(), reason=f"{FIXTURE} missing")
+pytestmark = requires_shared
 
 TEXTS = ["Free entry in a weekly comp to win cup final tickets", "Are we still on for lunch?",
          "WINNER!! claim your prize now", "see you at 6", "URGENT call now to claim", "ok thanks"] * 2

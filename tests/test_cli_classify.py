@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TOKENIZER_DIR
+from conftest import TOKENIZER_DIR, requires_shared
 from jaxcls.classifier import Classifier
 from jaxcls.cli import main
 from jaxcls.task import softmax
 
-pytestmark = pytest.mark.skipif(not TOKENIZER_DIR.is_dir(), reason=f"{TOKENIZER_DIR} not present")
+pytestmark = requires_shared
 LABELS = ["ham", "spam", "other"]
 TEXTS = ["WINNER!! You have won a £1000 prize, call now", "Are we still on for lunch?", "ok 👍",
          "naïve café", "Free entry in 2 a wkly comp to win FA Cup final tkts", "see you at 6",

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SMS, TOKENIZER_DIR
+from conftest import SMS, TOKENIZER_DIR, requires_shared
 from jaxcls.classifier import Classifier
 from jaxcls.cli import main
 
-pytestmark = pytest.mark.skipif(not TOKENIZER_DIR.is_dir(), reason=f"{TOKENIZER_DIR} not present")
+pytestmark = requires_shared
 TEXTS = ["WINNER!! You have won a £1000 prize, call now", "Are we still on for lunch?", "ok 👍",
          "naïve café", "Free entry in 2 a wkly comp to win FA Cup final tkts"]
 
@@ -125,7 +125,6 @@ def test_eval_json_and_tables(model_dir, clf, tmp_path, capsys):
     assert "'eggs'" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not SMS.is_file(), reason=f"{SMS} not present")
 def test_eval_sms_spam_uses_the_seed_training_recorded(model_dir, clf, tmp_path, capsys):
     """A run trained on sms-spam with --seed 7 is scored on seed 7's test split, and another seed
     is refused. Fails if the recorded seed is ignored (planted: `recorded = None` in _split_seed)."""
@@ -145,7 +144,6 @@ def test_eval_sms_spam_uses_the_seed_training_recorded(model_dir, clf, tmp_path,
     assert "split by seed 7" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not SMS.is_file(), reason=f"{SMS} not present")
 def test_eval_sms_spam_test_split(model_dir, capsys):
     assert main(["eval", "--model", str(model_dir), "--data", "sms-spam", "--data-path", str(SMS),
                  "--json"]) == 0
@@ -210,7 +208,6 @@ def runs(tmp_path_factory):
     return {"root": root, "split": split, "files": files}
 
 
-@pytest.mark.skipif(not SMS.is_file(), reason=f"{SMS} not present")
 def test_eval_split_recuts_the_training_file_with_trainings_seed(runs, tmp_path, capsys):
     """--split test on the file a model was split from gives the rows training held out, with the
     recorded seed and columns, found by content after a move. Fails if eval cuts with seed 123
@@ -249,7 +246,6 @@ def _confusion_of(model, data):
     return cm.tolist()
 
 
-@pytest.mark.skipif(not SMS.is_file(), reason=f"{SMS} not present")
 def test_eval_never_resplits_files_of_a_run_with_validation_and_test_files(runs, capsys):
     """A model trained with --validation/--test files: its test file is scored whole (50 rows, not
     10), and its training file is never cut into a 'test' split of rows it trained on. Fails if

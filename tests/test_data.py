@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import SHARED, requires_shared
 from jaxcls import data
 from jaxcls.data import sms as sms_lib
 from jaxcls.data import (
@@ -35,11 +36,10 @@ from jaxcls.data import (
 )
 from jaxcls.errors import DataError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 SMS_DIR = SHARED / "data" / "sms_spam"
 SMS_FILE = SMS_DIR / "SMSSpamCollection"
 SMS_ZIP = SMS_DIR / "sms+spam+collection.zip"
-needs_sms = pytest.mark.skipif(not SMS_FILE.is_file(), reason=f"{SMS_FILE} not present")
+needs_sms = requires_shared
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED, requires_shared
 from jaxcls import download
 from jaxcls.ckpt.download import KNOWN_SHA256, download_checkpoint
 from jaxcls.ckpt.openai import OPENAI_FILES
 from jaxcls.download import download_file
 from jaxcls.errors import DownloadError, JaxclsError
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures/gpt2-tiny/openai"
+FIXTURE = SHARED / "fixtures/gpt2-tiny/openai"
 BIG = "model.ckpt.data-00000-of-00001"
 
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture folder {FIXTURE} missing")
+pytestmark = requires_shared
 
 
 class _Server(http.server.ThreadingHTTPServer):

@@ -25,11 +25,11 @@ import pytest
 from flax import nnx
 
 import jaxcls
-from conftest import FIXTURE
+from conftest import FIXTURE, requires_shared
 from jaxcls.errors import JaxclsError
 from jaxcls.ckpt.load import expected_shapes
 
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture folder {FIXTURE} missing")
+pytestmark = requires_shared
 
 SEED = 20240607
 CASE_SECONDS = 10

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SHARED
 from jaxcls.ckpt import crc32c as c32
 from jaxcls.ckpt import openai as oc
 from jaxcls.ckpt import sstable as sst
 from jaxcls.errors import CheckpointError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINY = SHARED / "fixtures" / "gpt2-tiny"
 OPENAI = TINY / "openai"
 DATA_NAME = "model.ckpt.data-00000-of-00001"

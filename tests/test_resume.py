@@ -27,12 +27,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FIXTURE, SMS
+from conftest import FIXTURE, SMS, requires_shared
 from jaxcls.train import state as trainstate
 from jaxcls.errors import CheckpointError
 
-pytestmark = pytest.mark.skipif(not (FIXTURE / "openai").is_dir() or not SMS.is_file(),
-                                reason=f"{FIXTURE} or {SMS} not present")
+pytestmark = requires_shared
 
 ROWS = 160  # -> 112 train / 16 validation / 32 test; batch 8, last partial batch dropped: 14 steps an epoch
 MAX_STEPS = 28  # = two epochs of 14, so the --max-steps stop falls on the end of epoch 2

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TOKENIZER_DIR
+from conftest import TOKENIZER_DIR, requires_shared
 from jaxcls.classifier import Classifier
 from jaxcls.cli import main
 from jaxcls.config import TINY_SIZES
@@ -17,7 +17,7 @@ from jaxcls.model import GPT2Classifier
 from jaxcls.infer.serve import make_server
 from jaxcls.tokenizer import encoding_from_files
 
-pytestmark = pytest.mark.skipif(not TOKENIZER_DIR.is_dir(), reason=f"{TOKENIZER_DIR} not present")
+pytestmark = requires_shared
 KW = {"batch_size": 4, "bucket_lengths": (64,), "row_buckets": (1, 4)}
 
 

@@ -4,13 +4,15 @@ import json
 
 import pytest
 
-from conftest import FIXTURE, TOKENIZER_DIR
+from conftest import FIXTURE, TOKENIZER_DIR, requires_shared
 from jaxcls.cli import main
 from jaxcls.errors import CheckpointError
 from jaxcls import load_tokenizer
 from jaxcls.tokenizer import PAD_ID, encode
 
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text()) if FIXTURE.is_dir() else None
+
+pytestmark = requires_shared
 
 
 @pytest.mark.parametrize("folder", [TOKENIZER_DIR, FIXTURE / "openai", FIXTURE / "hf", FIXTURE / "hf-hub"])

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FIXTURE
+from conftest import FIXTURE, requires_shared
 from jaxcls.ckpt.folder import META, WEIGHTS, base_weight_files
 from jaxcls.fileio import sha256_files
 from jaxcls.classifier import Classifier
 from jaxcls.errors import CheckpointError
 from jaxcls.tokenizer import PAD_ID
 
-pytestmark = pytest.mark.skipif(not (FIXTURE / "openai").is_dir(), reason=f"{FIXTURE} missing")
+pytestmark = requires_shared
 
 TEXTS = ["Free entry in a weekly comp to win cup final tickets", "Are we still on for lunch?",
          "WINNER!! claim your prize now", "see you at 6", "URGENT call now to claim", "ok thanks"] * 2
