@@ -16,7 +16,7 @@ import sys
 import time
 
 BOOK = dict(pooling="last", padding="longest")  # the book's literal last token, padded to 120
-ROWS = {  # row: (description, TrainConfig overrides, book train/val/test accuracy %, book minutes)
+ROWS = {  # row: (description, ModelSpec/TrainConfig overrides, book train/val/test accuracy %, book minutes)
     1: ("gpt2-small, last_block (the chapter)", {}, (96.63, 99.33, 95.00), 0.28),
     2: ("first token", dict(pooling="first"), (78.46, 80.54, 75.00), 0.28),
     3: ("last layer (head) only", dict(trainable="head"), (78.65, 79.87, 72.00), 0.25),
@@ -53,26 +53,30 @@ def parse_rows(spec: str) -> list[int]:
 
 
 def row_config(row: int, args):
-    from jaxcls.config import TrainConfig
+    """(ModelSpec, TrainConfig) of a row: the book's settings, the row's changes, the script's flags."""
+    import dataclasses
+
+    from jaxcls.config import ModelSpec, TrainConfig
 
     overrides = {**BOOK, **ROWS[row][1]}
     if args.checkpoint:  # one checkpoint for every row (e.g. the tiny fixture on CPU)
         overrides["checkpoint"] = args.checkpoint
     if args.max_steps:
         overrides["max_steps"] = args.max_steps
-    return TrainConfig(data=args.data, data_path=args.data_path, epochs=args.epochs, seed=args.seed,
-                       **overrides)
+    model_fields = {f.name for f in dataclasses.fields(ModelSpec)}
+    model = ModelSpec(**{k: v for k, v in overrides.items() if k in model_fields})
+    cfg = TrainConfig(epochs=args.epochs, seed=args.seed,
+                      **{k: v for k, v in overrides.items() if k not in model_fields})
+    return model, cfg
 
 
 def run_row(row: int, args, splits) -> dict:
     from jaxcls.classifier import Classifier
 
-    cfg = row_config(row, args)
+    model, cfg = row_config(row, args)
     t0 = time.perf_counter()
-    clf = Classifier.from_pretrained(
-        cfg.checkpoint, label_names=splits.label_names, trainable=cfg.trainable, pooling=cfg.pooling,
-        weights=cfg.weights, seed=cfg.seed, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-        dtype=cfg.dtype, causal=cfg.causal, dropout=cfg.dropout, tokenizer=args.tokenizer)
+    clf = Classifier.from_spec(model, splits.label_names, trainable=cfg.trainable, seed=cfg.seed,
+                               tokenizer=args.tokenizer)
     report = clf.fit(splits, train_config=cfg, progress=False, log=lambda s: None)
     acc = {k: 100 * v["accuracy"] for k, v in report["splits"].items()}
     return {"row": row, "train": acc.get("train"), "validation": acc.get("validation"),
@@ -108,11 +112,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
 
-    from jaxcls.data import load_data
+    from jaxcls.config import DataSpec
+    from jaxcls.data import load_spec
     from jaxcls.fileio import atomic_write_text
 
-    kw = {"path": args.data_path} if args.data in ("sms-spam", "sms_spam") else {}
-    splits = load_data(args.data, progress=False, **kw)
+    splits = load_spec(DataSpec(data=args.data, data_path=args.data_path), seed=args.seed, progress=False)
     results = []
     for row in parse_rows(args.rows):
         results.append(run_row(row, args, splits))

@@ -160,7 +160,7 @@ def test_every_book_row_reaches_fit_with_the_books_settings(tmp_path, monkeypatc
             book.run_row(row, args, splits)
         model, cfg = seen["model"], seen["cfg"]
         got = dict(checkpoint=seen["checkpoint"], weights=seen["weights"], pooling=model.pooling,
-                   trainable=cfg.trainable, padding=cfg.resolved_padding(), batch=cfg.batch_size,
+                   trainable=cfg.trainable, padding=cfg.resolved_padding(model.pooling), batch=cfg.batch_size,
                    accumulation=cfg.accumulation, causal=model.config.causal,
                    lora=(model.config.lora_rank, model.config.lora_alpha) if model.config.lora_rank else None)
         want = dict(checkpoint=size, weights=weights, pooling=pooling, trainable=trainable, padding=padding,
