@@ -1,1 +1,2 @@
-"""Inference: text readers and prediction writers (io)."""
+"""Inference: the bucketed, jitted Predictor (predictor), text readers and prediction writers (io),
+and the HTTP server (serve)."""
