@@ -42,7 +42,7 @@ def test_every_step_shape_compiles_before_the_first_step():
 
     from jaxcls.config import TrainConfig
     from jaxcls.data import DataSplits, TextDataset
-    from jaxcls.fit import fit
+    from jaxcls.train import fit
 
     rng = np.random.default_rng(0)
     texts = [" ".join(str(rng.integers(1, 9)) for _ in range(n)) for n in rng.integers(2, 60, 40)]
