@@ -1,7 +1,6 @@
 """The jitted train step moves nothing between host and device implicitly."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -37,7 +36,8 @@ def test_every_step_shape_compiles_before_the_first_step():
     no compile happens between steps: JAX's compile log, interleaved with fit's on_step reports,
     shows every train_step/eval_step compile before the first step, one train_step compile per
     batch length the steps ran at.
-    Fails if fit skips precompile (planted: `if mesh is None:` -> `if False:` before precompile)."""
+    Fails if fit skips precompile (planted: `if prog.mesh is None:` -> `if False:` before
+    precompile in train/loop.py)."""
     import logging
 
     from jaxcls.config import TrainConfig

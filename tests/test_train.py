@@ -1,9 +1,6 @@
 """Training numerics: freezing, the jitted step, accumulation, determinism, the prefix cache."""
 
-import dataclasses
 import importlib.util
-import math
-import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -108,8 +105,9 @@ def test_classifier_fit_leaves_frozen_weights_bit_identical_and_moves_the_traine
     """Through the path users run (Classifier.fit -> fit, prefix cache on where it applies): every
     parameter outside the preset's own paths is bit-identical afterwards, every one inside moved.
     The expected paths are spelled out here, not taken from freeze.py.
-    Fails if frozen weights decay (planted: frozen = jax.tree.map(lambda p: p * 0.999, frozen) after
-    each step in fit) or the preset widens (planted: last_k_blocks starts one block earlier)."""
+    Fails if frozen weights decay (planted: self.frozen = jax.tree.map(lambda p: p * 0.999,
+    self.frozen) after each step in Program.step) or the preset widens (planted: last_k_blocks
+    starts one block earlier)."""
     clf = Classifier.from_pretrained("tiny", label_names=("no", "yes"), trainable=preset, weights="random",
                                      lora_rank=2, tokenizer=TOKENIZER_DIR, seed=0)
     before = flat(nnx.state(clf.model, nnx.Param))
@@ -291,7 +289,7 @@ def test_global_batching_with_the_cache_follows_the_unbucketed_run():
     """Default settings (buckets + cache -> 'global' batching) take the same batches as the book's
     fixed padding without the cache, so losses and weights agree: accuracy cannot drift. The steps
     fit reports (on_step) mix lengths, each padded to its longest text's bucket.
-    Fails if fit draws bucket batches under 'global' (planted: mixed = False in fit)."""
+    Fails if fit draws bucket batches under 'global' (planted: mixed = False in train/program.py)."""
     splits = long_toy_splits()
     cfg = BASE.replace(epochs=3, trainable="last_block", padding="auto", cache=True)
     steps = []
@@ -314,7 +312,7 @@ def test_global_batching_with_the_cache_follows_the_unbucketed_run():
 
 def test_bucket_batching_draws_each_batch_from_one_bucket():
     """The planner, and the steps fit ran (on_step), not the config echoed in the report.
-    Fails if fit shuffles globally whatever --batching says (planted: mixed = True in fit)."""
+    Fails if fit shuffles globally whatever --batching says (planted: mixed = True in train/program.py)."""
     from jaxcls.train.batches import plan_batches, prepare_split
 
     splits = long_toy_splits()
@@ -440,7 +438,8 @@ def test_keep_best_returns_the_best_validation_epoch(tmp_path):
     """--keep-best: the weights fit returns (and reports on) are those of the epoch with the lowest
     validation loss, here the first of three, equal to a one-epoch run's and unlike the last
     epoch's (the resumable state saved at the end); the log line names that epoch.
-    Fails if the best epoch is saved but not restored (planted: drop `trainable = _load_best(...)`)."""
+    Fails if the best epoch is saved but not restored (planted: drop
+    `trainable = hooks_lib.load_best(...)` in train/loop.py)."""
     cfg = BASE.replace(trainable="head", cache=True, epochs=3, lr=1e-2, eval_freq=100)
     logs = []
     kept = run(cfg.replace(keep_best=True), splits=one_sided_splits(), out=tmp_path, log=logs.append)
@@ -504,7 +503,8 @@ def head_run():
         ids[i, :len(t)] = t
     lengths = np.array([len(t) for t in seqs], np.int32)
     m = nnx.merge(res.graphdef, res.trainable, res.frozen)  # the frozen part is the one it started from
-    feats = train.frozen_features(m, jnp.asarray(ids), jnp.asarray(lengths), train.StepSpec(SingleLabel.with_classes(2), pooled=True))
+    spec = train.StepSpec(SingleLabel.with_classes(2), pooled=True)
+    feats = train.frozen_features(m, jnp.asarray(ids), jnp.asarray(lengths), spec)
     return SimpleNamespace(res=res, steps=steps, head0=head0, feats=np.asarray(feats), labels=splits.train.labels)
 
 
@@ -550,7 +550,8 @@ def test_fit_steps_follow_warmup_then_cosine(head_run):
     """Each step's learning rate in fit is the documented schedule over the steps fit runs (3
     epochs x 3 batches): the head fit returns equals the replay; a constant rate or a cosine over
     the wrong total does not. Fails if fit sizes the schedule by one epoch (planted:
-    make_optimizer(cfg, steps_per_epoch)) or drops the warmup (planted: warmup 0 in learning_rate)."""
+    make_optimizer(cfg, steps_per_epoch) in train/program.py) or drops the warmup (planted:
+    warmup 0 in learning_rate)."""
     assert head_run.res.report["steps"] == len(head_run.steps) == 9
     gap, _ = replay_gap(head_run)
     assert gap < 1e-5
@@ -571,8 +572,8 @@ def test_clip_norm_scales_each_gradient_to_the_bound(head_run):
 def test_balanced_class_weights_weight_the_training_loss(head_run):
     """--class-weights balanced: weights n / (K * count_k) = (24/32, 24/16) for 16 negatives and 8
     positives, applied per example in the training loss (the replay) and in the reported loss.
-    Fails if fit trains unweighted (planted: class_weights=None in fit's StepSpec) or the rule is
-    inverted (planted: count * K / n in train.class_weights)."""
+    Fails if fit trains unweighted (planted: class_weights=None in train/loop.py task_for) or the
+    rule is inverted (planted: count * K / n in task.class_weights)."""
     assert class_weights(HEAD_CFG.class_weights, head_run.labels, 2) == pytest.approx((0.75, 1.5))
     assert class_weights(HEAD_CFG.class_weights, np.array([0, 0, 0, 2]), 3) == pytest.approx((4 / 9, 4 / 3, 4 / 3))
     gap, _ = replay_gap(head_run)
