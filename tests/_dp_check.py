@@ -76,9 +76,9 @@ def run_fit(data: Path, **extra):
     from jaxcls.data import load_data
     from jaxcls.train import fit
 
-    cfg = TrainConfig(checkpoint=str(FIXTURE / "openai"), data=str(data), **TRAIN, **extra)
-    splits = load_data(cfg.data, progress=False, seed=cfg.seed)
-    clf = Classifier.from_pretrained(cfg.checkpoint, label_names=splits.label_names,
+    cfg = TrainConfig(**TRAIN, **extra)
+    splits = load_data(str(data), progress=False, seed=cfg.seed)
+    clf = Classifier.from_pretrained(FIXTURE / "openai", label_names=splits.label_names,
                                      trainable=cfg.trainable, seed=cfg.seed)
     init = flat(nnx.state(clf.model))
     logs, steps = [], []

@@ -18,7 +18,7 @@ from jaxcls.task import SingleLabel, class_weights
 from jaxcls.train import freeze
 from jaxcls.train import state as trainstate
 from jaxcls.train import step as train
-from jaxcls.config import GPT2Config, TrainConfig
+from jaxcls.config import GPT2Config, ModelSpec, TrainConfig
 from jaxcls.data import DataSplits, TextDataset
 from jaxcls.errors import ConfigError, TrainingError
 from jaxcls.train import fit
@@ -86,8 +86,8 @@ def test_bad_trainable_values_are_config_errors():
         freeze.trainable_pattern("last_k_blocks:9", 3)
     with pytest.raises(ConfigError, match="matches no parameter"):
         freeze.split_trainable(model(), freeze.trainable_pattern("nothing/.*", 3))
-    with pytest.raises(ConfigError, match="TrainConfig.pooling"):
-        TrainConfig(pooling="max")
+    with pytest.raises(ConfigError, match="ModelSpec.pooling"):
+        ModelSpec(pooling="max")
 
 
 def one_step(m, preset, spec=None):
