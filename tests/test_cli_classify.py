@@ -126,4 +126,4 @@ def test_train_float16_on_cpu_is_a_one_line_error(tmp_path, capsys):
     err = one_line_error(capsys)
     assert "float16" in err and "bfloat16 or float32" in err
     assert main(["train", "--data", str(data), "--dtype", "float64", "--quiet"]) == 2
-    assert "TrainConfig.dtype" in one_line_error(capsys)
+    assert "ModelSpec.dtype" in one_line_error(capsys)
