@@ -56,7 +56,8 @@ def test_analytical_flops_match_xla(size, trainable, cached):
     last_block and 40% for 'all' (AdamW over the 6.4M-entry embedding table); at tiny width
     elementwise work is a large share of any step, so only total >= dots is checked there.
     Fails if a term of the count is wrong (planted: LoRA's adapters given no input gradient in
-    train_step_flops)."""
+    train_step_flops), or if the measured program ignores the cache setting (planted: cache=True
+    in measure.train_program)."""
     from jaxcls.config import preset
 
     cfg = preset(size).replace(n_layer=2, lora_rank=4 if trainable == "lora" else 0)
