@@ -3,7 +3,7 @@ jaxcls, the book's eager PyTorch model, transformers' GPT2ForSequenceClassificat
 model under torch.compile take turns, round after round (the order rotating), so that a shared
 machine's drifting load hits all of them alike.
 
-    .venv/bin/python benchmarks/ab_train_step.py --rounds 5 --steps 5
+    .venv-bench/bin/python -m benchmarks.ab_train_step --rounds 5 --steps 5    # from the repo root
 
 Each round times `--steps` steps of each system after a warm-up and keeps their median. The record
 (appended to benchmarks/results.jsonl) has every step time, each system's median over rounds with
@@ -12,10 +12,10 @@ round median / jaxcls's) and the median and range of those."""
 
 import argparse
 import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-COMMAND = "python benchmarks/ab_train_step.py"
+from benchmarks import system
+
+COMMAND = "python -m benchmarks.ab_train_step"
 
 
 def main(argv=None) -> dict:
@@ -27,18 +27,18 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
-    p.add_argument("--results", default=str(HERE / "results.jsonl"))
+    p.add_argument("--results", default=str(system.RESULTS))
     args = p.parse_args(argv)
-    sys.path.insert(0, str(HERE))
-    import throughput as tp
-    import torch_peers as peers
+    from benchmarks import measure
+    from benchmarks import torch_peers as peers
+    from benchmarks.peers import peer_config
 
-    threads = args.threads or tp.usable_cores()
-    info = tp.system_info(threads, torch=True)  # the load before the run
-    cfg = tp.model_config(args.size)
-    pc = tp.peer_config(cfg)
+    threads = args.threads or system.usable_cores()
+    info = system.system_info(threads, torch=True)  # the load before the run
+    cfg = measure.model_config(args.size)
+    pc = peer_config(cfg)
     shape = dict(trainable="last_block", batch=args.batch, seq_len=args.seq_len, steps=args.steps, warmup=1)
-    systems = {"jaxcls": lambda: tp.measure_train(cfg, **shape),
+    systems = {"jaxcls": lambda: measure.measure_train(cfg, **shape),
                "pytorch-book-eager": lambda: peers.measure_train("book", pc, threads=threads, **shape),
                "hf-transformers": lambda: peers.measure_train("hf", pc, threads=threads, **shape)}
     if not args.no_compile:
@@ -57,16 +57,16 @@ def main(argv=None) -> dict:
         print(f"round {rnd}: " + ", ".join(f"{k} {v[-1]['step_time_s_median']:.3f}s" for k, v in runs.items()),
               flush=True)
     med = {k: [r["step_time_s_median"] for r in v] for k, v in runs.items()}
-    summary = {k: tp.spread(v) for k, v in med.items()}
+    summary = {k: system.spread(v) for k, v in med.items()}
     peer_names = [k for k in names if k != "jaxcls"]
     fastest = min(peer_names, key=lambda k: summary[k]["median"])
-    speedup = {k: tp.spread([p / j for p, j in zip(med[k], med["jaxcls"])]) for k in peer_names}
+    speedup = {k: system.spread([p / j for p, j in zip(med[k], med["jaxcls"])]) for k in peer_names}
     record = {"kind": "ab_train_step", "command": f"{COMMAND} {' '.join(sys.argv[1:] if argv is None else argv)}",
               "size": args.size, "dtype": "float32", **shape, "rounds": args.rounds, "threads": threads,
               "system_info": info, "runs": runs, "step_time_s": summary,
               "jaxcls_speedup": speedup, "fastest_peer": fastest,
               "jaxcls_speedup_vs_fastest_peer": speedup[fastest]}
-    tp.append_record(args.results, record)
+    system.append_record(args.results, record)
     print(f"median step over {args.rounds} rounds (min-max): " + "; ".join(
         f"{k} {s['median']:.3f}s ({s['min']:.3f}-{s['max']:.3f})" for k, s in summary.items()))
     print("jaxcls speed-up per round, median (min-max): " + "; ".join(

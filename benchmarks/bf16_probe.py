@@ -1,7 +1,7 @@
 """Does XLA:CPU get faster matmuls in bfloat16 with any of its oneDNN/XNNPACK/YNNPACK options, and
 how does PyTorch's matmul compare on the same CPU?
 
-    python benchmarks/bf16_probe.py            # a table: XLA_FLAGS x dtype -> GFLOP/s, then torch
+    python -m benchmarks.bf16_probe            # from the repo root; a table: XLA_FLAGS x dtype -> GFLOP/s, then torch
 
 Each setting runs in a fresh process (XLA reads XLA_FLAGS once). A flag this jaxlib does not know
 makes that process fail; the row then says so. Each cell is the median of 7 timed n^3 matmuls after
@@ -16,9 +16,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from benchmarks import system
+
 CANDIDATES = ["", "--xla_cpu_use_onednn=true", "--xla_cpu_experimental_onednn_custom_call=true",
               "--xla_cpu_experimental_onednn_fusion_type=dot", "--xla_cpu_use_xnnpack=true",
               "--xla_cpu_experimental_ynn_fusion_type=dot"]
@@ -72,12 +72,9 @@ def torch_probe(threads: int, n: int = 2048) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=2048, help="matmul size")
-    p.add_argument("--results", default=str(HERE / "results.jsonl"))
+    p.add_argument("--results", default=str(system.RESULTS))
     args = p.parse_args(argv)
-    sys.path.insert(0, str(HERE))
-    import throughput as tp
-
-    info = tp.system_info(torch=True)
+    info = system.system_info(torch=True)
     print(f"{args.n}^3 matmul, GFLOP/s, median of 7; {info['cpu_kind']}; load average {info['load_average']}\n")
     print("| XLA_FLAGS | float32 GFLOP/s | bfloat16 GFLOP/s |\n| --- | --- | --- |")
     rows = []
@@ -94,10 +91,10 @@ def main(argv=None) -> dict:
         print(f"| torch | {r['error']} | |")
     else:
         print(f"| torch {info['torch'].get('torch_version')} | {r['float32']:.0f} | {r['bfloat16']:.0f} |")
-    record = {"kind": "bf16_probe", "command": "python benchmarks/bf16_probe.py "
+    record = {"kind": "bf16_probe", "command": "python -m benchmarks.bf16_probe "
               + " ".join(sys.argv[1:] if argv is None else argv), "n": args.n, "unit": "GFLOP/s",
               "system_info": info, "rows": rows}
-    return tp.append_record(args.results, record)
+    return system.append_record(args.results, record)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
   case, texts sorted by length first (what `group_by_length` aims at);
 - the book's own GPTModel on the book's test loader (padded to 120).
 
-    .venv-bench/bin/python benchmarks/sms_inference.py --size gpt2-small
+    .venv-bench/bin/python -m benchmarks.sms_inference --size gpt2-small    # from the repo root
 
 Every row also counts the tokens it runs (padding included) and its matmul FLOPs, and the report
 ends with a bound: the least work any exact implementation must do (each distinct text at its own
@@ -27,19 +27,20 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from benchmarks import system
+from benchmarks.flops import forward_flops
+
 BOOK_PAD = 120  # the longest training text of the book's balanced SMS split, in GPT-2 tokens
 
 
 def texts_and_encoder():
     from jaxcls.data import load_sms_spam
     from jaxcls.tokenizer import encode, encoding_from_files
-    from throughput import DEFAULT_SMS, DEFAULT_TOKENIZER
 
-    splits = load_sms_spam(DEFAULT_SMS, progress=False)
-    enc = encoding_from_files(DEFAULT_TOKENIZER / "vocab.bpe", DEFAULT_TOKENIZER / "encoder.json")
+    splits = load_sms_spam(system.DEFAULT_SMS, progress=False)
+    tok = system.DEFAULT_TOKENIZER
+    enc = encoding_from_files(tok / "vocab.bpe", tok / "encoder.json")
     return list(splits.test.texts), lambda t: encode(enc, t)
 
 
@@ -49,7 +50,6 @@ def prepare_jaxcls(cfg, texts, encode, batch: int) -> tuple[dict, callable]:
 
     from jaxcls.model import GPT2Classifier
     from jaxcls.infer.predictor import Predictor
-    from throughput import forward_flops
 
     pred = Predictor(GPT2Classifier(cfg, 2, rngs=nnx.Rngs(0)), encode, batch_size=batch)
     shapes = []
@@ -68,9 +68,9 @@ def prepare_torch(impl: str, cfg, texts, encode, batch: int, threads: int, *,
                   fixed: int | None = None, sort: bool = False) -> tuple[dict, callable]:
     """(row, run) for a PyTorch peer fed as described by `fixed` (pad every text to it) or `sort`."""
     import torch
-    import torch_peers as tp
 
-    from throughput import forward_flops, peer_config
+    from benchmarks import torch_peers as tp
+    from benchmarks.peers import peer_config
 
     torch.set_num_threads(threads)
     model = tp.build_model(impl, peer_config(cfg), seed=0).eval()
@@ -127,8 +127,6 @@ def run_rounds(systems: list[tuple[dict, callable]], rounds: int, log=print) -> 
 
 def least_work(cfg, texts, encode, max_length: int) -> tuple[int, int]:
     """(real tokens, matmul FLOPs) of every distinct text at its own length, no padding."""
-    from throughput import forward_flops
-
     seqs = {tuple(encode(t)[:max_length]) or (50256,) for t in texts}
     return sum(map(len, seqs)), sum(forward_flops(cfg, 1, len(s)) for s in seqs)
 
@@ -141,14 +139,13 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--probe-n", type=int, default=4096, help="matmul size of the peak probe")
     p.add_argument("--no-book", action="store_true", help="skip the two padded-to-120 rows (the slowest)")
-    p.add_argument("--results", default=str(HERE / "results.jsonl"))
+    p.add_argument("--results", default=str(system.RESULTS))
     args = p.parse_args(argv)
 
-    sys.path.insert(0, str(HERE))
     import jax
 
     from jaxcls.config import preset
-    from throughput import append_record, matmul_peak, spread, system_info, usable_cores
+    from benchmarks.system import append_record, matmul_peak, spread, system_info, usable_cores
 
     threads = args.threads or usable_cores()
     info = system_info(threads, torch=True)  # the load before the run
@@ -197,7 +194,7 @@ def main(argv=None) -> dict:
           f"{peak / 1e9:.0f} GFLOP/s that is {bound_s:.2f}s, so no exact float32 implementation on this "
           "machine can be faster than " + ", ".join(f"{r['seconds'] / bound_s:.1f}x {r['system']}"
                                                     for r in peers) + ".")
-    record = {"kind": "sms_inference", "command": "python benchmarks/sms_inference.py "
+    record = {"kind": "sms_inference", "command": "python -m benchmarks.sms_inference "
               + " ".join(sys.argv[1:] if argv is None else argv), "size": args.size, "batch": args.batch,
               "threads": threads, "rounds": args.repeats, "date": time.strftime("%Y-%m-%d"),
               "system_info": info, "peak_flops_per_s": peak,

@@ -16,11 +16,13 @@ Both are trained the book's way: the logits of the last token, cross-entropy,
 AdamW(lr=5e-5, weight_decay=0.1) over the trainable parameters, with the
 book's freezing presets (``head``, ``last_block``, ``all``).
 
-This module imports neither jax nor jaxcls; everything it returns is a plain
-JSON-serialisable dict.  The main benchmark script imports it only when torch
-is installed.  Quick manual run::
+This module imports neither jax nor jaxcls (benchmarks/system.py, whose
+peak-RSS helpers it shares, imports jax only inside the functions that need
+it); everything it returns is a plain JSON-serialisable dict.  The main
+benchmark script imports it only when torch is installed.  Quick manual run
+from the repository root::
 
-    python benchmarks/torch_peers.py --impl book --size small --mode train \
+    python -m benchmarks.torch_peers --impl book --size small --mode train \
         --trainable last_block --batch 8 --seq-len 120 --steps 5
 """
 
@@ -32,7 +34,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import statistics
 import sys
@@ -43,6 +44,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from benchmarks.system import peak_rss_mb, reset_peak_rss
 
 __all__ = [
     "SIZES",
@@ -325,29 +328,6 @@ def _system(impl: str, compile: bool) -> str:
     return "hf-transformers-compile" if compile else "hf-transformers"
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (Linux: write 5 to clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024.0, 1)
-    except OSError:
-        pass
-    # ru_maxrss is KiB on Linux, bytes on macOS; a process-lifetime peak.
-    scale = 1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1)
-
-
 def _check_shape(cfg: dict, batch: int, seq_len: int, steps: int, warmup: int) -> None:
     if seq_len < 1 or seq_len > cfg["n_ctx"]:
         raise ValueError(f"seq_len={seq_len} must be in 1..n_ctx={cfg['n_ctx']}")
@@ -373,7 +353,7 @@ def _summary(system: str, step_times: list[float], warmup_s: float, batch: int, 
         "step_time_s_median": med,
         "step_times_s": step_times,
         "warmup_s": warmup_s,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -441,7 +421,7 @@ def _timed_record(
     _check_shape(cfg, batch, seq_len, steps, warmup)
     torch.set_num_threads(threads)
     system = _system(impl, compile)
-    _reset_peak_rss()
+    reset_peak_rss()
     model = build_model(impl, cfg, seed=seed)
     x, y = _random_batch(cfg, batch, seq_len, seed)
     run, fields = prepare(model, x, y)
@@ -679,7 +659,7 @@ def finetune_sms(
         "history": history,
         "trainable_params": _count(params),
         "total_params": _count(model.parameters()),
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 

@@ -1,50 +1,44 @@
-"""benchmarks/throughput.py: the analytical FLOP count against XLA's own, and a smoke run.
+"""The benchmarks package: the analytical FLOP count against XLA's own count of the train step
+users run, and smoke runs of `python -m benchmarks.throughput` and `benchmarks.sms_inference`.
 Never asserts a speed."""
 
 import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks import e2e, flops, measure, sms_inference, system, throughput
 from conftest import SMS, TOKENIZER_DIR, requires_shared
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tp():
-    spec = importlib.util.spec_from_file_location("jaxcls_bench_throughput", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_flop_formula_by_hand(tp):
+def test_flop_formula_by_hand():
     # gpt2-small at 120 tokens: ~20.9 GFLOP per example forward (NOTES.md): 12 blocks of
     # 24*T*C^2 + 4*T^2*C plus a 768 x 2 head, when every block runs at every position (mean pooling).
     cfg = {"n_embd": 768, "n_head": 12, "n_layer": 12}
-    f = tp.forward_flops(cfg, 1, 120, single_token=False)
+    f = flops.forward_flops(cfg, 1, 120, single_token=False)
     assert f == 12 * (24 * 120 * 768**2 + 4 * 120**2 * 768) + 2 * 768 * 2
     assert 20.5e9 < f < 21.5e9
     # last_block: forward everywhere, 2x backward for the last block and the head
     blk = 24 * 120 * 768**2 + 4 * 120**2 * 768
-    assert tp.train_step_flops(cfg, 1, 120, "last_block", single_token=False) == f + 2 * blk + 2 * 2 * 768 * 2
-    assert tp.train_step_flops(cfg, 1, 120, "all", single_token=False) == 3 * f
+    assert flops.train_step_flops(cfg, 1, 120, "last_block", single_token=False) == f + 2 * blk + 2 * 2 * 768 * 2
+    assert flops.train_step_flops(cfg, 1, 120, "all", single_token=False) == 3 * f
     # head: forward everywhere, then the head's weight gradient only (nothing below it trains)
     head = 2 * 768 * 2
-    assert tp.train_step_flops(cfg, 1, 120, "head", single_token=False) == f + head
-    assert tp.train_step_flops(cfg, 1, 120, "head", cached_prefix=True) == 2 * head
-    assert tp.train_step_flops(cfg, 1, 120, "last_block", cached_prefix=True, single_token=False) == \
+    assert flops.train_step_flops(cfg, 1, 120, "head", single_token=False) == f + head
+    assert flops.train_step_flops(cfg, 1, 120, "head", cached_prefix=True) == 2 * head
+    assert flops.train_step_flops(cfg, 1, 120, "last_block", cached_prefix=True, single_token=False) == \
         3 * blk + 3 * 2 * 768 * 2
     # Single-token pooling: the last block computes keys/values at all 120 positions (4TC^2), the
     # query (2C^2), one row of attention (4TC), projection and MLP at one position (18C^2).
     last = 4 * 120 * 768**2 + 20 * 768**2 + 4 * 120 * 768
-    assert tp.forward_flops(cfg, 1, 120) == 11 * blk + last + 2 * 768 * 2
-    assert tp.train_step_flops(cfg, 1, 120, "last_block", cached_prefix=True) == 3 * last + 3 * 2 * 768 * 2
+    assert flops.forward_flops(cfg, 1, 120) == 11 * blk + last + 2 * 768 * 2
+    assert flops.train_step_flops(cfg, 1, 120, "last_block", cached_prefix=True) == 3 * last + 3 * 2 * 768 * 2
 
 
 STEPS = [("tiny", "head", False), ("tiny", "head", True), ("tiny", "last_block", False),
@@ -53,7 +47,7 @@ STEPS = [("tiny", "head", False), ("tiny", "head", True), ("tiny", "last_block",
 
 
 @pytest.mark.parametrize("size,trainable,cached", STEPS, ids=["-".join(map(str, s)) for s in STEPS])
-def test_analytical_flops_match_xla(tp, size, trainable, cached):
+def test_analytical_flops_match_xla(size, trainable, cached):
     """XLA's dot instructions in the compiled step add up to the analytical matmul count exactly,
     or short by exactly the pooled token's two one-row attention products (scores and weighted sum,
     2 x 2*B*T*C), which XLA may rewrite as multiply-reduce, no longer a dot. Every preset with a
@@ -62,13 +56,16 @@ def test_analytical_flops_match_xla(tp, size, trainable, cached):
     last_block and 40% for 'all' (AdamW over the 6.4M-entry embedding table); at tiny width
     elementwise work is a large share of any step, so only total >= dots is checked there.
     Fails if a term of the count is wrong (planted: LoRA's adapters given no input gradient in
-    train_step_flops)."""
+    train_step_flops), or if the measured program ignores the cache setting (planted: cache=True
+    in measure.train_program)."""
     from jaxcls.config import preset
 
     cfg = preset(size).replace(n_layer=2, lora_rank=4 if trainable == "lora" else 0)
     batch, seq = 4, 64 if size == "mini" else 32
-    _, _, _, xla = tp.compile_train_step(cfg, trainable, batch, seq, cached_prefix=cached)
-    ours = tp.train_step_flops(cfg, batch, seq, trainable, cached_prefix=cached)
+    prog, _, split, _, xla = measure.compile_train_step(cfg, trainable, batch, seq, cached_prefix=cached)
+    assert prog.cached == cached
+    assert split.groups[0].ids.shape == (batch, seq)
+    ours = flops.train_step_flops(cfg, batch, seq, trainable, cached_prefix=cached)
     pooled_row = 2 * (2 * batch * seq * cfg.n_embd)
     assert ours - xla["dots"] in (0, pooled_row), (xla["dots"], ours)
     assert xla["total"] >= xla["dots"]
@@ -76,13 +73,13 @@ def test_analytical_flops_match_xla(tp, size, trainable, cached):
         assert ours <= xla["total"] <= (1.05 if trainable == "last_block" else 1.4) * ours
 
 
-def test_smoke_record(tp, tmp_path):
+def test_smoke_record(tmp_path):
     results = tmp_path / "results.jsonl"
     md = tmp_path / "results.md"
-    args = tp.parse_args(["--size", "tiny", "--seq-len", "32", "--steps", "2", "--warmup", "1",
+    args = throughput.parse_args(["--size", "tiny", "--seq-len", "32", "--steps", "2", "--warmup", "1",
                           "--infer-batches", "1,4", "--infer-steps", "2", "--probe-n", "128",
                           "--results", str(results), "--markdown", str(md)])
-    record = tp.run(args, log=lambda s: None)
+    record = throughput.run(args, log=lambda s: None)
     assert json.loads(results.read_text().splitlines()[-1])["train"]["batch"] == 8
     assert "| jaxcls |" in md.read_text()
 
@@ -107,19 +104,19 @@ def test_smoke_record(tp, tmp_path):
     assert [r["batch"] for r in record["infer"]] == [1, 4]
 
 
-def test_datasheet_and_estimate(tp):
-    assert tp.datasheet_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
-    assert tp.datasheet_peak("TPU v5 lite", "bfloat16") == 197e12
-    assert tp.datasheet_peak("cpu", "bfloat16") is None
-    assert tp.datasheet_peak("NVIDIA H100 80GB HBM3", "float32") is None
-    est = tp.book_e2e_estimate(1.0, 0.5)
+def test_datasheet_and_estimate():
+    assert system.datasheet_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert system.datasheet_peak("TPU v5 lite", "bfloat16") == 197e12
+    assert system.datasheet_peak("cpu", "bfloat16") is None
+    assert system.datasheet_peak("NVIDIA H100 80GB HBM3", "float32") is None
+    est = e2e.book_e2e_estimate(1.0, 0.5)
     assert est["estimate"] and est["steps"] == 650
     # 13 periodic evaluations (steps 0, 50, ..., 600) and 5 per-epoch ones, 10 batches each
     assert est["eval_batches"] == 180 and est["total_s"] == pytest.approx(650 + 0.5 * (180 + 188))
 
 
-def test_cli_parses_defaults(tp):
-    a = tp.parse_args([])
+def test_cli_parses_defaults():
+    a = throughput.parse_args([])
     assert (a.size, a.trainable, a.batch, a.seq_len, a.dtype, a.steps, a.warmup) == \
         ("gpt2-small", "last_block", 8, 120, "float32", 10, 2)
 
@@ -129,14 +126,9 @@ def test_sms_inference_smoke(tmp_path, monkeypatch):
     """The SMS test-set benchmark on the tiny model: every row does at least the least exact work,
     and where transformers is installed its two rows are there (fails, not skips, without them:
     planted `raise ImportError` before the HF rows in sms_inference.main)."""
-    monkeypatch.syspath_prepend(str(BENCH.parent))
-    import throughput
-
-    monkeypatch.setattr(throughput, "DEFAULT_SMS", SMS)
-    monkeypatch.setattr(throughput, "DEFAULT_TOKENIZER", TOKENIZER_DIR)
-    spec = importlib.util.spec_from_file_location("jaxcls_bench_sms", BENCH.parent / "sms_inference.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    monkeypatch.setattr(system, "DEFAULT_SMS", SMS)
+    monkeypatch.setattr(system, "DEFAULT_TOKENIZER", TOKENIZER_DIR)
+    mod = sms_inference
     results = tmp_path / "r.jsonl"
     record = mod.main(["--size", "tiny", "--batch", "8", "--repeats", "1", "--probe-n", "128",
                        "--no-book", "--results", str(results)])
@@ -155,3 +147,21 @@ def test_sms_inference_smoke(tmp_path, monkeypatch):
     hf = "HF GPT2ForSequenceClassification, {}, each batch padded to its longest, batch 8"
     assert [r["system"] for r in hf_rows] == [hf.format("file order"), hf.format("sorted by length")]
     assert hf_rows[1]["tokens_run"] <= hf_rows[0]["tokens_run"]  # sorting can only shrink the padding
+
+
+SCRIPTS = ["throughput", "sms_inference", "ab_train_step", "bf16_probe"]
+
+
+def test_scripts_run_as_modules_without_jax_at_import():
+    """Each script answers --help as `python -m benchmarks.NAME` from the repo root, and none
+    imports jax before parsing its flags (throughput pins --threads first; torch_peers shares
+    benchmarks.system). Fails if system.py imports jax at module level (planted: `import jax`
+    at the top of benchmarks/system.py)."""
+    for name in SCRIPTS:
+        out = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--help"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "usage:" in out.stdout, (name, out.stderr[-500:])
+    code = ("import sys, benchmarks.system, benchmarks.flops, benchmarks.report, benchmarks.throughput; "
+            "assert 'jax' not in sys.modules, 'jax imported'")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,8 +11,6 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `benchmarks`
 
 from benchmarks import torch_peers as tp  # noqa: E402
 
@@ -102,3 +101,16 @@ def test_finetune_sms_tiny_runs():
     for key, n in (("train_accuracy", 20), ("val_accuracy", 6), ("test_accuracy", 6)):
         assert 0.0 <= res[key] <= 1.0 and res[key] * n == pytest.approx(round(res[key] * n))  # k of n right
     json.dumps(res)
+
+
+def test_peers_share_the_rss_helpers_and_import_without_jax():
+    """torch_peers measures peak RSS with benchmarks.system's helpers, not a copy, and importing
+    it loads no jax. Fails if torch_peers keeps its own copy (planted: a local `def peak_rss_mb`
+    in torch_peers) or if system.py imports jax at module level (planted: `import jax` there)."""
+    from benchmarks import system
+
+    assert tp.peak_rss_mb is system.peak_rss_mb and tp.reset_peak_rss is system.reset_peak_rss
+    code = "import sys, benchmarks.torch_peers; assert 'jax' not in sys.modules, 'jax imported'"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]

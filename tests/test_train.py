@@ -1,8 +1,5 @@
 """Training numerics: freezing, the jitted step, accumulation, determinism, the prefix cache."""
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -127,17 +124,6 @@ def test_classifier_fit_leaves_frozen_weights_bit_identical_and_moves_the_traine
             assert np.array_equal(after[k], before[k]), f"frozen {k} changed"
 
 
-def throughput_module():
-    """benchmarks/throughput.py: its analytical FLOP model and HLO dot counter."""
-    name = "jaxcls_bench_throughput"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
 def test_no_backward_pass_through_frozen_blocks():
     """The compiled last_block step's matmuls, counted from XLA's optimized HLO, are exactly the
     analytical count of a forward pass through all three blocks plus the backward pass of the last
@@ -146,11 +132,13 @@ def test_no_backward_pass_through_frozen_blocks():
     blocks would add about one forward pass of each (+40% here).
     Fails if the step differentiates the frozen tree too (planted: value_and_grad over (trainable,
     frozen), the frozen gradients masked by a zero factor before joining the update)."""
-    tp = throughput_module()
+    from benchmarks.flops import train_step_flops
+    from benchmarks.measure import xla_dot_flops
+
     step, args = one_step(model(), "last_block")
-    dots = tp.xla_dot_flops(step.lower(*args).compile())
+    dots = xla_dot_flops(step.lower(*args).compile())
     batch, seq = args[3].inputs.shape[1:]
-    ours = tp.train_step_flops(CFG, batch, seq, "last_block")
+    ours = train_step_flops(CFG, batch, seq, "last_block")
     assert ours - dots in (0, 2 * (2 * batch * seq * CFG.n_embd)), (dots, ours)
 
 
