@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator, Sequence
@@ -14,14 +15,60 @@ from typing import IO, Iterator, Sequence
 from jaxcls.errors import CheckpointError
 
 
+_TMP_NAME = re.compile(r"\..+\.(\d+)\.[a-z0-9_]{8}\.tmp")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only read
+    it by setting it, which races with other threads creating files)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's live process, or a pid we cannot judge: leave its file
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete `atomic_open`'s temp files in `folder` left by processes that no longer run (a
+    killed run never reaches its cleanup); returns what was removed."""
+    removed = []
+    with contextlib.suppress(OSError):
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                m = _TMP_NAME.fullmatch(entry.name)
+                if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+                    continue
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temp file beside `path`; on success fsync and rename it over `path`, else delete it."""
+    """Open a temp file `.NAME.PID.XXXXXXXX.tmp` beside `path`; on success fsync and rename it
+    over `path`, else delete it. The file gets the mode a plain open() would (0666 less the
+    umask), not mkstemp's 0600; stale temp files of dead processes in the folder are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -6,6 +6,7 @@ import functools
 import http.server
 import importlib.util
 import json
+import re
 import shutil
 import sys
 import threading
@@ -462,11 +463,16 @@ def test_unseen_and_unusable_labels(tmp_path):
         load_splits(train, val, label_names=["pos", "other"])
     sparse = write(tmp_path / "sparse.csv", "text,label\na,0\nb,2\n")
     test = write(tmp_path / "test.csv", "text,label\nc,1\n")
+    with pytest.raises(DataError, match=r"sparse\.csv: line 3: integer label 2 in column 'label' "
+                                        r"would make a 3-class head with no rows for 1 of its"):
+        load_splits(sparse, test=test)
+    absent = write(tmp_path / "absent.csv", "text,label\nc,neutral\n")
     with pytest.raises(
         DataError,
-        match=r"test\.csv: line 2: label 1 in column 'label' does not occur in the training data",
+        match=r"absent\.csv: line 2: label 'neutral' in column 'label' does not occur in the "
+              r"training data",
     ):
-        load_splits(sparse, test=test)
+        load_splits(train, test=absent, label_names=["pos", "neg", "neutral"])
     one = write(tmp_path / "one.csv", "text,label\na,pos\nb,pos\n")
     with pytest.raises(
         DataError, match=r"one\.csv: the training data has only one class \('pos'\)"
@@ -590,3 +596,45 @@ def test_fine_bucket_lengths():
     assert fine_bucket_lengths(1024) == (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
     assert fine_bucket_lengths(120) == (16, 24, 32, 48, 64, 96, 120)
     assert fine_bucket_lengths(10) == (10,)
+
+
+def test_huge_integer_label_is_refused_quickly(tmp_path):
+    """Issue 13's probe: one row labelled 1000000000 once built names for every integer below it
+    (23 GB). Fails, by running out of time or memory, if names enumerate 0..max (planted: names =
+    tuple(str(i) for i in range(distinct[-1] + 1)) with no gap check in LabelMap.infer)."""
+    import time
+
+    huge = write(tmp_path / "huge.csv", "text,label\na,0\nb,1\nc,1000000000\nd,1\n")
+    start = time.perf_counter()
+    with pytest.raises(DataError) as e:
+        load_splits(huge, split_fractions=(1, 0, 0))
+    assert time.perf_counter() - start < 2
+    message = str(e.value)
+    assert "\n" not in message
+    assert re.search(r"huge\.csv: line 4: integer label 1000000000 in column 'label' would make "
+                     r"a 1000000001-class head with no rows for 999999998 of its classes", message)
+
+
+def test_gapped_and_mixed_labels_are_refused(tmp_path):
+    """Gapped integers would train classes without data; a mix of integers and strings has no
+    single meaning. Fails if gaps are accepted (planted: drop the `distinct[-1] != len(distinct) -
+    1` check in LabelMap.infer) or if mixes are sorted as text (planted: drop the `any(ints) and
+    not all(ints)` check)."""
+    gapped = write(tmp_path / "gapped.csv", "text,label\na,0\nb,7\nc,0\nd,7\ne,0\n")
+    with pytest.raises(DataError, match=r"^[^\n]*gapped\.csv: line 3: integer label 7 in column "
+                                        r"'label' would make a 8-class head with no rows for 6 of "
+                                        r"its classes \(the first is 1\)"):
+        load_splits(gapped, split_fractions=(1, 0, 0))
+    mixed = write(tmp_path / "mixed.jsonl", '{"text": "a", "y": 1}\n{"text": "b", "y": 0}\n'
+                                            '{"text": "c", "y": "spam"}\n')
+    with pytest.raises(DataError, match=r"^[^\n]*mixed\.jsonl: line 3: label 'spam' in column 'y' "
+                                        r"is a string but line 1 has the integer label 1"):
+        load_splits(mixed, label_column="y", split_fractions=(1, 0, 0))
+    fine = write(tmp_path / "fine.csv", "text,label\na,2\nb,0\nc,1\n")
+    s = load_splits(fine, split_fractions=(1, 0, 0))
+    assert s.label_names == ("0", "1", "2")
+    assert dict(zip(s.train.texts, s.train.labels.tolist())) == {"a": 2, "b": 0, "c": 1}
+    named = load_splits(gapped, label_names=["x", "y", "z", "a", "b", "c", "d", "e"],
+                        split_fractions=(1, 0, 0))
+    by_text = dict(zip(named.train.texts, named.train.labels.tolist()))
+    assert by_text == {"a": 0, "b": 7, "c": 0, "d": 7, "e": 0}, "label_names still name classes"

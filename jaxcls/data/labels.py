@@ -90,19 +90,46 @@ class LabelMap:
     @classmethod
     def infer(cls, labels: Sequence, *, source: str, lines: Sequence[int] | None = None,
               column: str | None = None) -> LabelMap:
-        """Names from training labels: integers are class indices 0..max, named "0".."K-1";
-        anything else maps to its sorted distinct values."""
+        """Names from training labels: integers are class indices that must cover 0..K-1 exactly,
+        named "0".."K-1"; anything else maps to its sorted distinct values.
+
+        Gapped integers (0 and 7 would make an 8-class head with six empty classes) and a mix of
+        integers and strings raise a DataError naming the first offending line rather than
+        building a head with classes that have no data; use string labels (or `label_names`)
+        to name classes freely. Only the distinct values are looked at, so a huge label costs
+        nothing."""
         if not len(labels):
             raise DataError(f"{source}: no labels")
-        if all(is_int_label(v) for v in labels):
-            for i, v in enumerate(labels):
-                if v < 0:
-                    prefix, col = _at(source, lines, i, column)
-                    raise DataError(f"{prefix}integer label {int(v)}{col}; "
-                                    "integer labels are class indices and must be >= 0")
-            names = tuple(str(i) for i in range(int(max(labels)) + 1))
-        else:
+        order = range(len(labels)) if lines is None else sorted(range(len(labels)), key=lines.__getitem__)
+        ints = [is_int_label(v) for v in labels]
+        if any(ints) and not all(ints):
+            i = next(k for k in order if ints[k])
+            j = next(k for k in order if not ints[k])
+            prefix, col = _at(source, lines, j, column)
+            other = f"line {lines[i]}" if lines is not None else f"row {i + 1}"
+            raise DataError(f"{prefix}label {_shown(labels[j])!r}{col} is a string but {other} has "
+                            f"the integer label {int(labels[i])}; use all integers (class indices) "
+                            "or all strings")
+        if not all(ints):
             names = tuple(sorted({str(v) for v in labels}))
+            return cls(names, {n: i for i, n in enumerate(names)},
+                       f"the training data's labels {list(names)}")
+        for i, v in enumerate(labels):
+            if v < 0:
+                prefix, col = _at(source, lines, i, column)
+                raise DataError(f"{prefix}integer label {int(v)}{col}; "
+                                "integer labels are class indices and must be >= 0")
+        distinct = sorted({int(v) for v in labels})
+        if distinct[-1] != len(distinct) - 1:
+            missing = next(k for k, v in enumerate(distinct) if k != v)
+            top = next(i for i in order if int(labels[i]) == distinct[-1])
+            prefix, col = _at(source, lines, top, column)
+            empty = distinct[-1] + 1 - len(distinct)
+            raise DataError(f"{prefix}integer label {distinct[-1]}{col} would make a "
+                            f"{distinct[-1] + 1}-class head with no rows for {empty} of its classes "
+                            f"(the first is {missing}); integer labels are class indices 0..K-1: "
+                            "renumber them or use string labels")
+        names = tuple(str(i) for i in distinct)
         return cls(names, {n: i for i, n in enumerate(names)},
                    f"the training data's labels {list(names)}")
 
