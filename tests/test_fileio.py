@@ -81,7 +81,7 @@ def test_killed_writer_leaves_a_temp_that_the_next_write_removes(tmp_path):
 
 def test_cleanup_spares_live_writers_and_other_files(tmp_path):
     """Only pattern-matching temps of dead pids go. Fails if liveness is not checked (planted:
-    _alive returns False), or if the pattern is loose (planted: _TMP_NAME = r".*\\.tmp")."""
+    _alive returns False), or if the pattern is loose (planted: _TMP_NAME = r"\\..*\\.(\\d+)\\..*")."""
     dead = _dead_pid()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
