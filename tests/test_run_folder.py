@@ -95,8 +95,24 @@ def test_overwrite_clears_only_jaxcls_files_before_work_then_trains(first_run, t
 
 def test_out_that_cannot_be_written_fails_at_once(tmp_path, monkeypatch, capsys):
     """Fails if --out is first written after the work (planted: the write probe in
-    prepare_run_folder removed, so load_spec runs). Runs as root in CI, where chmod cannot make a
-    folder read-only, so the unwritable --out lies under a regular file."""
+    prepare_run_folder removed, so load_spec runs). chmod cannot stop root, so as root the existing
+    unwritable folder is /proc/self; a folder under a regular file and a file are refused too."""
+    import os
+    import sys
+
+    if os.geteuid() != 0:
+        readonly = tmp_path / "readonly"
+        readonly.mkdir(mode=0o555)
+    elif sys.platform.startswith("linux"):
+        readonly = __import__("pathlib").Path("/proc/self")
+    else:
+        readonly = None
+    if readonly is not None:
+        _no_work(monkeypatch)
+        capsys.readouterr()
+        assert _train(tmp_path, readonly) == 2
+        err = capsys.readouterr().err.strip()
+        assert str(readonly) in err and "cannot write" in err, err
     blocker = tmp_path / "file"
     blocker.write_text("x")
     _no_work(monkeypatch)
