@@ -102,6 +102,10 @@ def register(sub) -> None:
     groups["model"].add_argument("--tokenizer", default=None,
                                  help="folder with encoder.json + vocab.bpe (default: the checkpoint's)")
     groups["output"].add_argument("--resume", action="store_true", help="continue from the last save in --out")
+    groups["output"].add_argument("--overwrite", action="store_true",
+                                  help="replace the run already in --out: deletes only jaxcls's own run files "
+                                       "(classifier.json, weights, metrics, curves, state/, best/), never other "
+                                       "files (without it, or --resume, a used --out is refused)")
     groups["output"].add_argument("--quiet", action="store_true", help="no progress bars, log or summary")
     wrong_flag(p, "--model", MODEL_HINT)
     wrong_flag(p, "--output", OUTPUT_NOT_OUT)
@@ -142,6 +146,11 @@ def cmd_train(args) -> int:
     data, model, cfg = (spec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(spec)}) for spec in SPECS)
     out = Path(cfg.out or f"runs/{Path(data.data).stem}")
     cfg = cfg.replace(out=str(out))
+    from jaxcls.train.distributed import is_main_process
+    from jaxcls.train.state import prepare_run_folder
+
+    if is_main_process():  # the one process that writes into --out
+        prepare_run_folder(out, resume=args.resume, overwrite=args.overwrite)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     t0 = time.perf_counter()
     splits = load_spec(data, seed=cfg.seed, progress=not args.quiet)
@@ -149,10 +158,7 @@ def cmd_train(args) -> int:
         f"test {len(splits.test or ())}; labels {list(splits.label_names)}")
     clf = Classifier.from_spec(model, splits.label_names, trainable=cfg.trainable, seed=cfg.seed,
                                tokenizer=args.tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
     report = clf.fit(splits, train_config=cfg, out=out, resume=args.resume, progress=not args.quiet, log=log)
-    from jaxcls.train.distributed import is_main_process
-
     if not is_main_process():
         return 0  # process 0 writes the classifier and the metrics
     report["wall_time_total_s"] = time.perf_counter() - t0

@@ -34,10 +34,57 @@ def save_state(folder: Path, step: int, tree, meta: dict) -> Path:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    atomic_write_json(folder / "LATEST", {"step": step, "path": final.name})
-    for old in sorted(folder.glob("step-*"))[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+    order = [name for name in _written(folder) if name != final.name and (folder / name).is_dir()]
+    order.append(final.name)
+    atomic_write_json(folder / "LATEST", {"step": step, "path": final.name, "written": order[-KEEP:]})
+    for old in folder.glob("step-*"):
+        if old.name not in order[-KEEP:]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _written(folder: Path) -> list[str]:
+    """The saves in the order they were written, oldest first, as LATEST records them. Pruning
+    follows this order and not step numbers, so a folder holding saves with higher step numbers
+    (from an earlier run) can never make a new save, or the one LATEST names, be deleted."""
+    try:
+        latest = json.loads((folder / "LATEST").read_text())
+        return [str(n) for n in latest.get("written", [latest["path"]])]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return []
+
+
+# What a run writes into --out; --overwrite deletes exactly these, nothing else.
+RUN_MARKERS = ("classifier.json", "metrics.json", "metrics.jsonl", "state")
+RUN_FILES = (*RUN_MARKERS, "weights.safetensors", "best", "loss.png", "accuracy.png",
+             "encoder.json", "vocab.bpe", "vocab.json", "merges.txt")
+
+
+def prepare_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Make `out` ready for a run before any work: refuse another run's files unless resuming or
+    overwriting (then delete only jaxcls's own run files), and prove the folder is writable."""
+    if resume and overwrite:
+        raise ConfigError(f"--out {out}: --resume and --overwrite exclude each other")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder")
+    found = [name for name in RUN_MARKERS if (out / name).exists()]
+    if found and not resume and not overwrite:
+        raise ConfigError(f"--out {out}: holds another run's files ({', '.join(found)}); pass --resume to "
+                          "continue it or --overwrite to replace it, or choose a new --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    if overwrite:
+        for name in RUN_FILES:
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
 
 
 def latest_state(folder: Path) -> Path | None:
