@@ -11,14 +11,13 @@ the CLI runs differ only in --data-parallel / --fsdp and the devices they see.
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from conftest import FIXTURE, SMS
+from conftest import FIXTURE, write_sms_csv
 
 STEPS = 3  # 42 training rows, 16 per step, the last step 10 rows and 6 weightless fillers
 ROWS = 8  # batch_size: a micro-batch's rows, split over 4 devices or 2 processes
@@ -39,13 +38,7 @@ def cli_flags() -> list[str]:
 
 
 def write_csv(path: Path, n: int = 60) -> Path:
-    with open(SMS, encoding="utf-8", errors="replace") as f:
-        rows = [line.rstrip("\n").split("\t", 1) for line in f][:n]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["label", "text"])
-        w.writerows(rows)
-    return path
+    return write_sms_csv(path, n)
 
 
 def flat(state) -> dict[str, np.ndarray]:

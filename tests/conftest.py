@@ -7,6 +7,7 @@ points them at another folder.
 With CI=true or JAXCLS_STRICT_SKIPS=1 (JAXCLS_STRICT_SKIPS=0 turns it off), a run that skips any
 test not in ALLOWED_SKIPS fails and lists the skips: in CI every test is expected to run."""
 
+import csv
 import os
 from pathlib import Path
 
@@ -28,6 +29,17 @@ ALLOWED_SKIPS: dict[str, str] = {
     "tests/test_cli_classify.py::test_train_float16_on_cpu_is_a_one_line_error":
         "checks the CPU backend's float16 refusal: nothing to check where the suite runs on an accelerator",
 }
+
+
+def write_sms_csv(path: Path, n: int) -> Path:
+    """The first `n` rows of the shared SMS collection as a `label,text` CSV: small real training data."""
+    with open(SMS, encoding="utf-8", errors="replace") as f:
+        rows = [line.rstrip("\n").split("\t", 1) for line in f][:n]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "text"])
+        w.writerows(rows)
+    return path
 
 
 def pytest_configure(config):

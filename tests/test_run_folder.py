@@ -2,14 +2,12 @@
 --resume or --overwrite, --overwrite removes only jaxcls's own files, and saves are pruned by the
 order they were written, not by step number."""
 
-import csv
-import json
 
 import numpy as np
 import pytest
 
 import jaxcls.data
-from conftest import SMS, TOKENIZER_DIR, requires_shared
+from conftest import TOKENIZER_DIR, requires_shared, write_sms_csv
 from jaxcls.cli import main
 from jaxcls.errors import ConfigError
 from jaxcls.train import state as trainstate
@@ -17,19 +15,9 @@ from jaxcls.train import state as trainstate
 pytestmark = requires_shared
 
 
-def _csv(path, n=24):
-    with open(SMS, encoding="utf-8", errors="replace") as f:
-        rows = [line.rstrip("\n").split("\t", 1) for line in f][:n]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["label", "text"])
-        w.writerows(rows)
-    return path
-
-
 def _train(tmp_path, out, *extra):
     return main(["train", "--checkpoint", "tiny", "--weights", "random", "--tokenizer", str(TOKENIZER_DIR),
-                 "--data", str(_csv(tmp_path / "data.csv")), "--epochs", "1", "--batch-size", "4",
+                 "--data", str(write_sms_csv(tmp_path / "data.csv", 24)), "--epochs", "1", "--batch-size", "4",
                  "--max-steps", "2", "--save-every", "1", "--out", str(out), "--quiet", *extra])
 
 
