@@ -138,22 +138,23 @@ class Run:
         self.state.history.append(entry)
         hooks_lib.append_jsonl(self.out if self.prog.main_process else None, entry)
 
-    def _host(self, tree):
+    def host(self, tree):
+        """Whole numpy copies of a mesh-placed tree (a collective: every process takes part)."""
         if self.prog.mesh is None:
             return tree
         from jaxcls.train import distributed as dist
 
-        return dist.to_host(tree)  # a collective: every process takes part
+        return dist.to_host(tree)
 
     def save(self) -> None:
         if self.state_dir is None:
             return
-        tree = self._host((self.state.trainable, self.state.opt_state))
+        tree = self.host((self.state.trainable, self.state.opt_state))
         if self.prog.main_process:
             state_lib.save_state(self.state_dir, self.state.step, tree, self.state.meta(self.settings))
 
     def save_best(self) -> None:
-        host = self._host(self.state.trainable)
+        host = self.host(self.state.trainable)
         hooks_lib.save_best(self.out if self.prog.main_process else None, host)
 
     def restore(self) -> None:
@@ -177,7 +178,7 @@ def finish(run: Run, splits: data_lib.DataSplits, compile_s: float) -> FitResult
     prog, st, cfg = run.prog, run.state, run.prog.cfg
     trainable, frozen = st.trainable, prog.frozen
     if prog.mesh is not None:
-        trainable, frozen = run._host(trainable), run._host(frozen)
+        trainable, frozen = run.host(trainable), run.host(frozen)
     if cfg.keep_best and st.best is not None and run.out and prog.main_process:
         trainable = hooks_lib.load_best(run.out, trainable)
         run.log(f"keeping epoch {st.best['epoch']} (lowest validation loss {st.best['val_loss']:.4f})")

@@ -142,7 +142,7 @@ def resumable(cfg, model, splits) -> dict:
     for k in ("out", "save_every", "cache", "cache_budget_mb", "cache_dtype", "cache_memory", "data_parallel",
               "fsdp"):
         d.pop(k)
-    d.update({k: v for k, v in dataclasses.asdict(model.config).items()})
+    d.update(dataclasses.asdict(model.config))
     d.update(pooling=model.pooling, label_names=list(splits.label_names),
              data={name: ds.source for name in ("train", "validation", "test")
                    if (ds := getattr(splits, name)) is not None})
