@@ -1,12 +1,18 @@
 """Hugging Face `model.safetensors` files, both as `save_pretrained` writes them (keys prefixed
-`transformer.`) and as the hub serves gpt2 (no prefix, `attn.bias` buffers)."""
+`transformer.`) and as the hub serves gpt2 (no prefix, `attn.bias` buffers).
+
+Reading is two steps: `read_header` checks the header alone (bounded in size and tensor count),
+so the caller can match names, dtypes and shapes against the model before `read_tensors` reads
+the data of only the tensors it needs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -14,11 +20,43 @@ from jaxcls.errors import CheckpointError
 
 SAFETENSORS_NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
                             "I64": np.int64, "I32": np.int32, "U8": np.uint8}
+# The hub's gpt2-xl header is about 60 KB with under 700 tensors; these leave a wide margin while
+# a hostile header cannot cost more than a fraction of a second to refuse.
+MAX_HEADER_BYTES = 8 << 20
+MAX_TENSORS = 10_000
 
 
-def read_header(path: Path) -> dict:
-    """Parse and check the header ourselves first, so a file that lies about its offsets fails
-    with the file and tensor named instead of deep inside the library."""
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as the header declares it, with the `dtype`, `shape` and `size` that the tensor
+    matcher looks at, and where its bytes lie in the data section; no data is read."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple
+    start: int
+    stop: int
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+def _dtype(code: str) -> np.dtype:
+    if code == "BF16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(SAFETENSORS_NUMPY_DTYPES[code])
+
+
+def _load_json(path: Path) -> tuple[dict, int]:
+    """The header object and its length, refusing a length over the file or the limit before
+    reading it."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -26,8 +64,11 @@ def read_header(path: Path) -> dict:
             if len(head) < 8:
                 raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
             (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
+            if n > size - 8:
                 raise CheckpointError(f"{path}: header length {n} exceeds the file size {size}")
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: header of {n:,} bytes is over the limit of "
+                                      f"{MAX_HEADER_BYTES:,} (a GPT-2 checkpoint's is under 100 KB)")
             header = json.loads(f.read(n).decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
@@ -35,62 +76,62 @@ def read_header(path: Path) -> dict:
         raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
-    data_size = size - 8 - n
-    spans = []
+    if len(header) > MAX_TENSORS + 1:
+        raise CheckpointError(f"{path}: header declares {len(header):,} tensors, over the limit of "
+                              f"{MAX_TENSORS:,}")
+    return header, n
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], int]:
+    """Name -> TensorInfo for every tensor of a safetensors file, and where its data section
+    starts. Every entry is checked (dtype, shape, byte range inside the file, no overlaps), so a
+    file that lies fails here with the file and tensor named; no tensor data is read."""
+    header, n = _load_json(path)
+    data_size = path.stat().st_size - 8 - n
+    infos = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (start, stop) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            itemsize = np.dtype(SAFETENSORS_NUMPY_DTYPES[dtype]).itemsize if dtype != "BF16" else 2
+            code, shape, (start, stop) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            dtype = _dtype(code)
             if not all(type(v) is int for v in (*shape, start, stop)):  # no floats, bools, strings
                 raise TypeError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
         count = math.prod(shape)  # Python ints: a huge shape cannot wrap around to a small size
         valid = all(d >= 0 for d in shape) and 0 <= start <= stop
-        if not valid or stop > data_size or stop - start != count * itemsize:
+        if not valid or stop > data_size or stop - start != count * dtype.itemsize:
             raise CheckpointError(
-                f"{path}: tensor {name!r} claims bytes {start}..{stop} for {dtype}{list(shape)}, "
-                f"but that needs {count * itemsize} bytes and the data section has {data_size}")
-        spans.append((start, stop, name))
-    spans.sort()
+                f"{path}: tensor {name!r} claims bytes {start}..{stop} for {code}{list(shape)}, "
+                f"but that needs {count * dtype.itemsize} bytes and the data section has {data_size}")
+        infos[name] = TensorInfo(name, dtype, shape, start, stop)
+    spans = sorted((t.start, t.stop, t.name) for t in infos.values())
     for (s0, e0, a), (s1, e1, b) in zip(spans, spans[1:]):
         if s1 < e0:
             raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap in the data section")
-    return header
+    return infos, 8 + n
 
 
-def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file as NumPy arrays (bfloat16 via ml_dtypes)."""
+def read_tensors(path: Path, wanted: Iterable[TensorInfo], data_start: int) -> dict[str, np.ndarray]:
+    """The data of only the `wanted` tensors (from `read_header`), by name. safetensors reads
+    each tensor on its own; bfloat16, which its NumPy API lacks, is sliced from a memory map."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    header = read_header(path)
-    if any(v.get("dtype") == "BF16" for k, v in header.items() if k != "__metadata__"):
-        return _read_bf16_aware(path, header)
+    wanted = list(wanted)
+    out: dict[str, np.ndarray] = {}
+    plain = [t.name for t in wanted if t.dtype.name != "bfloat16"]
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
+        if plain:
+            with safe_open(str(path), framework="numpy") as f:
+                out.update((name, f.get_tensor(name)) for name in plain)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
-
-
-def _read_bf16_aware(path: Path, header: dict) -> dict[str, np.ndarray]:
-    """NumPy has no bfloat16; slice the (already validated) data section through ml_dtypes."""
-    import ml_dtypes
-
-    dtypes = dict(SAFETENSORS_NUMPY_DTYPES, BF16=ml_dtypes.bfloat16)
-    (n,) = struct.unpack("<Q", path.open("rb").read(8))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in dtypes:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        start, stop = info["data_offsets"]
-        out[name] = data[start:stop].view(dtypes[info["dtype"]]).reshape(info["shape"])
+    bf16 = [t for t in wanted if t.dtype.name == "bfloat16"]
+    if bf16:
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start)
+        for t in bf16:
+            out[t.name] = data[t.start:t.stop].view(t.dtype).reshape(t.shape)
     return out
 
 

@@ -171,16 +171,20 @@ def read_openai(folder: Path, *, verify: bool = False, **overrides) -> Checkpoin
 
 
 def read_hf(folder: Path, **overrides) -> Checkpoint:
+    """Names, dtypes and shapes are matched from the header alone; only then is the data of the
+    tensors the model takes read, so an extra or oversized tensor costs no memory."""
     config, config_file = read_config(folder, **overrides)
     file = hf.find_weights_file(folder)
-    raw = {names.strip_hf_prefix(k): v for k, v in hf.read_safetensors(file).items()}
+    declared, data_start = hf.read_header(file)
+    raw = {names.strip_hf_prefix(k): v for k, v in declared.items()}
     raw = {k: v for k, v in raw.items() if not names.HF_IGNORED.fullmatch(k)}
     check_plausible(config, raw, file=file, config_file=config_file)
     shapes = expected_shapes(config)
     table = {names.to_hf(p): p for p in shapes}
-    tensors = match_tensors(raw, table, shapes, file=file, model="GPT-2", source=config_file,
+    matched = match_tensors(raw, table, shapes, file=file, model="GPT-2", source=config_file,
                             described=config.hparams())
-    return Checkpoint(config, tensors, "hf", folder)
+    arrays = hf.read_tensors(file, matched.values(), data_start)
+    return Checkpoint(config, {p: arrays[info.name] for p, info in matched.items()}, "hf", folder)
 
 
 def read_checkpoint(path_or_name: str | Path, *, verify: bool = False, download: bool = True,
