@@ -26,7 +26,7 @@ from flax import nnx
 
 import jaxcls
 from conftest import FIXTURE, requires_shared
-from jaxcls.errors import JaxclsError
+from jaxcls.errors import CheckpointError, JaxclsError
 from jaxcls.ckpt.load import expected_shapes
 
 pytestmark = requires_shared
@@ -329,3 +329,71 @@ def test_fuzz_openai_index_and_data(tmp_path):
         fz.case("checkpoint names a missing prefix", "checkpoint", b'model_checkpoint_path: "nope.ckpt"\n')
         fz.case("checkpoint file is garbage", "checkpoint", bytes(rng.randrange(256) for _ in range(40)))
     fz.check(min_cases=30)
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI index entries that parse but lie, resealed so they pass every crc check
+# ---------------------------------------------------------------------------------------------
+
+TF_TENSOR = "model/h0/attn/c_attn/b"  # float32 [48] at offset 0 of the fixture's data file
+
+
+def _resealed_index(items) -> bytes:
+    from test_openai_ckpt import _sstable
+
+    return _sstable(sorted(items))
+
+
+def _fixture_items() -> list:
+    from jaxcls.ckpt.sstable import table_items
+
+    return table_items((FIXTURE / "openai" / "model.ckpt.index").read_bytes())
+
+
+def _with_entry(value: bytes) -> bytes:
+    return _resealed_index([(k, value if k == TF_TENSOR.encode() else v) for k, v in _fixture_items()])
+
+
+def _tf_index_cases():
+    from test_openai_ckpt import _entry
+
+    data_size = (FIXTURE / "openai" / OPENAI_FILES[3]).stat().st_size
+    yield "70 dimensions", _with_entry(_entry(1, (1,) * 69 + (48,), 0, 192)), "has 70 dimensions; at most 32"
+    yield "a negative dimension", _with_entry(_entry(1, (-48,), 0, 192)), "negative dimension -48"
+    yield "an unknown dtype", _with_entry(_entry(99, (48,), 0, 192)), "unknown dtype code 99"
+    yield "bytes past the data file", _with_entry(_entry(1, (48,), data_size - 8, 192)), "needs bytes"
+    yield "an offset of 2**62", _with_entry(_entry(1, (48,), 2**62, 192)), "needs bytes"
+    yield "a shape of 2**40 x 2**40", _with_entry(_entry(1, (2**40, 2**40), 0, 192)), "has 192 bytes but shape"
+    extra = [(f"model/zz{i:05d}".encode(), _entry(1, (0,), 0, 0)) for i in range(10_001)]
+    yield "10,001 more tensors", _resealed_index(_fixture_items() + extra), "more than 10,001 entries"
+
+
+@pytest.mark.parametrize("desc,index,expect", list(_tf_index_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_malformed_tf_index_entries_are_checkpoint_errors(tmp_path, desc, index, expect):
+    """Each lie ends in one CheckpointError naming the file and (but for the count) the tensor, at
+    once. Fails with a bare ValueError from reshape if the rank check goes (planted: the MAX_RANK
+    test removed from _parse_shape), and if the entry count is not bounded (planted: `limit=None`
+    in _parse_index: every extra is parsed, then refused by name)."""
+    fz = Fuzzer(tmp_path, "openai", OPENAI_FILES)
+    for name, data in fz.originals.items():
+        (fz.folder / name).write_bytes(index if name == "model.ckpt.index" else data)
+    with pytest.raises(CheckpointError) as err:
+        jaxcls.load_pretrained(fz.folder)
+    msg = str(err.value)
+    assert "\n" not in msg and expect in msg, msg
+    assert str(fz.folder) in msg, msg
+    if "more tensors" not in desc:
+        assert repr(TF_TENSOR) in msg, msg
+
+
+def test_oversized_tf_index_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A 9 GiB index (sparse: no disk is used) is refused from its size alone. Fails if the size
+    bound goes (planted: the MAX_INDEX_BYTES test removed from read_index: read_bytes runs)."""
+    fz = Fuzzer(tmp_path, "openai", OPENAI_FILES)
+    for name, data in fz.originals.items():
+        (fz.folder / name).write_bytes(data)
+    with open(fz.folder / "model.ckpt.index", "r+b") as f:
+        f.truncate(9 << 30)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"{self} was read"))
+    with pytest.raises(CheckpointError, match=r"model\.ckpt\.index: 9,663,676,416 bytes is over the limit"):
+        jaxcls.load_pretrained(fz.folder)

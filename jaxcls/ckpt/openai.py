@@ -40,6 +40,11 @@ OPENAI_FILES = (
     "vocab.bpe",
 )
 HPARAM_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+# gpt2-xl's index is about 30 KB with under 600 tensors of rank <= 3; the bounds keep a hostile
+# index from costing more than a moment to refuse. NumPy 1.x arrays take at most 32 dimensions.
+MAX_INDEX_BYTES = 8 << 20
+MAX_TENSORS = 10_000
+MAX_RANK = 32
 
 
 def _expected_files_hint() -> str:
@@ -119,6 +124,8 @@ def _parse_shape(raw: bytes, name: str) -> tuple[int, ...]:
     fields = pb_fields(raw, what)
     if pb_get(fields, 3, VARINT, what, 0):
         raise FormatError(f"tensor {name!r} has unknown rank")
+    if len(fields.get(2, [])) > MAX_RANK:
+        raise FormatError(f"tensor {name!r} has {len(fields[2])} dimensions; at most {MAX_RANK} are supported")
     dims = []
     for wire, dim_raw in fields.get(2, []):
         if wire != LEN:
@@ -169,7 +176,7 @@ def _check_header(raw: bytes) -> None:
 
 
 def _parse_index(table: bytes) -> dict[str, TensorEntry]:
-    items = table_items(table)
+    items = table_items(table, limit=MAX_TENSORS + 1)
     if not items or items[0][0] != b"":
         raise FormatError("no bundle header (empty key): not a TF checkpoint index")
     _check_header(items[0][1])
@@ -187,6 +194,10 @@ def read_index(index_path: Path | str) -> dict[str, TensorEntry]:
     """Tensor name -> TensorEntry from a TF bundle `.index` file, every block's crc checked."""
     index_path = Path(index_path)
     try:
+        size = index_path.stat().st_size
+        if size > MAX_INDEX_BYTES:
+            raise CheckpointError(f"index file {index_path}: {size:,} bytes is over the limit of "
+                                  f"{MAX_INDEX_BYTES:,} (a GPT-2 checkpoint's index is under 100 KB)")
         table = index_path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"missing index file {index_path}; {_expected_files_hint()}") from None

@@ -15,6 +15,10 @@ class FormatError(Exception):
     """Raised deep in the parsers; the public functions re-raise it as CheckpointError with the file path."""
 
 
+class _TooMany(Exception):
+    """A block holds more entries than the table may; table_items names the limit."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Protobuf wire format, just enough for BundleHeaderProto / BundleEntryProto.
 # ---------------------------------------------------------------------------------------------
@@ -137,8 +141,9 @@ def _read_block(table: bytes, handle: tuple[int, int], what: str) -> bytes:
     return table[offset : offset + size]
 
 
-def _block_entries(block: bytes, what: str) -> list[tuple[bytes, bytes]]:
-    """Decode the prefix-compressed (key, value) entries of one block, in order."""
+def _block_entries(block: bytes, what: str, most: int | None = None) -> list[tuple[bytes, bytes]]:
+    """Decode the prefix-compressed (key, value) entries of one block, in order; more than `most`
+    of them is an error."""
     size = len(block)
     if size < 4:
         raise FormatError(f"{what} has {size} bytes, too short for its restart count")
@@ -162,13 +167,16 @@ def _block_entries(block: bytes, what: str) -> list[tuple[bytes, bytes]]:
             pos += unshared
             entries.append((key, block[pos : pos + value_len]))
             pos += value_len
+            if most is not None and len(entries) > most:
+                raise _TooMany
     except FormatError as err:
         raise FormatError(f"malformed {what}: {err}") from None
     return entries
 
 
-def table_items(table: bytes) -> list[tuple[bytes, bytes]]:
-    """All (key, value) pairs of an SSTable, in key order, with every block's crc checked.
+def table_items(table: bytes, limit: int | None = None) -> list[tuple[bytes, bytes]]:
+    """All (key, value) pairs of an SSTable, in key order, with every block's crc checked; more
+    than `limit` pairs is refused as soon as they are counted.
 
     TF never reads the metaindex block, but a bad crc there still means a damaged download.
     """
@@ -182,7 +190,11 @@ def table_items(table: bytes) -> list[tuple[bytes, bytes]]:
         except FormatError as err:
             raise FormatError(f"malformed handle of data block {number}: {err}") from None
         what = f"data block {number}"
-        items.extend(_block_entries(_read_block(table, handle, what), what))
+        left = None if limit is None else limit - len(items)
+        try:
+            items.extend(_block_entries(_read_block(table, handle, what), what, left))
+        except _TooMany:
+            raise FormatError(f"holds more than {limit:,} entries, over the limit") from None
     for (prev, _), (key, _) in zip(items, items[1:]):
         if key <= prev:
             raise FormatError(f"keys out of order ({prev!r} then {key!r}): corrupted")
