@@ -191,3 +191,109 @@ def test_saved_folder_missing_the_base_reference_is_named(full_saved, tmp_path):
     (folder / META).write_text(json.dumps({**meta, "saved": "delta", "base": {"path": "/x"}}))
     with pytest.raises(CheckpointError, match=r"classifier\.json: missing field\(s\) base\.layout, base\.sha256"):
         Classifier.load(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# model.safetensors: the header is checked against the model before any tensor data is read
+# ---------------------------------------------------------------------------------------------
+
+EXTRA_GIB = 1
+# Loads each folder given in argv, printing one JSON line per folder: the outcome and how much
+# the peak RSS grew. The process's own peak is reached importing jax first, so growth is the load's.
+_RSS_PROBE = """
+import json, resource, sys
+from jaxcls.ckpt.load import read_checkpoint
+from jaxcls.errors import CheckpointError
+for folder in sys.argv[1:]:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        ckpt = read_checkpoint(folder)
+        outcome = "loaded %d tensors" % len(ckpt.tensors)
+    except CheckpointError as e:
+        outcome = str(e)
+    grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    print(json.dumps({"outcome": outcome, "grew_mib": grew / 1024}))
+"""
+
+
+def _hf_with_extra(folder: Path, name: str, nbytes: int, **extra_entries) -> Path:
+    """The tiny HF fixture with one more F32 tensor of `nbytes` declared at the end of the data
+    section; the file is extended with a hole, so the bytes exist but use neither disk nor memory."""
+    import json
+    import struct
+
+    folder.mkdir(parents=True)
+    shutil.copy(FIXTURE / "hf" / "config.json", folder / "config.json")
+    data = (FIXTURE / "hf" / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header, body = json.loads(data[8:8 + n]), data[8 + n:]
+    header[name] = {"dtype": "F32", "shape": [nbytes // 4], "data_offsets": [len(body), len(body) + nbytes]}
+    header.update(extra_entries)
+    raw = json.dumps(header).encode()
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + body)
+        f.truncate(8 + len(raw) + len(body) + nbytes)
+    return folder / "model.safetensors"
+
+
+@requires_shared
+def test_an_extra_huge_tensor_is_refused_and_an_ignored_one_skipped_without_reading_them(tmp_path):
+    """A header declaring one extra 1 GiB tensor is refused by name from the header alone, and a
+    1 GiB `lm_head.weight` (which the matcher ignores) is never read; the peak RSS grows by well
+    under the tensor's size in both. Fails if data is read before names are matched (planted: the
+    old `read_safetensors(file)` of every tensor at the top of read_hf: +2 GiB, then the error)."""
+    import json
+    import subprocess
+    import sys
+
+    size = EXTRA_GIB << 30
+    extra = _hf_with_extra(tmp_path / "extra", "transformer.h.0.mlp.c_big.weight", size)
+    ignored = _hf_with_extra(tmp_path / "ignored", "lm_head.weight", size)
+    run = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(extra.parent), str(ignored.parent)],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    refused, loaded = (json.loads(line) for line in run.stdout.splitlines())
+    assert refused["outcome"].startswith(f"{extra}: tensor 'h.0.mlp.c_big.weight' is not a parameter"), refused
+    assert loaded["outcome"] == "loaded 28 tensors", loaded
+    assert refused["grew_mib"] < 128 and loaded["grew_mib"] < 128, (refused, loaded)
+
+
+def _zero_size_tensors(path: Path, count: int) -> Path:
+    import json
+    import struct
+
+    raw = json.dumps({f"z{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(count)}).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return path
+
+
+@requires_shared
+def test_an_oversized_header_is_refused_unparsed_and_too_many_tensors_by_count(tmp_path, monkeypatch):
+    """200,000 zero-size tensors (an 11 MB header) are refused by the header's length before it is
+    parsed; 12,000 (660 KB) by their count before any is checked. Fails if either bound goes
+    (planted: the MAX_HEADER_BYTES test removed from _load_json: json.loads runs; the MAX_TENSORS
+    test removed: every entry is checked, and the file refused later for holding no values)."""
+    from jaxcls.ckpt import hf
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    shutil.copy(FIXTURE / "hf" / "config.json", folder / "config.json")
+    file = _zero_size_tensors(folder / "model.safetensors", 200_000)
+    real_loads = hf.json.loads
+
+    def loads(text, *a, **k):
+        if len(text) > hf.MAX_HEADER_BYTES:
+            pytest.fail("an oversized header was parsed")
+        return real_loads(text, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(hf.json, "loads", loads)
+        with pytest.raises(CheckpointError) as e:
+            read_checkpoint(folder)
+    n = file.stat().st_size - 8
+    assert str(e.value) == (f"{file}: header of {n:,} bytes is over the limit of {hf.MAX_HEADER_BYTES:,} "
+                            "(a GPT-2 checkpoint's is under 100 KB)")
+    _zero_size_tensors(file, 12_000)
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(folder)
+    assert str(e.value) == f"{file}: header declares 12,000 tensors, over the limit of {hf.MAX_TENSORS:,}"
