@@ -136,3 +136,107 @@ def test_saves_are_pruned_by_write_order_not_step_number(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000000002", "step-000000003"]
     loaded, meta = trainstate.load_state(trainstate.latest_state(tmp_path), tree)
     assert meta["step"] == 3 and np.array_equal(loaded["w"], np.full(3, 3, np.float32))
+
+
+def _snapshot(out):
+    """Every file under `out` with its bytes and mtime: a write of the same bytes shows too."""
+    return {str(p.relative_to(out)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.rglob("*"))
+            if p.is_file()}
+
+
+def test_resuming_a_finished_run_says_so_and_writes_nothing(first_run, tmp_path, monkeypatch, capsys):
+    """Fails if a finished run is trained or rewritten again (planted: the finished_run check
+    removed from cmd_train: the data is read and every output rewritten)."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(first_run[1], out)
+    before = _snapshot(out)
+    _no_work(monkeypatch)
+    capsys.readouterr()
+    assert _train(first_run[0], out, "--resume") == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [f"{out}: already complete (2 steps, as its metrics.json records); nothing to do. "
+                     "Resume with a larger --epochs or --max-steps to train further"], lines
+    assert _snapshot(out) == before
+
+
+def test_a_finished_run_continues_with_more_steps_as_if_never_stopped(first_run, tmp_path):
+    """A finished 2-step run resumed with --max-steps 4 ends bit-identical to a 4-step run (constant
+    learning rate), reporting start_step 2. Fails if a finished run's --max-steps must match
+    (planted: `and _finished(meta)` replaced by `and False` in state.restore: exit 2)."""
+    import json
+    import shutil
+
+    tmp, first = first_run
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    shutil.copytree(first, out)
+    assert _train(tmp, out, "--resume", "--max-steps", "4") == 0
+    assert _train(tmp, straight, "--max-steps", "4") == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert (report["start_step"], report["steps_run"], report["steps"]) == (2, 2, 4)
+    for name in ("weights.safetensors", "metrics.jsonl"):
+        assert (out / name).read_bytes() == (straight / name).read_bytes(), name
+    assert report["splits"] == json.loads((straight / "metrics.json").read_text())["splits"]
+
+
+def _saved(folder, *, step, epoch, epochs, max_steps, lr=1e-3):
+    """A save of a run that stopped at `step`, in `epoch`, having asked for `epochs`/`max_steps`."""
+    config = {"epochs": epochs, "max_steps": max_steps, "lr": lr}
+    meta = {"config": config, "epoch": epoch, "done_in_epoch": 0, "history": [], "best": None}
+    trainstate.save_state(folder, step, {"w": np.zeros(3, np.float32)}, meta)
+    return config
+
+
+@pytest.mark.parametrize("saved, asked, outcome", [
+    (dict(step=4, epoch=1, epochs=1, max_steps=None), dict(epochs=2, max_steps=None), ["epochs"]),
+    (dict(step=2, epoch=0, epochs=1, max_steps=2), dict(epochs=1, max_steps=None), ["max_steps"]),
+    (dict(step=2, epoch=0, epochs=1, max_steps=2), dict(epochs=3, max_steps=3), ["epochs", "max_steps"]),
+    (dict(step=2, epoch=0, epochs=1, max_steps=2), dict(epochs=1, max_steps=1), "ask for no more steps"),
+    (dict(step=4, epoch=1, epochs=1, max_steps=None), dict(epochs=1, max_steps=4), "ask for no more steps"),
+    (dict(step=2, epoch=0, epochs=2, max_steps=None), dict(epochs=3, max_steps=None), "other settings (epochs)"),
+    (dict(step=4, epoch=1, epochs=1, max_steps=None), dict(epochs=2, max_steps=None, lr=1.0), "other settings (epochs, lr)"),
+])
+def test_only_a_finished_run_may_be_given_more_epochs_or_steps(tmp_path, saved, asked, outcome):
+    """A finished run may raise --epochs/--max-steps (the list returned names them); a run
+    stopped midway, any other change, or a target already reached is refused. Fails if a target
+    already reached is accepted (planted: the no-more-steps test removed from state.restore: the
+    loop would take no step and the outputs be rewritten) or an unfinished run's is (planted:
+    `_finished` always True)."""
+    _saved(tmp_path, **saved)
+    settings = {"epochs": asked["epochs"], "max_steps": asked["max_steps"], "lr": asked.get("lr", 1e-3)}
+    template = trainstate.LoopState({"w": np.zeros(3, np.float32)}, {})
+    if isinstance(outcome, list):
+        state, latest, extended = trainstate.restore(template, tmp_path, settings)
+        assert extended == outcome and state.step == saved["step"] and latest.name == f"step-{saved['step']:09d}"
+    else:
+        with pytest.raises(ConfigError) as e:
+            trainstate.restore(template, tmp_path, settings)
+        assert outcome in str(e.value) and str(tmp_path) in str(e.value), e.value
+
+
+def test_save_removes_temp_folders_of_dead_writers_only(tmp_path):
+    """A killed save leaves `.tmp-step-STEP-PID`; the next save removes it when PID no longer runs,
+    and leaves a live process's (another's or its own) and other names alone. Fails if dead
+    writers' folders stay (planted: the remove_dead_temps call dropped from save_state) or live
+    ones go (planted: `_alive(...)` left out of remove_dead_temps's test)."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {"dead": f".tmp-step-000000007-{dead.pid}", "live": f".tmp-step-000000008-{live.pid}",
+                 "own": f".tmp-step-000000009-{os.getpid()}", "other": ".tmp-step-notes"}
+        for name in names.values():
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "arrays.npz").write_bytes(b"half")
+        trainstate.save_state(tmp_path, 1, {"w": np.zeros(3, np.float32)}, {})
+        left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp"))
+        assert left == sorted([names["live"], names["own"], names["other"]]), left
+        assert trainstate.latest_state(tmp_path).name == "step-000000001"
+    finally:
+        live.kill()
+        live.wait()

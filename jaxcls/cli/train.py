@@ -147,10 +147,16 @@ def cmd_train(args) -> int:
     out = Path(cfg.out or f"runs/{Path(data.data).stem}")
     cfg = cfg.replace(out=str(out))
     from jaxcls.train.distributed import is_main_process
-    from jaxcls.train.state import prepare_run_folder
+    from jaxcls.train.state import finished_run, prepare_run_folder
 
     if is_main_process():  # the one process that writes into --out
         prepare_run_folder(out, resume=args.resume, overwrite=args.overwrite)
+    config = {**dataclasses.asdict(data), **dataclasses.asdict(model), **dataclasses.asdict(cfg)}
+    steps = finished_run(out, config) if args.resume else None
+    if steps is not None:
+        print(f"{out}: already complete ({steps} steps, as its metrics.json records); nothing to do. "
+              "Resume with a larger --epochs or --max-steps to train further", flush=True)
+        return 0
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     t0 = time.perf_counter()
     splits = load_spec(data, seed=cfg.seed, progress=not args.quiet)
@@ -162,7 +168,7 @@ def cmd_train(args) -> int:
     if not is_main_process():
         return 0  # process 0 writes the classifier and the metrics
     report["wall_time_total_s"] = time.perf_counter() - t0
-    report["config"] = {**dataclasses.asdict(data), **dataclasses.asdict(model), **dataclasses.asdict(cfg)}
+    report["config"] = config
     report["data_sha256"] = data_hashes(data)
     clf.save(out, full=cfg.save_full)
     from jaxcls.fileio import atomic_write_json

@@ -158,11 +158,13 @@ class Run:
         hooks_lib.save_best(self.out if self.prog.main_process else None, host)
 
     def restore(self) -> None:
+        """The newest save, or step 0 when there is none; a finished run resumed with a larger
+        --epochs or --max-steps continues from its last step."""
         found = state_lib.restore(self.state, self.state_dir, self.settings) if self.state_dir else None
         if found is None:
             self.log(f"--resume: no saved state in {self.state_dir or '(no --out)'}; starting from step 0")
             return
-        self.state, latest = found
+        self.state, latest, extended = found
         if self.prog.mesh is not None:
             from jaxcls.train import distributed as dist
 
@@ -170,7 +172,8 @@ class Run:
             self.state.opt_state = dist.place(self.state.opt_state, self.prog.opt_sharding)
         st = self.state
         self.start_step = st.step
-        self.log(f"resumed from {latest} (step {st.step}, epoch {st.epoch + 1}, batch {st.done_in_epoch})")
+        more = f"; continuing the finished run with new {' and '.join(extended)}" if extended else ""
+        self.log(f"resumed from {latest} (step {st.step}, epoch {st.epoch + 1}, batch {st.done_in_epoch}){more}")
 
 
 def finish(run: Run, splits: data_lib.DataSplits, compile_s: float) -> FitResult:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -13,14 +14,34 @@ import jax
 import numpy as np
 
 from jaxcls.errors import CheckpointError, ConfigError
-from jaxcls.fileio import atomic_write_json
+from jaxcls.fileio import _alive, atomic_write_json
 
 KEEP = 2
+_TMP_STEP = re.compile(r"\.tmp-step-\d{9}-(\d+)")
+# Settings a resumed run may change: where saves go, how often, how the cache and devices are
+# arranged. And the two that only say when to stop, which a finished run may raise to go on.
+NOT_RESUMABLE = ("out", "save_every", "cache", "cache_budget_mb", "cache_dtype", "cache_memory",
+                 "data_parallel", "fsdp")
+EXTENDABLE = ("epochs", "max_steps")
+
+
+def remove_dead_temps(folder: Path) -> list[Path]:
+    """`.tmp-step-*` folders whose writer (the PID in the name) no longer runs: a killed save
+    never cleans up. A live process's folder, this one's included, stays."""
+    removed = []
+    for path in folder.glob(".tmp-step-*"):
+        m = _TMP_STEP.fullmatch(path.name)
+        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def save_state(folder: Path, step: int, tree, meta: dict) -> Path:
     """Write `tree` (any pytree of arrays: trainable params + optimizer state) and `meta`."""
     folder.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(folder)
     final = folder / f"step-{step:09d}"
     tmp = folder / f".tmp-step-{step:09d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -139,8 +160,7 @@ def resumable(cfg, model, splits) -> dict:
     """The settings a resumed run must share with the saved one: the loop's (less where saves go
     and how the cache and devices are arranged), the model's switches and the data's sources."""
     d = dataclasses.asdict(cfg)
-    for k in ("out", "save_every", "cache", "cache_budget_mb", "cache_dtype", "cache_memory", "data_parallel",
-              "fsdp"):
+    for k in NOT_RESUMABLE:
         d.pop(k)
     d.update(dataclasses.asdict(model.config))
     d.update(pooling=model.pooling, label_names=list(splits.label_names),
@@ -149,16 +169,44 @@ def resumable(cfg, model, splits) -> dict:
     return json.loads(json.dumps(d))
 
 
-def restore(state: LoopState, state_dir: Path, settings: dict) -> tuple[LoopState, Path] | None:
-    """The newest save in `state_dir` loaded into `state`'s tree, or None when nothing is saved.
-    Refuses a save made with other settings, naming them."""
+def _finished(meta: dict) -> bool:
+    """Whether a save is the last of its run: its epochs done, or its --max-steps reached."""
+    cfg = meta["config"]
+    return meta["epoch"] >= cfg["epochs"] or (cfg.get("max_steps") is not None and meta["step"] >= cfg["max_steps"])
+
+
+def restore(state: LoopState, state_dir: Path, settings: dict) -> tuple[LoopState, Path, list] | None:
+    """The newest save in `state_dir` loaded into `state`'s tree, the save, and the settings of
+    EXTENDABLE that differ from it; None when nothing is saved. Refuses a save made with other
+    settings, naming them: only a finished run's EXTENDABLE ones may differ, and only to ask for
+    more steps."""
     latest = latest_state(state_dir)
     if latest is None:
         return None
     (trainable, opt_state), meta = load_state(latest, (state.trainable, state.opt_state))
-    if meta["config"] != settings:
-        diff = sorted(k for k in {*meta["config"], *settings} if meta["config"].get(k) != settings.get(k))
+    diff = sorted(k for k in {*meta["config"], *settings} if meta["config"].get(k) != settings.get(k))
+    if diff and not (set(diff) <= set(EXTENDABLE) and _finished(meta)):
         raise ConfigError(f"{latest}: saved with other settings ({', '.join(diff)}); "
                           "resume with the same options or use a new --out")
+    if diff and _finished({**meta, "config": settings}):
+        raise ConfigError(f"{latest}: the run finished at step {meta['step']} after {meta['epoch']} epoch(s); "
+                          f"--epochs {settings['epochs']} --max-steps {settings['max_steps']} ask for no more "
+                          "steps: pass a larger --epochs or --max-steps to train further")
     return LoopState(trainable, opt_state, meta["step"], meta["epoch"], meta["done_in_epoch"],
-                     meta["history"], meta.get("best")), latest
+                     meta["history"], meta.get("best")), latest, diff
+
+
+def finished_run(out: Path, config: dict) -> int | None:
+    """The step count of the finished run in `out` when it was made with `config` (DataSpec,
+    ModelSpec and TrainConfig fields together, as metrics.json records them; NOT_RESUMABLE ones
+    aside): its classifier and report are written and its last save is the one reported. None
+    otherwise, and for anything unreadable: the resume then goes the usual way."""
+    try:
+        report = json.loads((out / "metrics.json").read_text())
+        saved = json.loads((out / "state" / "LATEST").read_text())
+        same = all(report["config"].get(k) == v for k, v in json.loads(json.dumps(config)).items()
+                   if k not in NOT_RESUMABLE)
+        done = (out / "classifier.json").is_file() and saved["step"] == report["steps"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return report["steps"] if same and done else None
