@@ -2,6 +2,7 @@
 (similarity's summed orders, choice's masked options), names and the saved form, thresholds, and
 a jitted train step per task on a tiny random GPT-2, exact on the cached-prefix paths."""
 
+import functools
 import json
 
 import jax
@@ -208,8 +209,8 @@ STEP_TASKS = [SingleLabel(("a", "b")), MultiLabel(("a", "b", "c"), pos_weight=(2
 @pytest.mark.parametrize("task", STEP_TASKS, ids=lambda t: t.name)
 def test_jitted_train_step_lowers_each_tasks_loss(task):
     """Six AdamW steps of the last block and head on one fixed batch: the loss falls and stays
-    finite, with a missing option among the choice rows. Fails for choice if a row of length 0
-    runs with no visible token (planted: `seen = lengths` in step.row_features: NaN)."""
+    finite, with a missing option among the choice rows. Fails if the step applies no update
+    (planted: the optax.apply_updates line removed)."""
     model = GPT2Classifier(CFG, task.head_width, rngs=nnx.Rngs(0))
     graphdef, tr, fr = freeze.split_trainable(model, freeze.trainable_pattern("last_block", CFG.n_layer))
     tx = optax.adamw(1e-2)
@@ -232,17 +233,26 @@ def test_cached_prefix_and_pooled_paths_give_the_full_logits(task, pooling):
     model = GPT2Classifier(CFG, task.head_width, pooling=pooling, rngs=nnx.Rngs(1))
     b = toy_batch(task, np.random.default_rng(3))
     ids, lengths = b.inputs[0], b.lengths[0]
-    full = np.asarray(train.forward(model, ids, lengths, train.StepSpec(task)))
-    for spec in (train.StepSpec(task, start_block=1), train.StepSpec(task, pooled=True)):
-        cached = train.frozen_features(model, ids, lengths, spec)
-        np.testing.assert_allclose(np.asarray(train.forward(model, cached, lengths, spec)), full,
-                                   rtol=1e-5, atol=1e-6)
+    graphdef, params = nnx.split(model)
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def logits(params, spec_index):
+        m = nnx.merge(graphdef, params)
+        spec = specs[spec_index]
+        inputs = ids if spec_index == 0 else train.frozen_features(m, ids, lengths, spec)
+        return train.forward(m, inputs, lengths, spec)
+
+    specs = (train.StepSpec(task), train.StepSpec(task, start_block=1), train.StepSpec(task, pooled=True))
+    full = np.asarray(logits(params, 0))
+    for i in (1, 2):
+        np.testing.assert_allclose(np.asarray(logits(params, i)), full, rtol=1e-5, atol=1e-6)
     assert full.shape == (4, task.num_outputs) and np.isinf(full).sum() == (task.kind == "choice")
 
 
 def test_choice_accumulation_equals_the_larger_batch():
     """One SGD step on 4 choice examples (one lacking an option), whole or as 2 x 2 micro-batches:
-    the same loss and update, as for single-label in tests/test_train.py."""
+    the same loss and update, as for single-label in tests/test_train.py. Fails if the loss is a
+    per-micro-batch mean (planted in Choice.loss_terms: (sum / sum of weights, 1))."""
     task = Choice(3)
     model = GPT2Classifier(CFG, 1, rngs=nnx.Rngs(0))
     graphdef, tr, fr = freeze.split_trainable(model, freeze.trainable_pattern("last_block", CFG.n_layer))

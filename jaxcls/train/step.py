@@ -41,7 +41,8 @@ class StepSpec:
 def row_features(model, inputs, lengths, spec: StepSpec, dropout_key=None):
     """Pooled final features (rows, C) of each row, from whatever the batch holds: token ids, a
     cached prefix, or the pooled features themselves. A row of length 0 (a missing option) runs as
-    one token so that nothing in it is undefined; the task masks it out by its true length."""
+    one token, so no query attends to an empty set of keys (finite on XLA:CPU, but not promised by
+    every attention kernel); the task masks the row out by its true length."""
     if spec.pooled:
         return inputs.astype(jnp.float32)
     seen = jnp.maximum(lengths, 1)
