@@ -240,7 +240,10 @@ def pool(hidden, lengths, pooling: str):
 
 
 class GPT2Classifier(GPT2):
-    """GPT-2 with its LM head replaced by `head` (n_embd -> num_classes) on a pooled token."""
+    """GPT-2 with its LM head replaced by `head` (n_embd -> num_classes) on a pooled token.
+    `num_classes` is the task's head width (jaxcls.task: 1 for multiple choice, whose rows are
+    scored one by one); `features` / `suffix_features` stop before the head, for tasks that combine
+    several rows of one example (similarity sums two) before it."""
 
     def __init__(self, config: GPT2Config, num_classes: int, *, pooling: str = "last_real",
                  rngs: nnx.Rngs):
@@ -262,8 +265,8 @@ class GPT2Classifier(GPT2):
                               lengths if self.uses_padding_mask() else None)
         return self.run_blocks(self.embed(token_ids, fold(dropout_key, EMBED_STREAM)), mask, 0, stop, dropout_key)
 
-    def suffix(self, x, lengths, start: int, dropout_key=None):
-        """Blocks from `start`, ln_f, pooling and head: x (B, T, C) -> float32 logits (B, classes).
+    def suffix_features(self, x, lengths, start: int, dropout_key=None):
+        """Blocks from `start`, ln_f and pooling: x (B, T, C) -> float32 pooled features (B, C).
         A single-token pooling runs the last block at that token only (`Block.at_positions`)."""
         B, T, _ = x.shape
         n_layer = self.config.n_layer
@@ -278,9 +281,18 @@ class GPT2Classifier(GPT2):
         else:
             hidden = self.ln_f(self.run_blocks(x, mask, start, dropout_key=dropout_key))
             pooled = pool(hidden, lengths, self.pooling)
-        return self.head(pooled.astype(jnp.float32))
+        return pooled.astype(jnp.float32)
+
+    def features(self, token_ids, lengths=None, *, dropout_key=None):
+        """token_ids (B, T), lengths (B,) -> float32 pooled features (B, n_embd): what the head
+        reads, and what a task combines across the rows of one example (jaxcls.task)."""
+        x = self.prefix(token_ids, lengths, 0, dropout_key)
+        return self.suffix_features(x, lengths, 0, dropout_key)
+
+    def suffix(self, x, lengths, start: int, dropout_key=None):
+        """`suffix_features` and the head: x (B, T, C) -> float32 logits (B, classes)."""
+        return self.head(self.suffix_features(x, lengths, start, dropout_key))
 
     def __call__(self, token_ids, lengths=None, *, dropout_key=None):
-        """token_ids (B, T), lengths (B,) -> float32 logits (B, num_classes)."""
-        x = self.prefix(token_ids, lengths, 0, dropout_key)
-        return self.suffix(x, lengths, 0, dropout_key)
+        """token_ids (B, T), lengths (B,) -> float32 logits (B, num_classes), one row per text."""
+        return self.head(self.features(token_ids, lengths, dropout_key=dropout_key))

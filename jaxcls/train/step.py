@@ -14,44 +14,57 @@ from flax import nnx
 
 from jaxcls.config import TrainConfig
 from jaxcls.model import pool
-from jaxcls.task import SingleLabel
+from jaxcls.task import TaskBase
 
 
 class Batch(NamedTuple):
-    """One optimizer step's data, with a leading micro-batch axis A (gradient accumulation).
-    `inputs` are token ids (A, B, T), or cached frozen-prefix features (A, B, T, C) / (A, B, C)."""
+    """One optimizer step's data, with a leading micro-batch axis A (gradient accumulation), for B
+    examples of R = task.rows_per_example rows each, flattened example-major (the R rows of one
+    example adjacent). `inputs` are token ids (A, B*R, T), or cached frozen-prefix features
+    (A, B*R, T, C) / pooled (A, B*R, C)."""
 
     inputs: jax.Array
-    lengths: jax.Array  # (A, B) int32
-    labels: jax.Array  # (A, B) int32
-    weights: jax.Array  # (A, B) float32; 0 marks filler rows that keep shapes fixed
+    lengths: jax.Array  # (A, B*R) int32; 0 marks a missing choice option
+    labels: jax.Array  # (A, B) int32 (single, choice) or (A, B, K) float32 (multilabel, regression)
+    weights: jax.Array  # (A, B) float32; 0 marks filler examples that keep shapes fixed
 
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
     """What the jitted step computes, as hashable static data."""
 
-    task: SingleLabel  # the head's loss (any jaxcls.task type)
+    task: TaskBase  # rows per example, how their features become logits, the loss (jaxcls.task)
     start_block: int = 0  # 0: inputs are token ids; k > 0: hidden states entering block k
     pooled: bool = False  # inputs are pooled final features: only the head runs (linear probe)
 
 
-def forward(model, inputs, lengths, spec: StepSpec, dropout_key=None):
-    """Logits from whatever the batch holds: token ids, a cached prefix, or pooled features."""
+def row_features(model, inputs, lengths, spec: StepSpec, dropout_key=None):
+    """Pooled final features (rows, C) of each row, from whatever the batch holds: token ids, a
+    cached prefix, or the pooled features themselves. A row of length 0 (a missing option) runs as
+    one token, so no query attends to an empty set of keys (finite on XLA:CPU, but not promised by
+    every attention kernel); the task masks the row out by its true length."""
     if spec.pooled:
-        return model.head(inputs.astype(jnp.float32))
+        return inputs.astype(jnp.float32)
+    seen = jnp.maximum(lengths, 1)
     if spec.start_block:
-        return model.suffix(inputs.astype(model.config.dtype), lengths, spec.start_block, dropout_key)
-    return model(inputs, lengths, dropout_key=dropout_key)
+        return model.suffix_features(inputs.astype(model.config.dtype), seen, spec.start_block, dropout_key)
+    return model.features(inputs, seen, dropout_key=dropout_key)
+
+
+def forward(model, inputs, lengths, spec: StepSpec, dropout_key=None):
+    """Logits (B, outputs) of the B examples whose rows the batch holds."""
+    features = row_features(model, inputs, lengths, spec, dropout_key)
+    return spec.task.logits_from_features(model.head, features, lengths)
 
 
 def frozen_features(model, token_ids, lengths, spec: StepSpec):
-    """The part of the network that no step changes: hidden states entering `start_block`, or
-    the pooled final features when only the head trains."""
+    """The part of the network that no step changes, per row: hidden states entering
+    `start_block`, or the pooled final features when only the head trains."""
+    seen = jnp.maximum(lengths, 1)
     if spec.pooled:
-        x = model.prefix(token_ids, lengths, model.config.n_layer)
-        return pool(model.ln_f(x), lengths, model.pooling)
-    return model.prefix(token_ids, lengths, spec.start_block)
+        x = model.prefix(token_ids, seen, model.config.n_layer)
+        return pool(model.ln_f(x), seen, model.pooling)
+    return model.prefix(token_ids, seen, spec.start_block)
 
 
 def loss_terms(logits, labels, weights, spec: StepSpec):

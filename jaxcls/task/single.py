@@ -1,42 +1,33 @@
-"""The task seam: what the head outputs, the loss it trains, how its outputs become predictions
-and which metrics report them. The train step, evaluation, the Predictor, the server and the saved
-classifier folder all read one Task, so a new task type is added here and in nothing else.
-
-A task is a frozen, hashable dataclass: it travels into jitted steps as static data."""
+"""Single-label classification: one of K labels (the book's task, Hugging Face's
+single_label_classification)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxcls.errors import CheckpointError, ConfigError
+from jaxcls.errors import ConfigError
 from jaxcls.metrics import classification_report
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax on the host, computed in float64 and returned as float32."""
-    z = np.asarray(logits, np.float64)
-    if z.size == 0:
-        return z.astype(np.float32)
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+from jaxcls.task.base import TaskBase, softmax
 
 
 @dataclasses.dataclass(frozen=True)
-class SingleLabel:
-    """One of K labels: softmax cross-entropy on the pooled token's K logits (the book's task)."""
+class SingleLabel(TaskBase):
+    """One of K labels: softmax cross-entropy on the K logits. Labels are int32 ids (B,)."""
 
     kind: ClassVar[str] = "single"
+    primary_metric: ClassVar[str] = "accuracy"
     label_names: tuple[str, ...]
     label_smoothing: float = 0.0
     class_weights: tuple[float, ...] | None = None
 
     def __post_init__(self):
+        self._check_layout()
         object.__setattr__(self, "label_names", tuple(str(n) for n in self.label_names))
         if len(self.label_names) < 1:
             raise ConfigError("a single-label task needs at least one label name")
@@ -54,10 +45,9 @@ class SingleLabel:
 
     @property
     def num_outputs(self) -> int:
-        """The head's width."""
+        """Logits per example (= the head's width)."""
         return len(self.label_names)
 
-    # ---- inside jit ----
     def loss_terms(self, logits: jax.Array, labels: jax.Array, weights: jax.Array):
         """(sum of weighted per-example losses, sum of weights): the ratio is the batch loss, and
         sums add up exactly across micro-batches, which makes accumulation equal a larger batch."""
@@ -69,12 +59,11 @@ class SingleLabel:
             weights = weights * jnp.asarray(self.class_weights, jnp.float32)[labels]
         return jnp.sum(weights * ce), jnp.sum(weights)
 
-    # ---- on the host ----
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         return softmax(logits)
 
     def predictions(self, logits: np.ndarray) -> np.ndarray:
-        """Predicted label ids straight from logits (training-time metrics)."""
+        """Predicted label ids straight from logits."""
         return np.argmax(logits, axis=-1)
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
@@ -82,24 +71,10 @@ class SingleLabel:
         return np.argmax(probs, axis=-1)
 
     def report(self, labels: np.ndarray, logits: np.ndarray) -> dict:
-        """Accuracy, per-class precision/recall/F1, macro F1 and the confusion matrix."""
+        """Accuracy, per-class precision/recall/F1, macro/micro/weighted F1, Matthews correlation
+        and the confusion matrix."""
         preds = self.predictions(logits) if len(logits) else np.zeros(0, int)
         return classification_report(labels, preds, self.label_names)
-
-    def to_json(self) -> dict[str, Any]:
-        """What a saved classifier records (training-only settings such as smoothing are not)."""
-        return {"type": self.kind}
-
-
-TASKS = {SingleLabel.kind: SingleLabel}
-
-
-def task_from_json(obj: dict | None, label_names: Sequence[str], *, source: str = "classifier.json"):
-    """The task a saved classifier was trained for; folders from before the field are single-label."""
-    kind = "single" if obj is None else obj.get("type")
-    if kind not in TASKS:
-        raise CheckpointError(f"{source}: unknown task type {kind!r}; known: {', '.join(TASKS)}")
-    return TASKS[kind](tuple(label_names))
 
 
 def class_weights(spec: str, train_labels: np.ndarray, num_classes: int) -> tuple[float, ...] | None:
