@@ -82,6 +82,17 @@ class _TimedH11(H11Protocol):
         self.transport.close()
 
 
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, calling `on_started` once its sockets listen."""
+
+    on_started = None
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
+
+
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """A socket holding `host:port`, not yet listening. A bad, busy or forbidden address is a
     ConfigError here, in milliseconds, not after a model has loaded and compiled."""
@@ -117,7 +128,7 @@ class Server:
             limit_concurrency=lim.max_connections, backlog=lim.backlog,
             timeout_keep_alive=lim.keep_alive_timeout, timeout_graceful_shutdown=lim.shutdown_timeout,
             h11_max_incomplete_event_size=MAX_HEADER_BYTES, server_header=False)
-        self.uvicorn = uvicorn.Server(config)
+        self.uvicorn = _Uvicorn(config)
         service.metrics.connections.set_function(lambda: len(self.uvicorn.server_state.connections))
         self._thread: threading.Thread | None = None
 
@@ -138,7 +149,9 @@ class Server:
         host, port = self.address
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-    def run(self) -> None:
+    def run(self, on_started=None) -> None:
+        """Serve until stopped; `on_started()` runs once the socket listens."""
+        self.uvicorn.on_started = on_started
         try:
             self.uvicorn.run(sockets=[self.sock])
         finally:
@@ -203,6 +216,6 @@ def serve(classifier, host: str = "127.0.0.1", port: int = 8000, *, sock: socket
     sock = bind(host, port) if sock is None else sock
     print("jaxcls: compiling the batch shapes before serving...", file=sys.stderr, flush=True)
     server = make_server(classifier, sock=sock, **kw)
-    print(f"jaxcls: serving {', '.join(classifier.label_names)} classifier on {server.url} "
-          "(Ctrl-C or SIGTERM to stop)", file=sys.stderr, flush=True)
-    server.run()
+    server.run(on_started=lambda: print(
+        f"jaxcls: serving {', '.join(classifier.label_names)} classifier on {server.url} "
+        "(Ctrl-C or SIGTERM to stop)", file=sys.stderr, flush=True))
