@@ -209,7 +209,8 @@ def test_serve_without_the_extra_is_one_line(monkeypatch, capsys, tmp_path):
 ])
 def test_cli_serve_bad_limits_are_one_line(server, tmp_path, capsys, flag, value, message):
     """A bad limit is refused before the port or the model: the busy port is not what it reports.
-    Fails if Limits.check() runs after bind() (planted: the check moved below bind)."""
+    Fails if the limits are checked only after bind() (planted: .check() dropped from cmd_serve, leaving
+    make_server's check, which runs after bind and load)."""
     port = str(server.address[1])
     assert main(["serve", "--model", str(tmp_path / "no-model"), "--port", port, flag, value]) == 2
     err = capsys.readouterr().err
