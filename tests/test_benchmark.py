@@ -165,3 +165,26 @@ def test_scripts_run_as_modules_without_jax_at_import():
             "assert 'jax' not in sys.modules, 'jax imported'")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-500:]
+
+
+def test_serve_load_smoke(tmp_path, monkeypatch):
+    """`python -m benchmarks.serve_load` on the tiny preset with a handful of requests: every cell
+    (batching on and off, 1 and 4 clients) answered every request, and with batching off each model
+    call held one text. Never asserts a speed. Fails if a mode is dropped (planted: the loop in
+    serve_load.main runs only `args.max_batch_delay_ms`)."""
+    pytest.importorskip("uvicorn", reason="the serve extra is not installed")
+    from benchmarks import serve_load
+
+    monkeypatch.setattr(system, "DEFAULT_SMS", SMS)
+    monkeypatch.setattr(system, "DEFAULT_TOKENIZER", TOKENIZER_DIR)
+    results = tmp_path / "r.jsonl"
+    record = serve_load.main(["--size", "tiny", "--clients", "1,4", "--requests-per-client", "3",
+                              "--texts", "20", "--repeats", "1", "--batch-size", "1", "--results", str(results)])
+    assert json.loads(results.read_text())["kind"] == "serve_load"
+    assert record["offline_texts_per_s"] > 0 and record["texts"].startswith("SMS collection")
+    cells = [(r["mode"], r["clients"]) for r in record["rows"]]
+    assert cells == [("batching on (2 ms)", 1), ("batching on (2 ms)", 4), ("batching off", 1), ("batching off", 4)]
+    for r in record["rows"]:
+        assert r["errors"] == 0 and r["requests"] == 3 * r["clients"] and r["p99_ms"] >= r["p50_ms"] > 0
+        if r["mode"] == "batching off":
+            assert r["texts_per_model_call"] == 1

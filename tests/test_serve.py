@@ -1,7 +1,9 @@
-"""The HTTP server, on 127.0.0.1 with an OS-chosen port, in a thread."""
+"""The HTTP server, on 127.0.0.1 with an OS-chosen port, in a thread: the API, bad requests and
+the command line. Load, limits under load, /metrics and shutdown are in test_serve_load.py."""
 
 import http.client
 import json
+import sys
 import threading
 
 import numpy as np
@@ -14,8 +16,10 @@ from jaxcls.cli import main
 from jaxcls.config import TINY_SIZES
 from jaxcls.errors import ConfigError
 from jaxcls.model import GPT2Classifier
-from jaxcls.infer.serve import make_server
 from jaxcls.tokenizer import encoding_from_files
+
+pytest.importorskip("uvicorn", reason="the serve extra is not installed")
+from jaxcls.infer.serve import make_server  # noqa: E402
 
 pytestmark = requires_shared
 KW = {"batch_size": 4, "bucket_lengths": (64,), "row_buckets": (1, 4)}
@@ -26,16 +30,14 @@ def server():
     enc = encoding_from_files(TOKENIZER_DIR / "vocab.bpe", TOKENIZER_DIR / "encoder.json")
     model = GPT2Classifier(TINY_SIZES["tiny"], 3, rngs=nnx.Rngs(0))
     clf = Classifier(model, enc, ["ham", "spam", "other"])
-    srv = make_server(clf, "127.0.0.1", 0, predictor_kw=KW, max_texts=5, max_body_bytes=4096)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    srv = make_server(clf, "127.0.0.1", 0, predictor_kw=KW, max_texts=5, max_body_bytes=8192,
+                      max_text_chars=300)
+    with srv:
+        yield srv
 
 
-def request(server, method, path, body=None, headers=None):
-    host, port = server.server_address[:2]
+def request(server, method, path, body=None, headers=None, *, with_headers=False):
+    host, port = server.address
     conn = http.client.HTTPConnection(host, port, timeout=30)
     try:
         if isinstance(body, (dict, list)):
@@ -44,13 +46,14 @@ def request(server, method, path, body=None, headers=None):
         resp = conn.getresponse()
         data = resp.read()
         kind = resp.getheader("Content-Type", "")
-        return resp.status, (json.loads(data) if kind.startswith("application/json") else data.decode())
+        out = json.loads(data) if kind.startswith("application/json") else data.decode()
+        return (resp.status, out, dict(resp.getheaders())) if with_headers else (resp.status, out)
     finally:
         conn.close()
 
 
 def test_health_info_and_page(server):
-    assert server.server_address[0] == "127.0.0.1"
+    assert server.address[0] == "127.0.0.1" and server.url.startswith("http://127.0.0.1:")
     assert request(server, "GET", "/health") == (200, {"status": "ok"})
     status, info = request(server, "GET", "/info")
     assert status == 200
@@ -83,8 +86,8 @@ def test_classify(server):
 
 
 def test_concurrent_requests_get_their_own_answers(server):
-    """Fails if answers are mixed between threads (planted: ClassifierServer.classify keeps the
-    request's texts in self._texts, shared by all threads, and predicts those once it holds the lock)."""
+    """Fails if answers are mixed between requests (planted: Batcher._run hands every item the
+    results from offset 0, results[:len(item.texts)], instead of its own slice)."""
     batches = [[f"{w} number {i}" for w in ("win cash", "lunch at", "call me")] for i in range(4)]
     alone = [request(server, "POST", "/classify", {"texts": b}) for b in batches]
     assert all(status == 200 for status, _ in alone)
@@ -123,22 +126,24 @@ def test_busy_or_invalid_port_fails_before_compiling(server):
         def predictor(self, **kw):
             raise AssertionError("the predictor was built before the port was bound")
 
-    busy = server.server_address[1]
+    busy = server.address[1]
     with pytest.raises(ConfigError, match=f"cannot serve on 127.0.0.1:{busy}"):
         make_server(NeverUsed(), "127.0.0.1", busy)
     for port in (99999, -1):
         with pytest.raises(ConfigError, match="port must be an integer in 0..65535"):
             make_server(NeverUsed(), "127.0.0.1", port)
-    with pytest.raises(ConfigError, match="max_texts must be >= 1"):
+    with pytest.raises(ConfigError, match=r"max_texts \(--max-texts\) must be an integer >= 1, got 0"):
         make_server(NeverUsed(), "127.0.0.1", 0, max_texts=0)
+    with pytest.raises(ConfigError, match=r"max_queue \(2\) must be >= max_texts \(5\)"):
+        make_server(NeverUsed(), "127.0.0.1", 0, max_texts=5, max_queue=2)
     assert request(server, "GET", "/health")[0] == 200  # the failed attempts left it serving
 
 
 @pytest.mark.parametrize("port", ["busy", "99999"])
 def test_cli_serve_reports_a_bad_port_before_loading(server, tmp_path, capsys, port):
     """The model folder does not exist: the port error comes first, as one line with exit 2.
-    Fails if cmd_serve loads before binding (planted: _load(args) moved above bind())."""
-    port = str(server.server_address[1]) if port == "busy" else port
+    Fails if cmd_serve loads before binding (planted: load_classifier(args) moved above bind())."""
+    port = str(server.address[1]) if port == "busy" else port
     assert main(["serve", "--model", str(tmp_path / "no-model"), "--port", port]) == 2
     err = capsys.readouterr().err
     assert err.startswith("jaxcls: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
@@ -156,15 +161,64 @@ def test_cli_serve_reports_a_bad_port_before_loading(server, tmp_path, capsys, p
     ({"texts": []}, 400, "is empty"),
     ({"texts": ["a", None]}, 400, r'"texts"[1] must be a string'),
     ({"texts": ["a"] * 6}, 413, "at most 5"),
-    ({"text": "x" * 5000}, 413, "over the limit of 4096"),
+    ({"text": "x" * 9000}, 413, "over the limit of 8192"),
+    ({"texts": ["a", "x" * 301]}, 413, '"texts"[1] has 301 characters; at most 300 per text'),
+    ({"text": "x" * 301}, 413, '"text" has 301 characters; at most 300'),
+    ('{"texts": [[["a"]]]}', 400, "JSON nested 4 levels deep; at most 3"),
+    ("[" * 4000, 400, "JSON nested 4000 levels deep"),
+    ('{"text": ' + "7" * 5000 + "}", 400, "a number in the body has 5000 characters; at most 40"),
+    ('{"text": "a", "n": -1.' + "5" * 100 + "}", 400, "a number in the body has 103 characters"),
+    ('{"texts": ["[[[[[{{{{", "]]]]"]}', 200, None),  # brackets inside texts are text
 ])
 def test_bad_requests(server, body, status, message):
+    """Each answer is JSON with its status, never a traceback or a dropped connection. Fails if
+    the nesting or number checks go (planted: MAX_DEPTH = 10**6 gives a RecursionError -> 400
+    'not valid JSON' for the 4000-deep body, and the 5000-digit number hits int()'s digit limit)."""
     got, out = request(server, "POST", "/classify", body, {"Content-Type": "application/json"})
-    assert got == status and message in out["error"]
+    assert got == status, out
+    if message is None:
+        assert len(out["predictions"]) == 2
+    else:
+        assert message in out["error"]
+
+
+@pytest.mark.parametrize("method,path,allow", [("PUT", "/classify", "POST"), ("DELETE", "/classify", "POST"),
+                                               ("OPTIONS", "/health", "GET, HEAD"), ("GET", "/classify", "POST"),
+                                               ("POST", "/info", "GET, HEAD"), ("PATCH", "/", "GET, HEAD")])
+def test_wrong_method_is_405_json_with_allow(server, method, path, allow):
+    """Fails if the 405 loses its JSON body or Allow header (planted: _http_error returns
+    Reject(405, ...) without the {"Allow": allow} headers)."""
+    status, out, headers = request(server, method, path, "{}", with_headers=True)
+    assert status == 405 and headers["allow"] == allow
+    assert out["error"].startswith(f"{path} takes {allow}, not {method}")
+
+
+def test_serve_without_the_extra_is_one_line(monkeypatch, capsys, tmp_path):
+    """Fails if the missing extra surfaces as a traceback or after loading (planted: missing_extra
+    checks only 'starlette')."""
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # `import uvicorn` now raises ImportError
+    assert main(["serve", "--model", str(tmp_path / "no-model")]) == 2
+    assert capsys.readouterr().err == "jaxcls serve needs the serve extra: pip install 'jaxcls[serve]'\n"
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--max-batch-size", "0", "max_batch_size (--max-batch-size) must be an integer >= 1, got 0"),
+    ("--header-timeout", "0", "header_timeout (--header-timeout) must be a number >= 1e-09, got 0.0"),
+    ("--max-batch-delay-ms", "-1", "max_batch_delay_ms (--max-batch-delay-ms) must be a number >= 0"),
+    ("--max-queue", "10", "max_queue (10) must be >= max_texts (1024)"),
+])
+def test_cli_serve_bad_limits_are_one_line(server, tmp_path, capsys, flag, value, message):
+    """A bad limit is refused before the port or the model: the busy port is not what it reports.
+    Fails if the limits are checked only after bind() (planted: .check() dropped from cmd_serve, leaving
+    make_server's check, which runs after bind and load)."""
+    port = str(server.address[1])
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--port", port, flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxcls: error: ") and err.count("\n") == 1 and message in err, err
 
 
 def test_missing_length_and_unknown_paths(server):
-    host, port = server.server_address[:2]
+    host, port = server.address
     conn = http.client.HTTPConnection(host, port, timeout=30)
     conn.putrequest("POST", "/classify")
     conn.endheaders()
@@ -175,4 +229,6 @@ def test_missing_length_and_unknown_paths(server):
     assert request(server, "POST", "/nope", {"text": "a"})[0] == 404
     assert request(server, "GET", "/classify")[0] == 405
     assert request(server, "POST", "/health", {})[0] == 405
+    status, out = request(server, "GET", "/nope")
+    assert status == 404 and out["error"].startswith("no such path '/nope'")
     assert request(server, "GET", "/health")[0] == 200  # still serving

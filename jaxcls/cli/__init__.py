@@ -1,4 +1,4 @@
-"""The `jaxcls` command: one parser, a subcommand module each (train, classify/serve, eval, tools).
+"""The `jaxcls` command: one parser, a subcommand module each (train, classify, eval, serve, tools).
 The cli package is the only part of jaxcls that reads argv."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ Fine-tune GPT-2 as a text classifier and use it.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jaxcls.cli import evaluate, predict, tools, train
+    from jaxcls.cli import evaluate, predict, serve, tools, train
 
     parser = Parser(prog="jaxcls", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.register(sub)
     predict.register_classify(sub)
     evaluate.register(sub)
-    predict.register_serve(sub)
+    serve.register(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""`jaxcls classify` and `jaxcls serve`: use a classifier saved by `jaxcls train`."""
+"""`jaxcls classify`: use a classifier saved by `jaxcls train`."""
 
 from __future__ import annotations
 
@@ -25,17 +25,6 @@ def register_classify(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary on stderr")
     wrong_flag(p, "--out", "names train's run folder; classify writes its predictions to --output FILE")
     p.set_defaults(func=cmd_classify)
-
-
-def register_serve(sub) -> None:
-    p = sub.add_parser("serve", help="serve a saved classifier over HTTP (POST /classify, GET /)")
-    model_options(p)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind; the default, 127.0.0.1, is reachable from this machine only")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
-    p.add_argument("--max-texts", type=int, default=1024, metavar="N", help="most texts per request")
-    p.add_argument("--quiet", action="store_true", help="no line per request on stderr")
-    p.set_defaults(func=cmd_serve)
 
 
 def cmd_classify(args) -> int:
@@ -128,21 +117,3 @@ def _classify_stream(args, clf, predictor, err) -> None:
         err.print(f"warning: {reader.invalid_lines} lines of {args.input} were not valid UTF-8 "
                   f"(first: line {reader.first_invalid_line}); bad bytes were read as U+FFFD",
                   highlight=False)
-
-
-def cmd_serve(args) -> int:
-    from jaxcls.infer.serve import bind, serve
-
-    if args.max_texts < 1:
-        raise ConfigError(f"--max-texts must be >= 1, got {args.max_texts}")
-    server = bind(args.host, args.port)  # a busy port fails now, not after loading and compiling
-    try:
-        clf = load_classifier(args)
-        # A request with a single text runs a one-row batch instead of a full batch of dummies.
-        kw = predictor_kw(args, row_buckets=(1, args.batch_size))
-        serve(clf, server=server, max_texts=args.max_texts, predictor_kw=kw, log=not args.quiet)
-    except KeyboardInterrupt:
-        print("jaxcls: stopped", file=sys.stderr)
-    finally:
-        server.server_close()
-    return 0

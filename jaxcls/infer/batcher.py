@@ -1,0 +1,136 @@
+"""Dynamic batching for a server: texts from concurrent requests run together on one model thread.
+
+A request's texts are submitted as one item and get a `concurrent.futures.Future` back. The
+worker thread takes the oldest item, then keeps gathering items until the batch holds
+`max_batch_size` texts or the oldest item has waited `max_delay_s`, runs them as ONE call, and
+splits the results back to each item's future in order. An item is never split across batches;
+an item larger than `max_batch_size` runs alone (the predictor cuts it into its own batches).
+`max_delay_s=0` turns gathering off: each item runs alone, which is what the benchmark compares.
+
+The queue is bounded by texts, not requests: `submit` raises `QueueFull` when the texts waiting
+(not yet taken by the worker) would pass `max_queue`, so a flood costs the server a 503, not memory.
+A future cancelled while it waits (the client gave up, the compute timeout fired) is skipped.
+One thread owns the model, so the predictor is never entered twice and no lock is contended.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable, Sequence
+
+from jaxcls.errors import ConfigError
+
+
+class QueueFull(Exception):
+    """The pending queue cannot take these texts now; the client should retry later."""
+
+    def __init__(self, pending: int, wanted: int, limit: int):
+        super().__init__(f"the queue holds {pending} texts waiting; {wanted} more would pass its "
+                         f"limit of {limit}")
+        self.pending, self.wanted, self.limit = pending, wanted, limit
+
+
+class _Item:
+    __slots__ = ("texts", "future", "since")
+
+    def __init__(self, texts: list):
+        self.texts, self.future, self.since = texts, Future(), time.monotonic()
+
+
+class Batcher:
+    """One worker thread running `run(texts) -> per-text results` on gathered batches.
+
+    on_batch(n_texts, seconds) is called after every model call (metrics)."""
+
+    def __init__(self, run: Callable[[list], Sequence], *, max_batch_size: int = 32,
+                 max_delay_s: float = 0.002, max_queue: int = 4096,
+                 on_batch: Callable[[int, float], None] | None = None):
+        if max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if not max_delay_s >= 0:
+            raise ConfigError(f"max_delay_s must be >= 0, got {max_delay_s}")
+        if max_queue < 1:
+            raise ConfigError(f"max_queue must be >= 1, got {max_queue}")
+        self.run, self.on_batch = run, on_batch
+        self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
+        self.pending = 0  # texts submitted and not yet taken by the worker
+        self._items: collections.deque[_Item] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="jaxcls-model-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, texts: list) -> Future:
+        """Queue `texts` (a non-empty list); the future's result is their results, in order."""
+        item = _Item(list(texts))
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            if self.pending + len(item.texts) > self.max_queue:
+                raise QueueFull(self.pending, len(item.texts), self.max_queue)
+            self._items.append(item)
+            self.pending += len(item.texts)
+            self._cond.notify()
+        return item.future
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Run what is queued, then stop the worker; True if it stopped within `timeout`."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _take(self) -> list[_Item] | None:
+        """The next batch: the oldest item plus whatever arrives before its delay runs out."""
+        with self._cond:
+            while not self._items:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            batch = [self._items.popleft()]
+            n = len(batch[0].texts)
+            deadline = batch[0].since + self.max_delay_s
+            while self.max_delay_s > 0 and n < self.max_batch_size:
+                if self._items:
+                    if n + len(self._items[0].texts) > self.max_batch_size:
+                        break
+                    batch.append(self._items.popleft())
+                    n += len(batch[-1].texts)
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    break
+                self._cond.wait(left)
+            self.pending -= n
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            self._run(batch)
+
+    def _run(self, batch: list[_Item]) -> None:
+        live = [item for item in batch if item.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        texts = [t for item in live for t in item.texts]
+        start = time.perf_counter()
+        try:
+            results = self.run(texts)
+        except BaseException as e:  # the requests get the error; the worker keeps serving
+            for item in live:
+                item.future.set_exception(e)
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(texts), time.perf_counter() - start)
+        at = 0
+        for item in live:
+            item.future.set_result(results[at : at + len(item.texts)])
+            at += len(item.texts)
