@@ -225,6 +225,7 @@ def load_pretrained(path_or_name: str | Path, *, verify: bool = False, **overrid
 
 def load_tokenizer(path_or_name: str | Path | None = None, *, download: bool = True):
     """The tokenizer stored beside a checkpoint given by folder or released size (downloaded
-    first unless `download` is False); tiktoken's own `gpt2` encoding when there is none."""
+    first unless `download` is False); a folder without one is refused, naming it. With no
+    argument, tiktoken's own `gpt2` encoding (downloaded by tiktoken on first use)."""
     folder = None if path_or_name is None else resolve_checkpoint_dir(path_or_name, download=download)
     return tokenizer_from_folder(folder)

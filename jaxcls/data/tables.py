@@ -27,6 +27,9 @@ TEXT_KINDS = ", ".join([TABLE_KINDS, *LINE_SUFFIXES, "'-' (stdin)"])
 _BOM = b"\xef\xbb\xbf"
 _INT_RE = re.compile(r"[+-]?\d+")
 _LONE_CR = re.compile(rb"(?<=\r)(?!\n)")
+# The csv module refuses a field over 128 KiB by default, a limit that is process-wide; a text
+# is as long as its file allows (the tokenizer reads only what it needs of it).
+CSV_FIELD_LIMIT = 2**31 - 1
 
 
 class Row(NamedTuple):
@@ -197,6 +200,8 @@ class TableReader:
                 last[0] = number
                 yield line
 
+        if csv.field_size_limit() < CSV_FIELD_LIMIT:
+            csv.field_size_limit(CSV_FIELD_LIMIT)
         reader = csv.reader(feed(), delimiter=sep, strict=True)
         header, start = None, 1
         try:
