@@ -24,14 +24,15 @@ R, T, DELIM = 4, 24, 63
 def choice_rows(seed=0):
     """Flattened rows `context DELIM option` of 5 examples, R=4 each: contexts of 1..10 tokens, one
     example lacking two options, one with none, one whose rows kept different lengths of the
-    context (two-part truncation), one whose option is the start of another."""
+    context (two-part truncation), two whose options start alike (in example 1 one present row is
+    the start of the other)."""
     rng = np.random.default_rng(seed)
     rows = []
     tok = lambda n: list(rng.integers(0, DELIM, n))  # noqa: E731
     ctx = tok(10)
     rows.append([ctx + [DELIM] + tok(n) for n in (3, 1, 6, 2)])
-    short = tok(1)
-    rows.append([short + [DELIM] + tok(n) for n in (5, 2)] + [[], []])
+    short, opt = tok(1), tok(2)
+    rows.append([short + [DELIM] + opt, short + [DELIM] + opt + tok(3), [], []])
     rows.append([[], [], [], []])
     rows.append([ctx[:k] + [DELIM] + tok(n) for k, n in ((10, 2), (7, 5), (9, 3), (4, 8))])
     opt = tok(4)
@@ -58,7 +59,7 @@ def test_split_rows_rebuilds_every_row_and_shares_the_longest_common_start():
     option may be empty (planted: `lens - 1` -> `lens` in the cap of prefix_len)."""
     ids, lengths = choice_rows()
     s = split_rows(ids, lengths, R)
-    assert s.prefix_len.tolist() == [11, 2, 0, 4, 7]  # 10 + DELIM; 1 + DELIM; none; cut contexts differ
+    assert s.prefix_len.tolist() == [11, 3, 0, 4, 7]  # 10 + DELIM; a whole row but 1; none; cut contexts
     assert s.option_len.tolist()[2] == [0, 0, 0, 0] and s.option_len.tolist()[1][2:] == [0, 0]
     for n, (row, length) in enumerate(zip(ids, lengths)):
         b, r = divmod(n, R)
@@ -128,12 +129,13 @@ def test_dropout_runs_under_grad_and_unsupported_models_are_refused(model):
     check is skipped (planted: `check_supported` returns at once)."""
     ids, lengths = choice_rows(2)
     s = SharedRows(*split_rows(ids, lengths, R))
-    noisy = GPT2Classifier(CFG.replace(dropout=0.3), 1, rngs=nnx.Rngs(3))
-    f = jax.jit(lambda m, k: shared_prefix_features(m, *s, dropout_key=k).sum())
-    g = jax.jit(jax.grad(lambda m, k: shared_prefix_features(m, *s, dropout_key=k).sum()))
-    a, b = f(noisy, jax.random.PRNGKey(0)), f(noisy, jax.random.PRNGKey(1))
+    noisy = GPT2Classifier(CFG.replace(dropout=0.3, n_layer=2), 1, rngs=nnx.Rngs(3))
+    graphdef, params = nnx.split(noisy)
+    total = jax.jit(jax.value_and_grad(
+        lambda p, k: shared_prefix_features(nnx.merge(graphdef, p), *s, dropout_key=k).sum()))
+    (a, grads), (b, _) = total(params, jax.random.PRNGKey(0)), total(params, jax.random.PRNGKey(1))
     assert np.isfinite(float(a)) and float(a) != float(b)
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(g(noisy, jax.random.PRNGKey(0)))))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(grads))
     for pooling in ("mean", "last", "first"):
         other = GPT2Classifier(CFG, 1, pooling=pooling, rngs=nnx.Rngs(0))
         with pytest.raises(ConfigError, match=f"pooling 'last_real' on a causal model, got pooling '{pooling}'"):
