@@ -96,7 +96,8 @@ def test_features_and_logits_equal_the_flattened_rows_under_jit(model):
 def test_choice_loss_gradient_equals_the_flattened_rows(model):
     """d(Choice loss)/d(every parameter), shared-prefix vs flattened, within 1e-5 of the largest
     gradient entry (the head's bias has gradient 0 up to rounding: softmax ignores a shift).
-    Fails if the prefix's keys and values are cut off from the gradient (planted: jax.lax.stop_gradient on kp, vp in shared_prefix_features)."""
+    Fails if the prefix's keys and values are cut off from the gradient (planted:
+    jax.lax.stop_gradient on kp, vp in shared_prefix_features)."""
     ids, lengths = choice_rows(1)
     task = Choice(R)
     labels = jnp.asarray([2, 1, 0, 3, 0])
