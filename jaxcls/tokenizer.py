@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 import tiktoken
 
+from jaxcls.assets import packaged_tokenizer_dir
 from jaxcls.errors import CheckpointError
 
 PAD_ID = 50256  # <|endoftext|>, GPT-2's only special token; the book pads with it
@@ -42,25 +43,37 @@ def encoding_from_files(merges: Path, vocab: Path) -> tiktoken.Encoding:
 
 def tokenizer_from_folder(folder: str | Path | None = None) -> tiktoken.Encoding:
     """The tokenizer stored in a folder (a checkpoint's or a saved classifier's). A folder without
-    the files is refused naming it, never filled from the network; only `folder=None` asks for
-    tiktoken's own `gpt2` encoding, which downloads on first use. Turning a size name into its
+    the files is refused naming it, never filled from elsewhere; `folder=None` means the copy
+    packaged with jaxcls (jaxcls/assets/gpt2), never the network. Turning a size name into its
     folder is jaxcls.ckpt.load.load_tokenizer's work, so that reading a tokenizer never starts a
     checkpoint download."""
-    if folder is not None:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise CheckpointError(f"{folder}: no such folder (looking for tokenizer files)")
-        files = tokenizer_files(folder)
-        if files is None:
-            raise CheckpointError(
-                f"{folder}: no tokenizer files (encoder.json + vocab.bpe, or vocab.json + merges.txt); "
-                "copy them from the GPT-2 checkpoint it came from")
-        return encoding_from_files(*files)
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        raise CheckpointError(f"no tokenizer folder given, and tiktoken could not fetch its gpt2 "
-                              f"encoding ({type(e).__name__}: {e})") from None
+    if folder is None:
+        return encoding_from_files(*tokenizer_files(packaged_tokenizer_dir()))
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder (looking for tokenizer files)")
+    files = tokenizer_files(folder)
+    if files is None:
+        raise CheckpointError(
+            f"{folder}: no tokenizer files (encoder.json + vocab.bpe, or vocab.json + merges.txt); "
+            "copy them from the GPT-2 checkpoint it came from")
+    return encoding_from_files(*files)
+
+
+def tokenizer_dir_for(folder: str | Path | None) -> Path:
+    """The folder whose tokenizer files to read: `folder`'s own, else the copy packaged with
+    jaxcls. GPT-2's released sizes all share one BPE, so a checkpoint folder without its tables
+    (or a random-init preset, which has no folder) loses nothing by using the packaged copy."""
+    if folder is not None and Path(folder).is_dir() and tokenizer_files(Path(folder)) is not None:
+        return Path(folder)
+    return packaged_tokenizer_dir()
+
+
+def describe_tokenizer_dir(folder: Path) -> str:
+    """For the log: which copy of the tokenizer a run uses."""
+    if Path(folder).resolve() == packaged_tokenizer_dir():
+        return f"GPT-2 BPE packaged with jaxcls ({folder})"
+    return f"GPT-2 BPE from {folder}"
 
 
 # tiktoken's regex overflows its backtracking stack on one whitespace run of 999,999 characters

@@ -8,11 +8,10 @@ import shutil
 
 import pytest
 
-from conftest import TOKENIZER_DIR, requires_shared
+from conftest import TOKENIZER_DIR
 from jaxcls.classifier import Classifier
 from jaxcls.cli import main
 
-pytestmark = requires_shared
 LABELS = ["ham", "spam"]
 HUGE_WS = [" " * 1_000_000, "\n" * 1_000_000, " \n\t" * 340_000]
 

@@ -146,7 +146,8 @@ def test_long_whitespace_runs_are_gpt2s_ids(enc, unit, after):
 
 def test_a_folder_without_tokenizer_files_is_named_offline(tmp_path, monkeypatch):
     """Fails if a folder without files falls back to tiktoken's download (planted:
-    `return tiktoken.get_encoding("gpt2")` when `files is None`)."""
+    `return tiktoken.get_encoding("gpt2")` when `files is None`). A checkpoint folder without them
+    (load_tokenizer) gets the packaged copy; a folder read as a tokenizer's own is refused."""
     import tiktoken
 
     def refuse(*a, **k):
@@ -154,6 +155,6 @@ def test_a_folder_without_tokenizer_files_is_named_offline(tmp_path, monkeypatch
 
     monkeypatch.setattr(tiktoken, "get_encoding", refuse)
     (tmp_path / "hparams.json").write_text("{}")
-    for attempt in (lambda: load_tokenizer(tmp_path), lambda: tokenizer_from_folder(tmp_path)):
-        with pytest.raises(CheckpointError, match=f"{tmp_path}: no tokenizer files"):
-            attempt()
+    assert load_tokenizer(tmp_path).encode("Every effort moves you") == [6109, 3626, 6100, 345]
+    with pytest.raises(CheckpointError, match=f"{tmp_path}: no tokenizer files"):
+        tokenizer_from_folder(tmp_path)
