@@ -5,6 +5,7 @@ downloaded through huggingface_hub from a local HTTP server that answers as the 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import http.server
 import json
 import re
@@ -191,8 +192,8 @@ def test_without_huggingface_hub_the_message_names_both_ways(offline, monkeypatc
 
 
 def test_loading_by_hub_name_equals_loading_the_folder(offline, monkeypatch):
-    """The same weights, the same tokenizer, the same logits. Fails if the resolved folder is not
-    the snapshot's (planted: resolve returns the fixture's 'hf' folder, whose weights differ)."""
+    """The same weights, the same tokenizer, the same logits. Fails if the name loads another
+    folder (planted: resolve returns the fixture's 'hf' folder, so the tokenizer folder differs)."""
     monkeypatch.setenv("HF_HUB_CACHE", str(offline / "c"))
     snap = add_snapshot(offline / "c", "openai-community/gpt2", MAIN)
     texts = ["Free entry in a weekly comp", "see you at 6"]
@@ -265,6 +266,9 @@ class FakeHubHandler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def fake_hub(hf_env, monkeypatch):
     pytest.importorskip("huggingface_hub")
+    # as in a process that imported it earlier (transformers does): its settings are read from the
+    # environment at that import, before the test's own, so jaxcls must pass them at each call
+    importlib.import_module("huggingface_hub.constants")
     server = FakeHub("openai-community/gpt2", MAIN, FIXTURE / "hf-hub")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -278,8 +282,8 @@ def fake_hub(hf_env, monkeypatch):
 
 def test_a_missing_model_is_downloaded_through_huggingface_hub(fake_hub, hf_env, monkeypatch, capsys):
     """Not cached: downloaded from $HF_ENDPOINT into $HF_HUB_CACHE, the fixture's bytes, then
-    found there offline. Fails if $HF_ENDPOINT is not honoured (planted: fetch's endpoint fixed
-    to huggingface.co) or the download lands outside $HF_HUB_CACHE (planted: no cache_dir=)."""
+    found there offline. Fails if $HF_ENDPOINT or $HF_HUB_CACHE is not passed on at the call
+    (planted: fetch's endpoint fixed to huggingface.co; no cache_dir= to snapshot_download)."""
     folder = resolve_checkpoint_dir("openai-community/gpt2", progress=False)
     assert folder == hf_env / "c" / "models--openai-community--gpt2" / "snapshots" / MAIN
     for f in HUB_FILES:
