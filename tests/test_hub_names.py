@@ -74,7 +74,7 @@ def hf_env(monkeypatch, tmp_path):
 
 @pytest.fixture
 def offline(monkeypatch, hf_env):
-    """Any attempt at the network, or at a download, fails the test."""
+    """Any attempt at the network, at a download, or at importing huggingface_hub fails the test."""
     def refuse(*args, **kwargs):
         pytest.fail(f"the network was used: {args}")
 
@@ -83,12 +83,14 @@ def offline(monkeypatch, hf_env):
     monkeypatch.setattr(hub, "fetch", refuse)
     monkeypatch.setattr(jaxcls.download, "download_file", refuse)
     monkeypatch.setattr(ckpt_download, "download_checkpoint", refuse)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     return hf_env
 
 
 def test_every_name_form_resolves_from_the_cache_offline(offline, monkeypatch):
-    """Fails if $HF_HUB_CACHE is ignored (planted: cache_root() starts at $HF_HOME), or if a name
-    form is not recognized as the Hub's."""
+    """Fails if $HF_HUB_CACHE is ignored (planted: cache_root() starts at $HF_HOME), if a name
+    form is not recognized as the Hub's, or if huggingface_hub is imported for a cached model
+    (planted: `import huggingface_hub` at the top of hub.resolve)."""
     cache = offline / "hub-cache"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HOME", str(offline / "elsewhere"))
@@ -101,13 +103,18 @@ def test_every_name_form_resolves_from_the_cache_offline(offline, monkeypatch):
     assert resolve_checkpoint_dir("hf://openai-community/gpt2-medium") == old
 
 
-@pytest.mark.parametrize("where", ["hf_home", "home"])
+@pytest.mark.parametrize("where", ["hf_home", "xdg", "home"])
 def test_hf_home_then_the_home_folder(offline, monkeypatch, where):
-    """Without $HF_HUB_CACHE, $HF_HOME/hub, else ~/.cache/huggingface/hub. Fails if either is
-    skipped (planted: `home = os.environ.get("XDG_CACHE_HOME")`-only lookup)."""
+    """Without $HF_HUB_CACHE, $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else
+    ~/.cache/huggingface/hub. Fails if one is skipped (planted: `home = os.path.join(...)` without
+    $HF_HOME; the "~/.cache" default replaced)."""
     if where == "hf_home":
         monkeypatch.setenv("HF_HOME", str(offline / "hf-home"))
+        monkeypatch.setenv("XDG_CACHE_HOME", str(offline / "xdg"))
         cache = offline / "hf-home" / "hub"
+    elif where == "xdg":
+        monkeypatch.setenv("XDG_CACHE_HOME", str(offline / "xdg"))
+        cache = offline / "xdg" / "huggingface" / "hub"
     else:
         cache = offline / "home" / ".cache" / "huggingface" / "hub"
     snap = add_snapshot(cache, "openai-community/gpt2", MAIN)
@@ -157,13 +164,20 @@ def test_a_released_size_prefers_jaxcls_cache_then_the_hub_cache(offline, monkey
     monkeypatch.setenv("HF_HUB_CACHE", str(offline / "c"))
     snap = add_snapshot(offline / "c", "openai-community/gpt2", MAIN)
     assert resolve_checkpoint_dir("gpt2") == snap
-    with pytest.raises(CheckpointError, match="not downloaded"):
-        resolve_checkpoint_dir("gpt2-small", download=False)
+    for size in ("gpt2-small", "124M"):
+        with pytest.raises(CheckpointError, match="not downloaded"):
+            resolve_checkpoint_dir(size, download=False)
     openai_dir = offline / "jaxcls-home" / "models" / "124M"
     openai_dir.mkdir(parents=True)
     for f in OPENAI_FILES:
         shutil.copy(FIXTURE / "openai" / f, openai_dir / f)
     assert resolve_checkpoint_dir("gpt2") == openai_dir
+    shutil.rmtree(offline / "c")
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        resolve_checkpoint_dir("openai-community/gpt2", download=False)
+    monkeypatch.chdir(offline)
+    (offline / "gpt2").mkdir()
+    assert resolve_checkpoint_dir("gpt2") == Path("gpt2")  # a local folder of the same name wins
 
 
 def test_names_that_are_not_the_hubs(offline, monkeypatch):
@@ -298,10 +312,13 @@ def test_a_missing_model_is_downloaded_through_huggingface_hub(fake_hub, hf_env,
     assert len(fake_hub.requests) == served
 
 
-def test_download_source_hf_fetches_into_the_given_cache(fake_hub, hf_env, capsys):
-    """`jaxcls download --source hf gpt2` with --cache-dir; fails if --source is ignored (planted:
-    cmd_download always takes OpenAI's path, which the server does not serve)."""
-    assert main(["download", "--source", "hf", "gpt2", "--cache-dir", str(hf_env / "d"), "--quiet"]) == 0
+def test_download_source_hf_fetches_into_the_given_cache(fake_hub, hf_env, monkeypatch, capsys):
+    """`jaxcls download --source hf gpt2` with --cache-dir and --base-url (the endpoint); fails if
+    --source is ignored (planted: cmd_download always takes OpenAI's path, which the server does
+    not serve), or --cache-dir (planted: no cache_dir= to snapshot_download)."""
+    monkeypatch.delenv("HF_ENDPOINT")
+    assert main(["download", "--source", "hf", "gpt2", "--cache-dir", str(hf_env / "d"), "--quiet",
+                 "--base-url", fake_hub.url]) == 0
     folder = Path(capsys.readouterr().out.strip())
     assert folder == hf_env / "d" / "models--openai-community--gpt2" / "snapshots" / MAIN
     assert (folder / "model.safetensors").read_bytes() == (FIXTURE / "hf-hub" / "model.safetensors").read_bytes()
