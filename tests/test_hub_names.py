@@ -35,7 +35,7 @@ HUB_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
 MAIN = "1" * 40  # sorts first: a resolver that ignores refs/main and takes the newest-looking snapshot misses it
 OTHER = "f" * 40
 HF_VARS = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "HF_HUB_OFFLINE",
-           "HF_ENDPOINT")
+           "TRANSFORMERS_OFFLINE", "HF_ENDPOINT")
 
 
 def blob_id(data: bytes, lfs: bool) -> str:

@@ -125,8 +125,8 @@ def _not_cached(name: HubName, cache: Path, why: str) -> CheckpointError:
     folder = snapshot_folder(name, cache)
     if folder is not None:
         return CheckpointError(f"{folder}: snapshot of {name.label} lacks {', '.join(missing_files(folder))}; {why}")
-    return CheckpointError(f"{name.text}: no such folder, and {name.label} is not in the Hugging Face "
-                           f"cache {cache}; {why}")
+    local = "" if name.text.startswith(PREFIX) else "no such folder, and "
+    return CheckpointError(f"{name.text}: {local}{name.label} is not in the Hugging Face cache {cache}; {why}")
 
 
 def resolve(name: HubName, *, download: bool = True, progress: bool = True) -> Path:
@@ -137,12 +137,12 @@ def resolve(name: HubName, *, download: bool = True, progress: bool = True) -> P
     if found is not None:
         return found
     if not download:
-        raise _not_cached(name, cache, "nothing is downloaded here")
+        raise _not_cached(name, cache, f"not downloaded here; `jaxcls download --source hf {name.text}` fetches it")
     return _download(name, cache, None, progress)
 
 
 def _download(name: HubName, cache: Path, endpoint: str | None, progress: bool) -> Path:
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE:
+    if any(os.environ.get(v, "").lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
         raise _not_cached(name, cache, "HF_HUB_OFFLINE is set, so it is not downloaded")
     try:
         import huggingface_hub  # noqa: F401
