@@ -4,6 +4,7 @@ downloaded through huggingface_hub from a local HTTP server that answers as the 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib
 import http.server
@@ -25,6 +26,8 @@ from jaxcls.ckpt.load import resolve_checkpoint_dir
 from jaxcls.ckpt.openai import OPENAI_FILES
 from jaxcls.classifier import Classifier
 from jaxcls.cli import main
+from jaxcls.cli.offline import choose_model
+from jaxcls.config import ModelSpec, TrainConfig
 from jaxcls.errors import CheckpointError, JaxclsError
 
 from conftest import FIXTURE, requires_shared
@@ -216,6 +219,25 @@ def test_loading_by_hub_name_equals_loading_the_folder(offline, monkeypatch):
     assert by_name.tokenizer_dir == snap
     np.testing.assert_array_equal(by_name.predict_proba(texts), direct.predict_proba(texts))
 
+
+
+def test_train_offline_takes_a_hub_name_from_the_cache_or_refuses_it(offline, monkeypatch, capsys):
+    """`jaxcls train --offline --checkpoint ORG/NAME`: cached, it is kept as given; not cached, a
+    one-line error (exit 2) before any data is read, never a download. Fails if --offline lets a
+    Hub name through to the downloader (planted: the Hub-name check in offline.choose_model removed:
+    hub.fetch is then called)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(offline / "c"))
+    monkeypatch.delitem(sys.modules, "huggingface_hub")  # importable again: a download reaches hub.fetch, which fails
+    args = argparse.Namespace(offline=True, quiet=True)
+    spec = ModelSpec(checkpoint="openai-community/gpt2")
+    add_snapshot(offline / "c", "openai-community/gpt2", MAIN)
+    assert choose_model(args, spec, TrainConfig()) == (spec, TrainConfig())
+    shutil.rmtree(offline / "c")
+    assert main(["train", "--offline", "--checkpoint", "openai-community/gpt2", "--data", "sms-spam",
+                 "--out", str(offline / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "openai-community/gpt2 is not in the Hugging Face cache" in err, err
+    assert not (offline / "run").exists()
 
 # ---- the download, through huggingface_hub, from a local server ----
 
