@@ -161,14 +161,15 @@ class Classifier:
             return d
         texts, labels = d
         source = f"<{split}>"
-        if self.task.name == "single":
+        task = getattr(self, "task", None)  # tests call this on a bare namespace of label names
+        if task is None or task.name == "single":
             return TextDataset(tuple(texts), label_ids(labels, self.label_names, source=source),
                                self.label_names, source)
         from jaxcls.data import multi_hot, targets
 
         fields = [{"text": t} if isinstance(t, str) else dict(t) for t in texts]
         lines = list(range(1, len(fields) + 1))
-        kind = self.task.kind
+        kind = task.kind
         if kind == "multilabel":
             y = multi_hot(labels, self.label_names, source=source, lines=lines, column="label")
         elif kind == "regression":
