@@ -239,7 +239,8 @@ def print_summary(report: dict) -> None:
     task = report.get("task") or {"type": "single"}
     first, *rest = SUMMARY_COLUMNS[task["type"]]
     layout = task.get("inputs", "text")
-    name = task["type"] if layout in ("text", "choice") else f"{layout}-{task['type']}"
+    name = (task["type"] if layout in ("text", "choice") else layout if task["type"] == "single"
+            else f"{layout}-{task['type']}")
     title = first if task == {"type": "single"} else f"{name}: {first}"
     table = Table(title=title)
     for col in ("split", "n", first, "loss", *rest):
