@@ -106,9 +106,9 @@ def approx(a, b):
 @pytest.mark.parametrize("task", list(CASES))
 def test_train_learns_the_task_and_eval_reproduces_metrics(tmp_path, capsys, task):
     """Train with `jaxcls train --task`, beat chance clearly, and `jaxcls eval --json` on the saved
-    folder gives metrics.json's test numbers. Planted: similarity summing one order only (rows_per_example
-    1 in make_batch) -> the batch shapes break; eval encoding pairs without the delimiter -> eval
-    differs from metrics.json; thresholds not saved -> eval's micro F1 differs."""
+    folder gives metrics.json's test numbers. Planted: fit returning thresholds 0.4 instead of the
+    tuned ones -> classifier.json's task differs from metrics.json's; Classifier.example_logits
+    passing lengths - 1 -> eval's regression MSE is 0.91, not 0.003."""
     out, files = train_task(tmp_path, task)
     metrics = json.loads((out / "metrics.json").read_text())
     _, _, key, level = CASES[task]
@@ -211,11 +211,31 @@ def fit_report(task_name, make, **cfg) -> dict:
 def test_cache_and_accumulation_are_exact_for_several_rows(task_name, make):
     """The same losses after training from cached frozen-prefix rows in 2 x 4 micro-batches as from
     token ids in batches of 8 (both changes at once: one run fewer; an error in either shows).
-    Planted: make_batch pairing cached rows with the wrong examples (row_fill = fill * r), or
-    labels taken per row instead of per example -> the losses differ or the shapes break."""
+    Planted: make_batch giving every row of an example its first row's cached features
+    (np.repeat(fill * r, r)) -> the train loss is 0.27, not 0.12."""
     base = dict(trainable="last_block", batch_size=8)
     plain = fit_report(task_name, make, **base, cache=False)
     other = fit_report(task_name, make, **{**base, "batch_size": 4}, accumulation=2, cache=True)
     assert other["cached_prefix"] and not plain["cached_prefix"]
     for split in ("train", "validation"):
         assert other["splits"][split]["loss"] == pytest.approx(plain["splits"][split]["loss"], rel=1e-5), split
+
+
+def test_settings_of_another_task_are_refused_by_name():
+    """Planted: _refuse_foreign not called in task_for -> --standardize on a multilabel task is
+    silently ignored."""
+    from jaxcls.config import TrainConfig
+    from jaxcls.data import DataSplits, TextDataset
+    from jaxcls.errors import ConfigError
+    from jaxcls.task import make_task
+    from jaxcls.train.loop import task_for
+
+    ds = TextDataset(("a", "b"), np.array([[1.0, 0.0], [0.0, 1.0]]), ("x", "y"), "train")
+    splits = DataSplits(ds, None, None, ("x", "y"), "multilabel")
+    task = make_task("multilabel", ("x", "y"))
+    for flags, message in ((dict(standardize=True), "--standardize applies to regression tasks, not --task multilabel"),
+                           (dict(class_weights="balanced"), "--class-weights applies to single tasks")):
+        with pytest.raises(ConfigError, match=message):
+            task_for(splits, TrainConfig(**flags), task)
+    tuned = task_for(splits, TrainConfig(pos_weight="auto", thresholds="0.3"), task)
+    assert tuned.pos_weight == (1.0, 1.0) and tuned.thresholds == (0.3, 0.3)
