@@ -145,6 +145,8 @@ def load_spec(spec, *, seed: int = 123, progress: bool = True) -> DataSplits:
     """The splits a DataSpec (jaxcls.config) names: the book's SMS recipe, or a file with its
     optional validation and test files, split by `seed` when those are absent."""
     if spec.is_sms:
+        if spec.task != "single":
+            raise DataError(f"--task {spec.task}: sms-spam is single-label text; give a data file for this task")
         return load_data(spec.data, path=spec.data_path, seed=seed, progress=progress)
     if spec.task != "single":
         return load_splits(spec.data, spec.validation, spec.test, seed=seed, task=spec.task,
