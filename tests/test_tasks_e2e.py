@@ -203,8 +203,8 @@ def fit_report(task_name, make, **cfg) -> dict:
     labels = [r["label"] for r in rows]
     task = make_task("choice", num_choices=3) if task_name == "choice" else make_task(task_name, ("no", "yes"))
     clf = Classifier.from_pretrained("tiny", weights="random", tokenizer=TOKENIZER_DIR, task=task, seed=3)
-    return clf.fit((examples[:32], labels[:32]), (examples[32:], labels[32:]), epochs=2, lr=1e-3,
-                   log=lambda s: None, **cfg)
+    return clf.fit((examples[:32], labels[:32]), (examples[32:], labels[32:]), log=lambda s: None,
+                   **{"epochs": 2, "lr": 1e-3, **cfg})
 
 
 @pytest.mark.parametrize("task_name, make", [("similarity", pair_rows), ("choice", choice_rows)])
@@ -239,3 +239,33 @@ def test_settings_of_another_task_are_refused_by_name():
             task_for(splits, TrainConfig(**flags), task)
     tuned = task_for(splits, TrainConfig(pos_weight="auto", thresholds="0.3"), task)
     assert tuned.pos_weight == (1.0, 1.0) and tuned.thresholds == (0.3, 0.3)
+
+
+DP_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import test_tasks_e2e as T
+kw = dict(trainable="last_block", batch_size=8, cache=False, epochs=1)
+one = T.fit_report("choice", T.choice_rows, **kw)
+two = T.fit_report("choice", T.choice_rows, **kw, data_parallel=True)
+print(one["devices"], two["devices"], one["splits"]["train"]["loss"], two["splits"]["train"]["loss"])
+"""
+
+
+@pytest.mark.slow
+def test_data_parallel_choice_matches_one_device():
+    """Choice rows (R = 3 per example) split over 2 devices train as on one. Planted: the old
+    shard_batch slicing every array by examples (x[:, local]) -> inputs keep B of B*R rows and the
+    step fails on mismatched shapes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    code = DP_SCRIPT.format(tests=str(Path(__file__).parent))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    devices_one, devices_two, loss_one, loss_two = r.stdout.split()[-4:]
+    assert (devices_one, devices_two) == ("1", "2")
+    assert float(loss_two) == pytest.approx(float(loss_one), rel=1e-5)
