@@ -17,7 +17,7 @@ from jaxcls.data import DataSplits, TextDataset, label_ids
 from jaxcls.errors import ConfigError
 from jaxcls.model import GPT2Classifier, path_str
 from jaxcls.task import SingleLabel, task_from_json
-from jaxcls.tokenizer import encode, tokenizer_files, tokenizer_from_folder
+from jaxcls.tokenizer import encode, tokenizer_dir_for, tokenizer_from_folder
 from jaxcls.train import freeze
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelSpec)}
 DATA_FIELDS = {f.name for f in dataclasses.fields(DataSpec)}
@@ -81,9 +81,8 @@ class Classifier:
                 ckpt = read_checkpoint(folder, verify=verify, **overrides)
                 model = materialize(make(ckpt.config), ckpt.tensors)
                 base = {"path": str(folder.resolve()), "layout": ckpt.layout}
-        tok_dir = resolve_checkpoint_dir(tokenizer) if tokenizer else folder
+        tok_dir = resolve_checkpoint_dir(tokenizer) if tokenizer else tokenizer_dir_for(folder)
         tok = tokenizer_from_folder(tok_dir)
-        tok_dir = tok_dir if tok_dir is not None and tokenizer_files(tok_dir) else None
         return cls(model, tok, label_names, trainable=trainable, base=base, tokenizer_dir=tok_dir, task=task)
 
     @classmethod

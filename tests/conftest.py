@@ -1,22 +1,44 @@
 """Where the shared data lives, the `requires_shared` marker, and the strict-skip check CI runs.
 
-Tests that read ../shared (SMS data, BPE files, the tiny GPT-2 fixture) carry `requires_shared`
-(or take `fixture_dir`) and are skipped, with the folder named, when it is absent. JAXCLS_SHARED
-points them at another folder.
+Tests that read ../shared (the tiny GPT-2 fixture) carry `requires_shared` (or take
+`fixture_dir`) and are skipped, with the folder named, when it is absent. JAXCLS_SHARED points them
+at another folder. The SMS data and the BPE files are the copies packaged with jaxcls.
 
 With CI=true or JAXCLS_STRICT_SKIPS=1 (JAXCLS_STRICT_SKIPS=0 turns it off), a run that skips any
 test not in ALLOWED_SKIPS fails and lists the skips: in CI every test is expected to run."""
 
 import csv
 import os
+import tempfile
+import zipfile
 from pathlib import Path
 
 import pytest
 
+from jaxcls import assets
+
 SHARED = Path(os.environ.get("JAXCLS_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 FIXTURE = SHARED / "fixtures" / "gpt2-tiny"
-SMS = SHARED / "data" / "sms_spam" / "SMSSpamCollection"
-TOKENIZER_DIR = SHARED / "data" / "gpt2_tokenizer"
+TOKENIZER_DIR = assets.TOKENIZER_DIR  # the packaged GPT-2 BPE files
+
+
+def _unzipped_sms() -> Path:
+    """The packaged SMS collection as a plain file (tests read its lines), unzipped once into the
+    temp folder under a name that carries the zip's hash, so a stale copy is never reused."""
+    folder = Path(tempfile.gettempdir()) / f"jaxcls-tests-sms-{assets.SHA256[assets.SMS_SPAM_ZIP][:16]}"
+    path = folder / "SMSSpamCollection"
+    if not path.is_file():
+        folder.mkdir(exist_ok=True)
+        with zipfile.ZipFile(assets.packaged(assets.SMS_SPAM_ZIP)) as zf:
+            data = zf.read("SMSSpamCollection")
+        fd, tmp = tempfile.mkstemp(dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    return path
+
+
+SMS = _unzipped_sms()
 LAYOUTS = ("openai", "hf", "hf-hub")
 
 requires_shared = pytest.mark.requires_shared

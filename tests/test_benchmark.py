@@ -149,7 +149,7 @@ def test_sms_inference_smoke(tmp_path, monkeypatch):
     assert hf_rows[1]["tokens_run"] <= hf_rows[0]["tokens_run"]  # sorting can only shrink the padding
 
 
-SCRIPTS = ["throughput", "sms_inference", "ab_train_step", "bf16_probe"]
+SCRIPTS = ["throughput", "sms_inference", "ab_train_step", "bf16_probe", "choice_prefix"]
 
 
 def test_scripts_run_as_modules_without_jax_at_import():
@@ -188,3 +188,24 @@ def test_serve_load_smoke(tmp_path, monkeypatch):
         assert r["errors"] == 0 and r["requests"] == 3 * r["clients"] and r["p99_ms"] >= r["p50_ms"] > 0
         if r["mode"] == "batching off":
             assert r["texts_per_model_call"] == 1
+
+
+def test_choice_prefix_smoke(tmp_path):
+    """`python -m benchmarks.choice_prefix --preset tiny`: both forms timed forward and with
+    gradients, equal logits, and a record only with --record. Fails if a run without --record
+    writes one (planted: `args.results if args.record else None` -> `args.results`)."""
+    from benchmarks import choice_prefix
+
+    results = tmp_path / "results.jsonl"
+    base = ["--preset", "tiny", "--rounds", "1", "--steps", "1", "--results", str(results)]
+    record = choice_prefix.main(base + ["--record"])
+    assert json.loads(results.read_text().splitlines()[-1])["kind"] == "choice_prefix"
+    assert record["max_abs_logit_diff"] < 1e-5
+    assert (record["prefix_len"], record["row_len"]) == (16, 20)
+    assert record["tokens_per_call"] == {"flat": 2 * 4 * 20, "shared": 2 * 16 + 2 * 4 * 4}
+    for mode in ("forward", "loss_and_grad"):
+        for form in ("flat", "shared"):
+            assert record["time_s"][mode][form]["median"] > 0
+        assert record["speedup"][mode]["n"] == 1
+    choice_prefix.main(base + ["--no-train"])
+    assert len(results.read_text().splitlines()) == 1  # no --record, no line

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TOKENIZER_DIR, requires_shared
+from conftest import TOKENIZER_DIR
 from jaxcls.classifier import Classifier
 from jaxcls.cli import main
 from jaxcls.task import softmax
 
-pytestmark = requires_shared
 LABELS = ["ham", "spam", "other"]
 TEXTS = ["WINNER!! You have won a £1000 prize, call now", "Are we still on for lunch?", "ok 👍",
          "naïve café", "Free entry in 2 a wkly comp to win FA Cup final tkts", "see you at 6",

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from conftest import SHARED, requires_shared
-from jaxcls import data
+from jaxcls import assets, data
 from jaxcls.data import sms as sms_lib
 from jaxcls.data import (
     DataSplits,
@@ -126,6 +126,7 @@ def test_sms_downloads_into_cache_when_absent(tmp_path, monkeypatch):
     fake.download_file = fake_download
     fake.cache_home = lambda: tmp_path / "home"
     monkeypatch.setitem(sys.modules, "jaxcls.download", fake)
+    monkeypatch.setattr(assets, "SMS_SPAM_ZIP", tmp_path / "not-packaged.zip")  # else no download is needed
     first = load_sms_spam(progress=False)
     dest = tmp_path / "home" / "data" / "sms_spam" / "sms+spam+collection.zip"
     assert calls == [(data.SMS_SPAM_URL, dest, False)]
@@ -162,6 +163,7 @@ def test_sms_download_from_local_server(tmp_path, monkeypatch):
             url = f"http://127.0.0.1:{server.server_port}/{SMS_ZIP.name}"
             monkeypatch.setattr(sms_lib, "SMS_SPAM_URL", url)
             monkeypatch.setenv("JAXCLS_HOME", str(tmp_path))
+            monkeypatch.setattr(assets, "SMS_SPAM_ZIP", tmp_path / "not-packaged.zip")
             got = load_sms_spam(progress=False)
         finally:
             server.shutdown()

@@ -173,3 +173,14 @@ def test_writer_is_atomic(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["p.jsonl"]  # no temp file left
     with pytest.raises(DataError, match="unknown output type"):
         PredictionWriter(NAMES, tmp_path / "p.txt")
+
+
+def test_prediction_writer_refuses_an_unwritable_path_at_once(tmp_path):
+    """Fails if the path is first tried at close(), after every row (planted: the
+    check_output_path call removed from PredictionWriter.__init__)."""
+    (tmp_path / "taken.jsonl").mkdir()
+    (tmp_path / "f").write_text("")
+    for path, why in [(tmp_path / "taken.jsonl", "is a folder"), (tmp_path / "f" / "p.csv", "is a file")]:
+        with pytest.raises(DataError, match=why):
+            PredictionWriter(["a", "b"], path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "taken.jsonl"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TOKENIZER_DIR, requires_shared
+from conftest import TOKENIZER_DIR
 from jaxcls.config import TINY_SIZES
 from jaxcls.data import pad_batch
 from jaxcls.errors import ConfigError
@@ -17,7 +17,6 @@ from jaxcls.model import GPT2Classifier, path_str
 from jaxcls.task import softmax
 from jaxcls.tokenizer import PAD_ID, encode, encoding_from_files
 
-pytestmark = requires_shared
 CFG = TINY_SIZES["tiny"]  # n_ctx 64
 WORDS = ["free", "win", "cash", "now", "call", "hello", "lunch", "tomorrow", "ok", "lol", "the",
          "café", "naïve", "日本語", "🎉", "😀👍", "Ünïcödé", "42", "£1000", "!!!", "<|endoftext|>"]

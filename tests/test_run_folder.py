@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 
 import jaxcls.data
-from conftest import TOKENIZER_DIR, requires_shared, write_sms_csv
+from conftest import TOKENIZER_DIR, write_sms_csv
 from jaxcls.cli import main
 from jaxcls.errors import ConfigError
 from jaxcls.train import state as trainstate
 
-pytestmark = requires_shared
 
 
 def _train(tmp_path, out, *extra):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TOKENIZER_DIR, requires_shared
+from conftest import TOKENIZER_DIR
 from jaxcls.classifier import Classifier
 from jaxcls.cli import main
 from jaxcls.config import TINY_SIZES
@@ -21,7 +21,6 @@ from jaxcls.tokenizer import encoding_from_files
 pytest.importorskip("uvicorn", reason="the serve extra is not installed")
 from jaxcls.infer.serve import make_server  # noqa: E402
 
-pytestmark = requires_shared
 KW = {"batch_size": 4, "bucket_lengths": (64,), "row_buckets": (1, 4)}
 
 

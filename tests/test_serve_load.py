@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TOKENIZER_DIR, requires_shared
+from conftest import TOKENIZER_DIR
 from jaxcls.classifier import Classifier
 from jaxcls.config import TINY_SIZES
 from jaxcls.model import GPT2Classifier
@@ -31,7 +31,6 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from jaxcls.infer.serve import make_server  # noqa: E402
 
-pytestmark = requires_shared
 KW = {"batch_size": 8, "bucket_lengths": (64,), "row_buckets": (1, 8)}
 NAMES = ["ham", "spam", "other"]
 

@@ -149,6 +149,8 @@ def load_folder(directory: str | Path, *, base: str | Path | None = None) -> Sav
     """A saved classifier's model and settings; `base` overrides where a delta save's pretrained
     checkpoint is. Every saved tensor must be one of the model's parameters, of its shape."""
     directory = Path(directory)
+    if directory.is_file():
+        raise CheckpointError(f"{directory}: a file, not a saved classifier folder")
     meta, config = _read_meta(directory)
     saved = _read_weights(directory / WEIGHTS)
     base_tensors = _base_tensors(directory, meta["base"], base, config) if meta["saved"] == "delta" else {}

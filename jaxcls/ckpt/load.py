@@ -20,7 +20,7 @@ from jaxcls.config import GPT2Config, canonical_size
 from jaxcls.errors import CheckpointError
 from jaxcls.fileio import read_json
 from jaxcls.model import GPT2
-from jaxcls.tokenizer import tokenizer_from_folder
+from jaxcls.tokenizer import tokenizer_dir_for, tokenizer_from_folder
 
 OPENAI_MARKERS = ("checkpoint", "model.ckpt.index", "hparams.json")
 
@@ -224,7 +224,8 @@ def load_pretrained(path_or_name: str | Path, *, verify: bool = False, **overrid
 
 
 def load_tokenizer(path_or_name: str | Path | None = None, *, download: bool = True):
-    """The tokenizer stored beside a checkpoint given by folder or released size (downloaded
-    first unless `download` is False); tiktoken's own `gpt2` encoding when there is none."""
+    """The tokenizer of a checkpoint given by folder or released size (downloaded first unless
+    `download` is False): the folder's own files, else the copy packaged with jaxcls, never
+    tiktoken's download. With no argument, the packaged copy."""
     folder = None if path_or_name is None else resolve_checkpoint_dir(path_or_name, download=download)
-    return tokenizer_from_folder(folder)
+    return tokenizer_from_folder(tokenizer_dir_for(folder))

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from jaxcls.errors import ConfigError
+from jaxcls.errors import CheckpointError, ConfigError
 
 LONG_MODES = ("truncate", "sliding")
 
@@ -75,9 +76,25 @@ def model_options(p) -> None:
     wrong_flag(p, "--checkpoint", CHECKPOINT_HINT)
 
 
+def check_model_folder(model: str) -> None:
+    """Refuse, before anything loads, a --model that is a file or a classifier folder without its
+    tokenizer files (which would otherwise send tiktoken to the network)."""
+    from jaxcls.ckpt.folder import META
+    from jaxcls.tokenizer import tokenizer_files
+
+    folder = Path(model)
+    if folder.is_file():
+        raise CheckpointError(f"--model {model}: a file, not a folder; give the folder `jaxcls train "
+                              f"--out` wrote (it holds {META})")
+    if (folder / META).is_file() and tokenizer_files(folder) is None:
+        raise CheckpointError(f"--model {model}: no tokenizer files (encoder.json + vocab.bpe, or "
+                              "vocab.json + merges.txt); copy them from the GPT-2 checkpoint it was trained from")
+
+
 def load_classifier(args):
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_model_folder(args.model)
     if args.compilation_cache:
         from jaxcls.compile_cache import enable_compilation_cache
 

@@ -63,8 +63,14 @@ def cmd_classify(args) -> int:
 def _check_output(path: str) -> None:
     from pathlib import Path
 
+    from jaxcls.infer.io import check_output_path
+
+    try:
+        check_output_path(path)
+    except DataError as e:
+        raise DataError(f"--output {e}") from None
     if Path(path).suffix.lower() not in (".jsonl", ".ndjson", ".csv", ".tsv"):
-        raise DataError(f"{path}: unknown output type; use .jsonl or .csv (or .tsv)")
+        raise DataError(f"--output {path}: unknown output type; use .jsonl or .csv (or .tsv)")
 
 
 def _print_table(texts, ids, probs, label_names, top_k) -> None:
@@ -96,6 +102,7 @@ def _classify_stream(args, clf, predictor, err) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from jaxcls.infer.io import PredictionWriter, TextReader
+    from jaxcls.infer.predictor import TooManyTokens
 
     reader = TextReader(args.input, text_column=args.text_column, chunk_size=args.chunk_size)
     if args.output:
@@ -107,7 +114,11 @@ def _classify_stream(args, clf, predictor, err) -> None:
     with writer, progress:
         task = progress.add_task("classify", total=reader.total_bytes, n=0)
         for chunk in reader:
-            ids, probs = predictor.predict(chunk)
+            try:
+                ids, probs = predictor.predict(chunk)
+            except TooManyTokens as e:
+                raise DataError(f"{args.input}: text {reader.rows - len(chunk) + e.index + 1}: "
+                                f"{str(e).split(': ', 1)[1]}") from None
             writer.write(chunk, ids, probs)
             progress.update(task, completed=reader.bytes_read, n=reader.rows)
     if not args.quiet:

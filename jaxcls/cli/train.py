@@ -10,6 +10,7 @@ import time
 import typing
 from pathlib import Path
 
+from jaxcls.cli import offline
 from jaxcls.config import DataSpec, ModelSpec, TrainConfig
 
 SPECS = (DataSpec, ModelSpec, TrainConfig)
@@ -117,6 +118,7 @@ def register(sub) -> None:
         _add_fields(p, spec, where)
     groups["model"].add_argument("--tokenizer", default=None,
                                  help="folder with encoder.json + vocab.bpe (default: the checkpoint's)")
+    offline.add_flag(groups["model"])
     groups["output"].add_argument("--resume", action="store_true", help="continue from the last save in --out")
     groups["output"].add_argument("--overwrite", action="store_true",
                                   help="replace the run already in --out: deletes only jaxcls's own run files "
@@ -160,6 +162,7 @@ def cmd_train(args) -> int:
 
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     data, model, cfg = (spec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(spec)}) for spec in SPECS)
+    model, cfg = offline.choose_model(args, model, cfg)
     out = Path(cfg.out or f"runs/{Path(data.data).stem}")
     cfg = cfg.replace(out=str(out))
     from jaxcls.train.distributed import is_main_process
@@ -180,6 +183,7 @@ def cmd_train(args) -> int:
         f"test {len(splits.test or ())}; labels {list(splits.label_names)}")
     clf = Classifier.from_spec(model, splits.label_names, trainable=cfg.trainable, seed=cfg.seed,
                                tokenizer=args.tokenizer, task=task_of(data, splits))
+    offline.log_copies(data, clf, log)
     report = clf.fit(splits, train_config=cfg, out=out, resume=args.resume, progress=not args.quiet, log=log)
     if not is_main_process():
         return 0  # process 0 writes the classifier and the metrics

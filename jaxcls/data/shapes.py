@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from jaxcls.errors import DataError
-from jaxcls.tokenizer import PAD_ID
+from jaxcls.tokenizer import PAD_ID, first_tokens
 
 PADDING_MODES = ("longest", "context", "none")
 
@@ -26,14 +26,16 @@ def encode_texts(
 
     The book keeps the first `max_length` tokens; so does this. A text with no tokens cannot be
     classified (there is no last token to pool), so it raises naming `source` and its index.
+    Only the start of a text that `max_length + 1` tokens need is read (tokenizer.first_tokens),
+    so a text of millions of characters costs no more than a short one.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     seqs, truncated = [], 0
     for i, text in enumerate(texts):
-        ids = np.asarray(encode(text), dtype=np.int32).reshape(-1)
+        ids = np.asarray(first_tokens(encode, text, max_length + 1), dtype=np.int32).reshape(-1)
         if ids.size == 0:
-            raise DataError(f"{source}: text at index {i} encodes to no tokens: {text!r}")
+            raise DataError(f"{source}: text at index {i} encodes to no tokens: {text[:80]!r}")
         if ids.size > max_length:
             ids = ids[:max_length]
             truncated += 1

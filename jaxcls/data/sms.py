@@ -24,10 +24,10 @@ def load_sms_spam(
     """The book's SMS spam splits (1045 / 149 / 300 at seed 123): ham undersampled to the spam
     count, shuffled, cut 70/10/20.
 
-    `path` is the SMSSpamCollection file, UCI's zip, or a folder holding either. None means
-    `cache_home()/"data/sms_spam"`, where the zip is downloaded on first use.
+    `path` is the SMSSpamCollection file, UCI's zip, or a folder holding either. None means the
+    copy in `cache_home()/"data/sms_spam"`, else the one packaged with jaxcls (sms_spam_file).
     """
-    df = _read_sms_frame(_find_sms_file(path, progress))
+    df = _read_sms_frame(sms_spam_file(path, progress=progress))
     num_spam = df[df["Label"] == "spam"].shape[0]
     ham_subset = df[df["Label"] == "ham"].sample(num_spam, random_state=seed)
     balanced = pd.concat([ham_subset, df[df["Label"] == "spam"]])
@@ -52,15 +52,20 @@ def load_sms_spam(
     return DataSplits(**made, label_names=SMS_SPAM_LABELS)
 
 
-def _find_sms_file(path: str | Path | None, progress: bool) -> Path:
-    """Resolve `path` to the data file or zip, downloading only into the default cache folder."""
+def sms_spam_file(path: str | Path | None = None, *, progress: bool = True) -> Path:
+    """The copy of the collection `load_sms_spam(path)` reads: `path` (a file, or a folder holding
+    one), else the one in `cache_home()/"data/sms_spam"`, else the copy packaged with jaxcls
+    (checked by its sha256). Only when none of them exists is UCI's zip downloaded into the cache."""
     if path is None:
+        from jaxcls.assets import SMS_SPAM_ZIP, packaged
         from jaxcls.download import cache_home, download_file
 
         folder = cache_home() / "data" / "sms_spam"
         found = _sms_in_folder(folder)
         if found is not None:
             return found
+        if SMS_SPAM_ZIP.exists():
+            return packaged(SMS_SPAM_ZIP)
         return download_file(SMS_SPAM_URL, folder / _SMS_ZIPS[0], progress=progress)
     path = Path(path)
     if path.is_dir():
@@ -72,6 +77,15 @@ def _find_sms_file(path: str | Path | None, progress: bool) -> Path:
     if not path.is_file():
         raise DataError(f"{path}: no such file or folder")
     return path
+
+
+def describe_sms_file(found: Path) -> str:
+    """For the log: which copy of the collection a run read."""
+    from jaxcls.assets import SMS_SPAM_ZIP
+
+    if found.resolve() == SMS_SPAM_ZIP:
+        return f"the copy packaged with jaxcls ({found}; CC BY 4.0, Almeida & Hidalgo, UCI)"
+    return str(found)
 
 
 def _sms_in_folder(folder: Path) -> Path | None:

@@ -27,6 +27,9 @@ TEXT_KINDS = ", ".join([TABLE_KINDS, *LINE_SUFFIXES, "'-' (stdin)"])
 _BOM = b"\xef\xbb\xbf"
 _INT_RE = re.compile(r"[+-]?\d+")
 _LONE_CR = re.compile(rb"(?<=\r)(?!\n)")
+# The csv module refuses a field over 128 KiB by default, a limit that is process-wide; a text
+# is as long as its file allows (the tokenizer reads only what it needs of it).
+CSV_FIELD_LIMIT = 2**31 - 1
 
 
 class Row(NamedTuple):
@@ -36,9 +39,12 @@ class Row(NamedTuple):
 
 
 def table_format(path: str | os.PathLike, *, labelled: bool) -> str:
-    """'csv', 'tsv' or 'jsonl' from the name; unlabelled reading also takes 'lines' ('-', .txt)."""
+    """'csv', 'tsv' or 'jsonl' from the name; unlabelled reading also takes 'lines' ('-', .txt).
+    'sms' is UCI's SMSSpamCollection file: a TSV without a header, its columns label and text."""
     if str(path) == "-" and not labelled:
         return "lines"
+    if Path(path).name == "SMSSpamCollection":
+        return "sms"
     suffix = Path(path).suffix.lower()
     if suffix in CSV_SEPARATORS:
         return "tsv" if CSV_SEPARATORS[suffix] == "\t" else "csv"
@@ -99,6 +105,8 @@ class TableReader:
                 yield from self._plain(lines)
             elif self.format == "jsonl":
                 yield from self._jsonl(lines)
+            elif self.format == "sms":
+                yield from self._sms(lines)
             else:
                 yield from self._csv(lines, "\t" if self.format == "tsv" else ",")
         finally:
@@ -134,6 +142,16 @@ class TableReader:
             text = line.rstrip("\r\n")
             if text.strip():
                 yield Row(number, text, None)
+
+    def _sms(self, lines) -> Iterator[Row]:
+        """label<TAB>text per line, no header and no quoting: a quote is part of the message."""
+        self.label_key, self.text_key = "label", "text"
+        for number, line in lines:
+            label, tab, text = line.rstrip("\r\n").partition("\t")
+            if not tab and label.strip():
+                raise DataError(f"{self.name}: line {number}: no tab between label and text")
+            if tab:
+                yield Row(number, text, label if self.labelled else None)
 
     def _pick(self, columns: Sequence[str], role: str, where: str) -> str:
         """The exact column asked for; for the default name, any single case-insensitive match."""
@@ -197,6 +215,8 @@ class TableReader:
                 last[0] = number
                 yield line
 
+        if csv.field_size_limit() < CSV_FIELD_LIMIT:
+            csv.field_size_limit(CSV_FIELD_LIMIT)
         reader = csv.reader(feed(), delimiter=sep, strict=True)
         header, start = None, 1
         try:

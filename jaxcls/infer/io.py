@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import IO, Iterator, Sequence
 
@@ -88,6 +89,24 @@ def read_texts(path, **kw) -> list[str]:
 # Writers
 
 
+def check_output_path(path: str | os.PathLike) -> None:
+    """Refuse, before any work, a prediction file that could not be written: a folder, a name
+    under a file, a folder that refuses a new file. Missing folders are fine (they are made)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; name a file in it, such as {path / 'predictions.jsonl'}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DataError(f"{path}: cannot be written: {folder} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise DataError(f"{path}: cannot be written: {folder} refuses a new file ({e.strerror})") from None
+
+
 def _num(p) -> float:
     """Six significant digits: enough for a probability, short in a file."""
     return float(f"{float(p):.6g}")
@@ -126,6 +145,7 @@ class PredictionWriter:
             else:
                 raise DataError(f"{path}: unknown output type {suffix or '(none)'!r}; "
                                 "use .jsonl or .csv (or .tsv)")
+            check_output_path(path)
             self._ctx = atomic_open(path, "wb")
             self._raw = self._ctx.__enter__()
             self._out = io.TextIOWrapper(self._raw, encoding="utf-8", newline="")

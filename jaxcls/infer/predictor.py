@@ -28,11 +28,20 @@ import numpy as np
 from flax import nnx
 
 from jaxcls.data import fine_bucket_lengths, length_buckets
-from jaxcls.errors import ConfigError
+from jaxcls.errors import ConfigError, DataError
 from jaxcls.task import SingleLabel
-from jaxcls.tokenizer import pad_id_for
+from jaxcls.tokenizer import first_tokens, pad_id_for
 
 LONG_MODES = ("truncate", "sliding")
+MAX_TEXT_TOKENS = 1 << 18  # "sliding" reads at most this many tokens of one text
+
+
+class TooManyTokens(DataError):
+    """A text longer than `max_text_tokens` for sliding windows; `index` is its place in the call."""
+
+    def __init__(self, message: str, index: int):
+        super().__init__(message)
+        self.index = index
 
 _traces = threading.local()  # tracing runs in the calling thread, so a thread-local count is exact
 
@@ -102,6 +111,7 @@ class Predictor:
     long: "truncate" keeps the first max_length tokens of a longer text (the book's choice);
         "sliding" classifies windows of max_length tokens, `window_stride` apart (default
         max_length // 2), the last window ending at the text's end, and averages their logits.
+        A text of more than `max_text_tokens` tokens then raises TooManyTokens (a DataError).
     task: how logits become probabilities and predictions (jaxcls.task; default single-label
         over the model's classes).
 
@@ -128,6 +138,7 @@ class Predictor:
         window_stride: int | None = None,
         pad_id: int | None = None,
         task=None,
+        max_text_tokens: int = MAX_TEXT_TOKENS,
     ):
         n_ctx = int(model.config.n_ctx)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -155,6 +166,7 @@ class Predictor:
         self.row_buckets = rows
         self.long = long
         self.window_stride = int(window_stride)
+        self.max_text_tokens = int(max_text_tokens)
         self.pad_id = pad_id_for(model.config.n_vocab) if pad_id is None else int(pad_id)
         self.num_classes = int(model.num_classes)
         self.task = SingleLabel.with_classes(self.num_classes) if task is None else task
@@ -183,13 +195,23 @@ class Predictor:
             starts.append(n - L)
         return [ids[s : s + L] for s in starts]
 
+    def _encode(self, i: int, text: str) -> np.ndarray:
+        """The tokens a text needs, never more: max_length + 1 (enough to see it is long) when
+        truncating, at most `max_text_tokens` for windows."""
+        limit = self.max_length if self.long == "truncate" else self.max_text_tokens
+        ids = np.asarray(first_tokens(self.encode, text, limit + 1), dtype=np.int32).reshape(-1)
+        if self.long == "sliding" and ids.size > limit:
+            raise TooManyTokens(f"text at index {i}: more than {limit} tokens, the most sliding windows "
+                                "read of one text; use --long truncate, or split the text", i)
+        return ids
+
     def _tokenize(self, texts: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray]:
         """Sequences to run and, for each, the index of the text it belongs to."""
         seqs, owner = [], []
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"text at index {i} is {type(text).__name__}, not str")
-            ids = np.asarray(self.encode(text), dtype=np.int32).reshape(-1)
+            ids = self._encode(i, text)
             if ids.size == 0:
                 ids = np.array([self.pad_id], np.int32)
                 self.stats.empty += 1
