@@ -30,11 +30,8 @@ class Classifier:
     def __init__(self, model: GPT2Classifier, tokenizer, label_names: Sequence[str], *,
                  pad_length: int | None = None, trainable: str = "last_block",
                  base: dict | None = None, tokenizer_dir: Path | None = None, task=None):
-        if task is None and len(label_names) != model.num_classes:
+        if len(label_names) != model.num_classes:
             raise ConfigError(f"{len(label_names)} label names for a head of {model.num_classes} classes")
-        if task is not None and task.head_width != model.num_classes:
-            raise ConfigError(f"the {task.name} task needs a head of width {task.head_width}; the model's "
-                              f"has {model.num_classes}")
         self.task = SingleLabel(tuple(label_names)) if task is None else task
         self.model = model
         self.tokenizer = tokenizer
@@ -189,7 +186,7 @@ class Classifier:
         above their thresholds (multilabel), a float32 [N, K] array of values (regression), or the
         chosen option's index (choice). With `return_probs`, also `predict_proba`'s array."""
         decisions, probs = self.predictor(batch_size=batch_size).predict(_examples(examples))
-        kind, names = self.task.kind, self.task_label_names
+        kind, names = self.task.kind, self.label_names
         if kind == "single":
             out = [names[int(i)] for i in decisions]
         elif kind == "multilabel":
@@ -199,11 +196,6 @@ class Classifier:
         else:
             out = [int(i) for i in decisions]
         return (out, probs) if return_probs else out
-
-    @property
-    def task_label_names(self) -> tuple[str, ...]:
-        """The names of the probabilities' columns: labels, targets, or option indices (choice)."""
-        return tuple(getattr(self.task, "label_names", self.label_names))
 
     def warmup(self, *, batch_size: int = 32) -> int:
         return self.predictor(batch_size=batch_size).warmup()

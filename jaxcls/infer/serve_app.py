@@ -100,7 +100,7 @@ class ClassifierApp:
     def __init__(self, classifier, predictor, limits: Limits):
         self.classifier, self.predictor, self.limits = classifier, predictor, limits.check()
         self.task = predictor.task
-        self.names = list(getattr(self.task, "label_names", classifier.label_names))
+        self.names = list(classifier.label_names)
         if not hasattr(predictor.encode, "__wrapped__"):
             predictor.encode = _encode_hook(predictor.encode)
         self.metrics = Metrics(limits.max_batch_size)
