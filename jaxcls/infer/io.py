@@ -81,6 +81,62 @@ class TextReader:
             yield chunk
 
 
+class ExampleReader:
+    """Iterate over chunks (lists) of the examples in a CSV/TSV/JSONL table, for a layout of
+    several parts: {"text", "text_pair"} (pair, similarity) or {"context", "question"?,
+    "choices"} (choice). Rows are read by jaxcls.data.records, the reader training uses, with the
+    same column names and `Columns` (the --pair-column, --context-column, ... flags); a bad row is
+    the DataError training gives (file, line, column). `lines` holds the last chunk's file lines."""
+
+    def __init__(self, path: str | os.PathLike, layout: str, columns=None, *, chunk_size: int = CHUNK_SIZE):
+        from jaxcls.data.records import Columns, RecordReader
+
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if str(path) == "-":
+            raise DataError(f"standard input holds a text per line; the {layout} layout needs a .csv, .tsv "
+                            "or .jsonl table with a column per field")
+        self._table = RecordReader(path)
+        self.path, self.layout, self.columns = str(path), layout, columns or Columns()
+        self.format, self.chunk_size = self._table.format, int(chunk_size)
+        self.total_bytes = self._table.total_bytes
+        self.rows, self.lines = 0, []
+        self.invalid_lines, self.first_invalid_line = 0, None  # strict UTF-8: a bad byte is an error
+
+    @property
+    def bytes_read(self) -> int:
+        return self._table.bytes_read
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        chunk, self.lines = [], []
+        for line, record, _ in self._table:
+            chunk.append(self._fields(record, f"line {line}"))
+            self.lines.append(line)
+            self.rows += 1
+            if len(chunk) >= self.chunk_size:
+                yield chunk
+                chunk, self.lines = [], []
+        if chunk:
+            yield chunk
+
+    def _fields(self, record, where: str) -> dict:
+        # The roles and their checks are data.records' (read_examples builds the same fields).
+        from jaxcls.data.records import _choices, _column, _text
+
+        name, cols = self._table.name, self.columns
+        if self.layout == "choice":
+            key = _column(name, record, "context", cols.names.get("context"), where)
+            ex = {"context": _text(name, record, key, where),
+                  "choices": _choices(name, record, cols, where, self.format == "jsonl")}
+            q = _column(name, record, "question", cols.names.get("question"), where, optional=True)
+            if q is not None and record[q] not in (None, ""):
+                ex["question"] = _text(name, record, q, where)
+            return ex
+        text = _text(name, record, _column(name, record, "text", cols.names.get("text"), where), where)
+        key = _column(name, record, "text_pair", cols.names.get("text_pair"), where)
+        return {"text": text, "text_pair": _text(name, record, key, where)}
+
+
 def read_texts(path, **kw) -> list[str]:
     """All texts of `path` at once (small files, tests)."""
     return [t for chunk in TextReader(path, **kw) for t in chunk]
