@@ -30,9 +30,10 @@ class Classifier:
     def __init__(self, model: GPT2Classifier, tokenizer, label_names: Sequence[str], *,
                  pad_length: int | None = None, trainable: str = "last_block",
                  base: dict | None = None, tokenizer_dir: Path | None = None, task=None):
-        if len(label_names) != model.num_classes:
-            raise ConfigError(f"{len(label_names)} label names for a head of {model.num_classes} classes")
         self.task = SingleLabel(tuple(label_names)) if task is None else task
+        if self.task.head_width != model.num_classes or len(label_names) != self.task.num_outputs:
+            raise ConfigError(f"{len(label_names)} label names for a head of {model.num_classes} outputs "
+                              f"(task {self.task.name})")
         self.model = model
         self.tokenizer = tokenizer
         self.label_names = tuple(label_names)
@@ -50,14 +51,18 @@ class Classifier:
                         pooling: str = "last_real", weights: str = "pretrained", seed: int = 123,
                         lora_rank: int = 16, lora_alpha: float = 16.0, dtype: str = "float32",
                         causal: bool = True, dropout: float = 0.0, tokenizer: str | Path | None = None,
-                        verify: bool = False) -> "Classifier":
+                        verify: bool = False, task=None) -> "Classifier":
         """GPT-2 from a checkpoint folder or size name with a new `num_classes` head; `weights=
-        'random'` keeps only the shape (also the 'tiny' and 'mini' presets, which have no files)."""
+        'random'` keeps only the shape (also the 'tiny' and 'mini' presets, which have no files).
+        `task` (jaxcls.task, e.g. `make_task("multilabel", names)`) sets the head's width and the
+        label names; the default is single-label text over `label_names`."""
+        if task is not None:
+            label_names = task.label_names
         if label_names is None:
             if num_classes is None:
                 raise ConfigError("from_pretrained needs num_classes or label_names")
             label_names = [str(i) for i in range(num_classes)]
-        num_classes = len(label_names)
+        num_classes = task.head_width if task is not None else len(label_names)
         overrides = dict(dtype=dtype, causal=causal, dropout=dropout,
                          lora_rank=lora_rank if trainable == "lora" else 0, lora_alpha=lora_alpha)
 
@@ -79,15 +84,15 @@ class Classifier:
         tok_dir = resolve_checkpoint_dir(tokenizer) if tokenizer else folder
         tok = tokenizer_from_folder(tok_dir)
         tok_dir = tok_dir if tok_dir is not None and tokenizer_files(tok_dir) else None
-        return cls(model, tok, label_names, trainable=trainable, base=base, tokenizer_dir=tok_dir)
+        return cls(model, tok, label_names, trainable=trainable, base=base, tokenizer_dir=tok_dir, task=task)
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, label_names: Sequence[str], *, trainable: str = "last_block",
-                  seed: int = 123, tokenizer: str | Path | None = None) -> "Classifier":
+                  seed: int = 123, tokenizer: str | Path | None = None, task=None) -> "Classifier":
         """`from_pretrained` with a ModelSpec's settings (what `jaxcls train` builds)."""
         return cls.from_pretrained(spec.checkpoint, label_names=label_names, trainable=trainable, seed=seed,
-                                   tokenizer=tokenizer, **{k: v for k, v in dataclasses.asdict(spec).items()
-                                                           if k != "checkpoint"})
+                                   tokenizer=tokenizer, task=task,
+                                   **{k: v for k, v in dataclasses.asdict(spec).items() if k != "checkpoint"})
 
     # ---- training ----
     def fit(self, train, validation=None, test=None, *, out: str | Path | None = None,
@@ -100,14 +105,17 @@ class Classifier:
 
         splits = train if isinstance(train, DataSplits) else DataSplits(
             self._dataset(train, "train"), self._dataset(validation, "validation"),
-            self._dataset(test, "test"), self.label_names)
+            self._dataset(test, "test"), self.label_names, self.task.name)
         if tuple(splits.label_names) != self.label_names:
             raise ConfigError(f"data labels {splits.label_names} differ from the classifier's {self.label_names}")
         cfg, pooling = self._fit_config(config)
         self.trainable = cfg.trainable
         self.model.pooling = pooling
+        if splits.task != self.task.name:
+            raise ConfigError(f"the data was read for --task {splits.task}, the classifier is for {self.task.name}")
         result = fit(self.model, self.encode, splits, cfg, out=Path(out) if out else None,
-                     resume=resume, progress=progress, log=log, on_step=on_step)
+                     resume=resume, progress=progress, log=log, on_step=on_step, task=self.task)
+        self.task = result.task
         self.model = nnx.merge(result.graphdef, result.trainable, result.frozen)
         self.pad_length = result.pad_length
         self._predictors.clear()

@@ -225,3 +225,13 @@ def _task_dataset(kind: str, t: ExampleTable, names: tuple[str, ...]) -> TextDat
     else:
         labels = LabelMap.onto(names, t.labels).ids(t.labels, source=src, lines=t.lines, column=t.label_column)
     return TextDataset(tuple(t.texts), labels, names, t.source or src, tuple(t.fields))
+
+
+def task_dataset(path, task: str, columns: Columns, label_names: Sequence[str], *, source: str | None = None) -> TextDataset:
+    """Every row of one file for `task`, its labels mapped onto fixed `label_names` (a trained
+    classifier's): what `jaxcls eval` scores."""
+    kind, _ = parse_task_name(task)
+    table = read_examples(path, task, columns)
+    if source:
+        table.source = source
+    return _task_dataset(kind, table, tuple(label_names))
