@@ -7,18 +7,14 @@ import sys
 
 from jaxcls.cli.common import (load_classifier, model_options, predictor_kw, report_long, shorten,
                                stats_since, stderr, wrong_flag)
+from jaxcls.cli.train import GROUPS
 from jaxcls.errors import ConfigError, DataError
 from jaxcls.infer.answers import INPUT_FIELDS
 
 
-# The columns of pair, similarity and choice tables, named as `jaxcls train` names them (DataSpec).
-COLUMN_FLAGS = {
-    "--pair-column": 'pair and similarity: the second text\'s column (default: "text_pair")',
-    "--context-column": 'choice: the context\'s column (default: "context")',
-    "--question-column": 'choice: an optional question column, appended to the context (default: "question")',
-    "--choices-column": 'choice: the column holding a JSON list of options (default: "choices")',
-    "--choice-columns": "choice: option columns instead of a list, e.g. ending0,ending1,ending2,ending3",
-}
+# The columns of pair, similarity and choice tables: train's flags (DataSpec fields), same help.
+DATA_HELP = GROUPS["data"]
+COLUMN_FIELDS = ("pair_column", "context_column", "question_column", "choices_column", "choice_columns")
 
 
 def register_classify(sub) -> None:
@@ -29,8 +25,8 @@ def register_classify(sub) -> None:
                                                    "or - for stdin (a text per line); streamed in chunks")
     p.add_argument("--text-column", default=None,
                    help='the column or JSON key holding the text (default: the one named "text", any case)')
-    for flag, text in COLUMN_FLAGS.items():
-        p.add_argument(flag, default=None, help=text)
+    for field in COLUMN_FIELDS:
+        p.add_argument("--" + field.replace("_", "-"), default=None, help=DATA_HELP[field])
     p.add_argument("--output", metavar="FILE", help="write predictions to a .jsonl or .csv file "
                                                     "(default: a table for TEXT arguments, JSONL on stdout for --input)")
     p.add_argument("--top-k", type=int, default=None, metavar="K",
