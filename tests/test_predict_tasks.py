@@ -97,7 +97,8 @@ def model_for(task, seed=0):
 def test_predictor_equals_the_training_forward(enc, name):
     """Every task: the Predictor's logits (shuffled, several calls, several length buckets) equal
     train/step.py's forward on the encoder's rows, missing choice options -inf.
-    Planted: rows.py fills rows row-major (ids[r * n + k]) instead of example-major -> fails;
+    Planted: rows.py fills rows row-major (ids[r * n + k]) instead of example-major -> the
+    similarity case (two examples a call) fails;
     similarity rows_step summing only the first row -> fails."""
     task = TASKS[name]()
     model = model_for(task)
