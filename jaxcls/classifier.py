@@ -154,11 +154,32 @@ class Classifier:
         return built
 
     def _dataset(self, d, split) -> TextDataset | None:
+        """(texts, labels) as a TextDataset; for other tasks (examples, labels): examples are
+        texts or field dicts (text_pair; context, question, choices), labels lists of names
+        (multilabel), numbers or lists of numbers (regression) or option indices (choice)."""
         if d is None or isinstance(d, TextDataset):
             return d
         texts, labels = d
-        ids = label_ids(labels, self.label_names, source=f"<{split}>")
-        return TextDataset(tuple(texts), ids, self.label_names, f"<{split}>")
+        source = f"<{split}>"
+        if self.task.name == "single":
+            return TextDataset(tuple(texts), label_ids(labels, self.label_names, source=source),
+                               self.label_names, source)
+        from jaxcls.data import multi_hot, targets
+
+        fields = [{"text": t} if isinstance(t, str) else dict(t) for t in texts]
+        lines = list(range(1, len(fields) + 1))
+        kind = self.task.kind
+        if kind == "multilabel":
+            y = multi_hot(labels, self.label_names, source=source, lines=lines, column="label")
+        elif kind == "regression":
+            y = targets([np.atleast_1d(v).tolist() for v in labels], len(self.label_names), source=source,
+                        lines=lines, column="label")
+        elif kind == "choice":
+            y = np.asarray(labels, np.int32)
+        else:
+            y = label_ids(labels, self.label_names, source=source)
+        main = [f.get("text", f.get("context", "")) for f in fields]
+        return TextDataset(tuple(main), y, self.label_names, source, tuple(fields))
 
     # ---- inference ----
     def encode(self, text: str) -> list[int]:
@@ -209,8 +230,44 @@ class Classifier:
         return self.predictor(batch_size=batch_size).warmup()
 
     def evaluate(self, data: TextDataset, *, batch_size: int = 32) -> dict:
-        logits = self.predictor(batch_size=batch_size).logits(list(data.texts))
+        """The task's report on a labelled split (texts, or examples for pair, similarity and choice)."""
+        if self.task.inputs.kind == "text" and data.fields is None:
+            logits = self.predictor(batch_size=batch_size).logits(list(data.texts))
+        else:
+            logits = self.example_logits(data.examples(), batch_size=batch_size)
         return self.task.report(data.labels, logits)
+
+    def example_logits(self, examples: Sequence, *, batch_size: int = 32) -> np.ndarray:
+        """Logits (n, outputs) of examples of any layout: rows from data.examples (as training built
+        them), run in batches padded to the fixed pad length or the bucket of the batch's longest row."""
+        import jax
+
+        from jaxcls.data import fine_bucket_lengths, length_buckets
+        from jaxcls.data.examples import encode_examples
+        from jaxcls.tokenizer import pad_id_for
+        from jaxcls.train.step import StepSpec, forward
+
+        rows, _ = encode_examples(self.task, self.encode, examples, self.max_length)
+        r, n_ctx = self.task.rows_per_example, self.model.config.n_ctx
+        key = ("example_logits", self.task)
+        if key not in self._predictors:
+            graphdef, state = nnx.split(self.model)
+            spec = StepSpec(self.task)
+            self._predictors[key] = (jax.jit(lambda st, ids, lens: forward(nnx.merge(graphdef, st), ids, lens, spec)),
+                                     state)
+        run, state = self._predictors[key]
+        out = []
+        for i in range(0, len(rows), batch_size):
+            chunk = [x for ex in rows[i:i + batch_size] for x in ex]
+            chunk += [chunk[0]] * (batch_size * r - len(chunk))  # fixed batch shape; extra rows dropped
+            longest = max(len(x) for x in chunk)
+            t = self.pad_length or int(length_buckets([longest], fine_bucket_lengths(n_ctx))[0])
+            ids = np.full((len(chunk), t), pad_id_for(self.model.config.n_vocab), np.int32)
+            for j, x in enumerate(chunk):
+                ids[j, :len(x)] = x
+            lens = np.array([len(x) for x in chunk], np.int32)
+            out.append(np.asarray(run(state, ids, lens))[:len(rows[i:i + batch_size])])
+        return np.concatenate(out) if out else np.zeros((0, self.task.num_outputs), np.float32)
 
     # ---- files ----
     def save(self, directory: str | Path, *, full: bool = False) -> Path:
