@@ -202,13 +202,29 @@ class Classifier:
             self._predictors[key] = Predictor(self.model, self.encode, pad_length=self.pad_length, task=self.task, **kw)
         return self._predictors[key]
 
-    def predict_proba(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
-        return self.predictor(batch_size=batch_size).predict(list(texts))[1]
+    def predict_proba(self, examples: Sequence, *, batch_size: int = 32) -> np.ndarray:
+        """float32 per example: the softmax over the labels (single), each label's own probability
+        (multilabel), the predicted values in the targets' units (regression), or each option's
+        probability, 0 for an option the example lacks (choice; [N, W], W the larger of the
+        trained option count and the most options given). Examples are texts, (text, text_pair)
+        pairs (pair, similarity) or {"context", "question" (optional), "choices"} mappings."""
+        return self.predictor(batch_size=batch_size).predict(_examples(examples))[1]
 
-    def predict(self, texts: Sequence[str], *, batch_size: int = 32, return_probs: bool = False):
-        ids, probs = self.predictor(batch_size=batch_size).predict(list(texts))
-        labels = [self.label_names[i] for i in ids]
-        return (labels, probs) if return_probs else labels
+    def predict(self, examples: Sequence, *, batch_size: int = 32, return_probs: bool = False):
+        """Per example, as the task decides: a label name (single), the list of label names at or
+        above their thresholds (multilabel), a float32 [N, K] array of values (regression), or the
+        chosen option's index (choice). With `return_probs`, also `predict_proba`'s array."""
+        decisions, probs = self.predictor(batch_size=batch_size).predict(_examples(examples))
+        kind, names = self.task.kind, self.label_names
+        if kind == "single":
+            out = [names[int(i)] for i in decisions]
+        elif kind == "multilabel":
+            out = [[names[k] for k in np.flatnonzero(row)] for row in decisions]
+        elif kind == "regression":
+            out = np.asarray(decisions, np.float32)
+        else:
+            out = [int(i) for i in decisions]
+        return (out, probs) if return_probs else out
 
     def warmup(self, *, batch_size: int = 32) -> int:
         return self.predictor(batch_size=batch_size).warmup()
@@ -284,3 +300,10 @@ class Classifier:
         return cls(saved.model, tokenizer_from_folder(saved.tokenizer_dir), saved.label_names,
                    pad_length=meta.get("pad_length"), task=task, trainable=meta.get("trainable", "last_block"),
                    base=meta.get("base"), tokenizer_dir=saved.tokenizer_dir)
+
+
+def _examples(examples) -> list:
+    """A list of examples; one string is refused (a sequence of texts is meant)."""
+    if isinstance(examples, str):
+        raise TypeError("predict takes a sequence of examples, not one string: wrap it in a list")
+    return list(examples)
