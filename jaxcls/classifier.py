@@ -230,44 +230,10 @@ class Classifier:
         return self.predictor(batch_size=batch_size).warmup()
 
     def evaluate(self, data: TextDataset, *, batch_size: int = 32) -> dict:
-        """The task's report on a labelled split (texts, or examples for pair, similarity and choice)."""
-        if self.task.inputs.kind == "text" and data.fields is None:
-            logits = self.predictor(batch_size=batch_size).logits(list(data.texts))
-        else:
-            logits = self.example_logits(data.examples(), batch_size=batch_size)
-        return self.task.report(data.labels, logits)
-
-    def example_logits(self, examples: Sequence, *, batch_size: int = 32) -> np.ndarray:
-        """Logits (n, outputs) of examples of any layout: rows from data.examples (as training built
-        them), run in batches padded to the fixed pad length or the bucket of the batch's longest row."""
-        import jax
-
-        from jaxcls.data import fine_bucket_lengths, length_buckets
-        from jaxcls.data.examples import encode_examples
-        from jaxcls.tokenizer import pad_id_for
-        from jaxcls.train.step import StepSpec, forward
-
-        rows, _ = encode_examples(self.task, self.encode, examples, self.max_length)
-        r, n_ctx = self.task.rows_per_example, self.model.config.n_ctx
-        key = ("example_logits", self.task)
-        if key not in self._predictors:
-            graphdef, state = nnx.split(self.model)
-            spec = StepSpec(self.task)
-            self._predictors[key] = (jax.jit(lambda st, ids, lens: forward(nnx.merge(graphdef, st), ids, lens, spec)),
-                                     state)
-        run, state = self._predictors[key]
-        out = []
-        for i in range(0, len(rows), batch_size):
-            chunk = [x for ex in rows[i:i + batch_size] for x in ex]
-            chunk += [chunk[0]] * (batch_size * r - len(chunk))  # fixed batch shape; extra rows dropped
-            longest = max(len(x) for x in chunk)
-            t = self.pad_length or int(length_buckets([longest], fine_bucket_lengths(n_ctx))[0])
-            ids = np.full((len(chunk), t), pad_id_for(self.model.config.n_vocab), np.int32)
-            for j, x in enumerate(chunk):
-                ids[j, :len(x)] = x
-            lens = np.array([len(x) for x in chunk], np.int32)
-            out.append(np.asarray(run(state, ids, lens))[:len(rows[i:i + batch_size])])
-        return np.concatenate(out) if out else np.zeros((0, self.task.num_outputs), np.float32)
+        """The task's report on a labelled split (texts, or examples for pair, similarity and
+        choice), with the logits of the same Predictor `predict` uses."""
+        examples = list(data.texts) if self.task.inputs.kind == "text" else data.examples()
+        return self.task.report(data.labels, self.predictor(batch_size=batch_size).logits(examples))
 
     # ---- files ----
     def save(self, directory: str | Path, *, full: bool = False) -> Path:

@@ -152,6 +152,37 @@ def test_choice_with_more_options_than_trained(enc):
     assert (probs[1, 2:] == 0).all()
 
 
+def test_shared_prefix_equals_the_flattened_rows(enc):
+    """Choice with each example's common start run once (the default) gives the flattened rows'
+    logits within 1e-5: missing options, more options than trained, a truncated context, several
+    calls and buckets; it runs fewer tokens, its warm-up covers every shape a call needs, and a
+    `last`-pooling model falls back. Planted: rows.shared_rows passing prefix_len - 1 (the prefix's
+    last token dropped) -> fails; shared_widths leaving out (64, 16) -> 3 shapes, not 4 -> fails."""
+    task = TASKS["choice"]()
+    model = model_for(task, 4)
+    tok = lambda t: encode(enc, t)  # noqa: E731
+    examples = examples_for(task, 9, seed=7) + [
+        {"context": "pick the animal " * 6, "choices": ["car", "cat", "cup", "cow", "cab"]},
+        {"context": "the cat sat on the mat " * 7, "choices": ["cat", "mat"]},  # long context: shared
+        {"context": "pick a number", "question": "which?", "choices": ["42", "lunch", "1", "2", "3", "4", "5"]}]
+    on = Predictor(model, tok, batch_size=4, task=task, bucket_lengths=(16, 64))
+    off = Predictor(model, tok, batch_size=4, task=task, bucket_lengths=(16, 64), shared_prefix=False)
+    assert on.shared_prefix and not off.shared_prefix
+    assert on.warmup() == len(on.shapes()) == 2 + 2 and on.warmup() == 0  # flat (3, 16|64), shared (3, 16|64, 16)
+    got, want = on.logits(examples), off.logits(examples)
+    assert got.shape == want.shape == (len(examples), 7)
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    assert np.isneginf(got[0, 2]) and np.isneginf(got[9, 5:]).all() and np.isfinite(got[11]).all()
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], atol=1e-5, rtol=1e-5)
+    assert on.stats.tokens_run < off.stats.tokens_run  # some calls shared (a call picks the cheaper form)
+    compiles = on.num_compiles
+    on.logits(examples[:9] + examples[10:11])  # at most the trained 3 options: only warmed shapes
+    assert on.num_compiles == compiles
+    last = GPT2Classifier(CFG, 1, pooling="last", rngs=nnx.Rngs(4))
+    assert not Predictor(last, tok, task=task, pad_length=64).shared_prefix
+
+
 def test_head_width_and_sliding_are_checked(enc):
     """Planted: the head checked against num_outputs (as before) -> a choice model is refused -> fails."""
     tok = lambda t: encode(enc, t)  # noqa: E731
@@ -252,7 +283,8 @@ def test_predict_classify_and_saved_folder_per_task(enc, tmp_path, name, capsys)
 
 def test_classify_usage_errors_per_task(enc, tmp_path, capsys):
     """One line, exit 2. Planted: the TEXT-argument check removed -> a pair model classifies
-    lone texts and the encoder's message names a missing text_pair instead -> fails."""
+    lone texts and the encoder's message names a missing text_pair instead -> fails; records.flag_of
+    spelling text_pair's flag --text-pair-column (as it did) -> fails."""
     folder = classifier(enc, "pair").save(tmp_path / "pair")
     cases = [(["a text"], "the pair-multilabel task takes examples of several fields: give --input FILE"),
              (["--input", str(tmp_path / "x.csv"), "--top-k", "2"], "--top-k ranks single-label probabilities"),
@@ -265,6 +297,7 @@ def test_classify_usage_errors_per_task(enc, tmp_path, capsys):
     assert main(["classify", "--model", str(folder), "--input", str(tmp_path / "x.csv"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "x.csv: line 2: no column 'text_pair'" in err and err.count("\n") == 1, err
+    assert "(choose one with --pair-column)" in err, err  # the flag's real name
     assert main(["classify", "--model", str(folder), "--input", str(tmp_path / "x.csv"),
                  "--pair-column", "other", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["text_pair"] == "there"

@@ -107,7 +107,7 @@ def approx(a, b):
 def test_train_learns_the_task_and_eval_reproduces_metrics(tmp_path, capsys, task):
     """Train with `jaxcls train --task`, beat chance clearly, and `jaxcls eval --json` on the saved
     folder gives metrics.json's test numbers. Planted: fit returning thresholds 0.4 instead of the
-    tuned ones -> classifier.json's task differs from metrics.json's; Classifier.example_logits
+    tuned ones -> classifier.json's task differs from metrics.json's; the Predictor's predict_step
     passing lengths - 1 -> eval's regression MSE is 0.91, not 0.003."""
     out, files = train_task(tmp_path, task)
     metrics = json.loads((out / "metrics.json").read_text())

@@ -74,6 +74,11 @@ class Columns:
     label_separator: str = ","
 
 
+def flag_of(role: str) -> str:
+    """The command-line flag that names the column of `role` (train's DataSpec fields)."""
+    return "--pair-column" if role == "text_pair" else f"--{role}-column"
+
+
 def _column(name: str, record: Mapping, role: str, wanted: str | None, where: str, *, optional=False):
     """The key of `record` for `role`: `wanted` exactly, or the one key spelling the role in any case."""
     if wanted is not None:
@@ -85,11 +90,11 @@ def _column(name: str, record: Mapping, role: str, wanted: str | None, where: st
             return matches[0]
         if matches:
             raise DataError(f"{name}: {where}: columns {matches} all match {role!r}; "
-                            f"choose one with --{role.replace('_', '-')}-column")
+                            f"choose one with {flag_of(role)}")
     if optional:
         return None
     raise DataError(f"{name}: {where}: no column {wanted or role!r}; columns: {list(record)} "
-                    f"(choose one with --{role.replace('_', '-')}-column)")
+                    f"(choose one with {flag_of(role)})")
 
 
 def _text(name, record, key, where) -> str:
@@ -129,6 +134,24 @@ def _choices(name, record, cols: Columns, where, jsonl: bool) -> list[str]:
     return options
 
 
+def record_fields(name: str, record: Mapping, layout: str, cols: Columns, where: str, jsonl: bool) -> dict:
+    """One record's inputs for `layout` (text, pair, similarity, choice): {"text"} or {"text",
+    "text_pair"}, or {"context", "question" (when present and not empty), "choices"}. `name` and
+    `where` (the line) go into the DataErrors; `jsonl` keeps a JSON list of choices as read."""
+    if layout == "choice":
+        key = _column(name, record, "context", cols.names.get("context"), where)
+        ex = {"context": _text(name, record, key, where), "choices": _choices(name, record, cols, where, jsonl)}
+        q = _column(name, record, "question", cols.names.get("question"), where, optional=True)
+        if q is not None and record[q] not in (None, ""):
+            ex["question"] = _text(name, record, q, where)
+        return ex
+    ex = {"text": _text(name, record, _column(name, record, "text", cols.names.get("text"), where), where)}
+    if layout != "text":
+        ex["text_pair"] = _text(name, record, _column(name, record, "text_pair", cols.names.get("text_pair"), where),
+                                where)
+    return ex
+
+
 def read_examples(path: str | Path, task: str, cols: Columns | None = None) -> ExampleTable:
     """Every row of `path` for the `--task` name `task`: its fields and its raw label (a list of
     names for multilabel, a list of floats for regression, an option index for choice, a string or
@@ -141,20 +164,8 @@ def read_examples(path: str | Path, task: str, cols: Columns | None = None) -> E
     for line, record, _ in reader:
         where = f"line {line}"
         label_key = _column(name, record, "label", cols.names.get("label"), where)
-        if layout == "choice":
-            key = _column(name, record, "context", cols.names.get("context"), where)
-            ex = {"context": _text(name, record, key, where),
-                  "choices": _choices(name, record, cols, where, jsonl)}
-            q = _column(name, record, "question", cols.names.get("question"), where, optional=True)
-            if q is not None and record[q] not in (None, ""):
-                ex["question"] = _text(name, record, q, where)
-            main = ex["context"]
-        else:
-            main = _text(name, record, _column(name, record, "text", cols.names.get("text"), where), where)
-            ex = {"text": main}
-            if layout != "text":
-                key = _column(name, record, "text_pair", cols.names.get("text_pair"), where)
-                ex["text_pair"] = _text(name, record, key, where)
+        ex = record_fields(name, record, layout, cols, where, jsonl)
+        main = ex["context"] if layout == "choice" else ex["text"]
         label = record[label_key]
         at = f"{name}: {where}: column {label_key!r}"
         labels.append(parse_label(kind, label, at, jsonl, cols.label_separator, ex.get("choices")))

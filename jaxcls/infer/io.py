@@ -120,21 +120,9 @@ class ExampleReader:
             yield chunk
 
     def _fields(self, record, where: str) -> dict:
-        # The roles and their checks are data.records' (read_examples builds the same fields).
-        from jaxcls.data.records import _choices, _column, _text
+        from jaxcls.data.records import record_fields
 
-        name, cols = self._table.name, self.columns
-        if self.layout == "choice":
-            key = _column(name, record, "context", cols.names.get("context"), where)
-            ex = {"context": _text(name, record, key, where),
-                  "choices": _choices(name, record, cols, where, self.format == "jsonl")}
-            q = _column(name, record, "question", cols.names.get("question"), where, optional=True)
-            if q is not None and record[q] not in (None, ""):
-                ex["question"] = _text(name, record, q, where)
-            return ex
-        text = _text(name, record, _column(name, record, "text", cols.names.get("text"), where), where)
-        key = _column(name, record, "text_pair", cols.names.get("text_pair"), where)
-        return {"text": text, "text_pair": _text(name, record, key, where)}
+        return record_fields(self._table.name, record, self.layout, self.columns, where, self.format == "jsonl")
 
 
 def read_texts(path, **kw) -> list[str]:

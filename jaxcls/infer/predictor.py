@@ -34,6 +34,7 @@ from flax import nnx
 from jaxcls.data import fine_bucket_lengths, length_buckets
 from jaxcls.data.examples import Truncation
 from jaxcls.errors import ConfigError, DataError
+from jaxcls.shared_prefix import SharedRows, check_supported, shared_prefix_logits
 from jaxcls.task import SingleLabel
 from jaxcls.tokenizer import first_tokens, pad_id_for
 
@@ -64,6 +65,14 @@ def rows_step(graphdef, task, state, ids, lengths):
     model = nnx.merge(graphdef, state)
     features = model.features(ids, jnp.maximum(lengths, 1))
     return task.logits_from_features(model.head, features, lengths).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def shared_step(graphdef, task, state, rows: SharedRows):
+    """Choice logits [E, R] with each example's shared start run once (jaxcls.shared_prefix):
+    `rows_step`'s numbers. One compile per (graphdef, task, E, prefix width, option width)."""
+    _traces.n = _trace_count() + 1
+    return shared_prefix_logits(nnx.merge(graphdef, state), task, rows).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -133,6 +142,11 @@ class Predictor:
         model's. For pair, similarity and choice, `logits`/`predict` take examples (infer/rows.py)
         and `row_buckets`/`batch_size` count rows: a call holds whole examples, batch_size // R of
         them (at least one).
+    shared_prefix: for choice on a `last_real`, causal model, run each example's common start
+        (its context) once and only the options after it (jaxcls.shared_prefix) in a call where
+        that runs fewer token positions, prefix and option widths from the length buckets; the
+        logits are the flattened rows' within float rounding. False, or another model, runs the
+        flattened rows.
 
     A text with no tokens (the empty string) has no token to pool; it is classified as a single
     padding token (length 1), which gives a well-defined, text-independent prediction, and is
@@ -158,6 +172,7 @@ class Predictor:
         pad_id: int | None = None,
         task=None,
         max_text_tokens: int = MAX_TEXT_TOKENS,
+        shared_prefix: bool = True,
     ):
         n_ctx = int(model.config.n_ctx)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -196,10 +211,11 @@ class Predictor:
         if long == "sliding" and self.layout != "text":
             raise ConfigError(f"--long sliding averages windows of one text; the {self.task.name} task joins "
                               "several parts in a row, so use --long truncate")
+        self.shared_prefix = bool(shared_prefix) and self.layout == "choice" and _exact_shared(model)
+        self.share_lengths = fine_bucket_lengths(pad_length) if pad_length else buckets  # prefix, option widths
         self.truncation = Truncation()  # parts cut in multi-part rows (jaxcls.data.examples)
-        self._encoders: dict = {}
-        self.num_compiles = 0
-        self.stats = PredictStats()
+        self._encoders: dict = {}  # rows task -> ExampleEncoder (infer/rows.py)
+        self.num_compiles, self.stats = 0, PredictStats()
         self._lock = threading.RLock()
         self.refresh()
 
@@ -254,18 +270,21 @@ class Predictor:
 
     # -- batches ----------------------------------------------------------------------------
 
-    def _run(self, ids: np.ndarray, lengths: np.ndarray, task=None) -> np.ndarray:
+    def _run(self, ids, lengths: np.ndarray | None = None, task=None) -> np.ndarray:
         """One model call: rows -> their logits, or with `task` (R > 1 rows per example) the
-        examples' logits."""
+        examples' logits; `ids` may be SharedRows (choice with a shared prefix, no lengths)."""
         before = _trace_count()
-        if task is None:
-            out = predict_step(self._graphdef, self._state, ids, lengths)
+        if isinstance(ids, SharedRows):
+            out = shared_step(self._graphdef, task, self._state, ids)
+            size = ids.prefix_ids.size + ids.option_ids.size
+        elif task is None:
+            out, size = predict_step(self._graphdef, self._state, ids, lengths), ids.size
         else:
-            out = rows_step(self._graphdef, task, self._state, ids, lengths)
+            out, size = rows_step(self._graphdef, task, self._state, ids, lengths), ids.size
         out = np.asarray(out)
         self.num_compiles += _trace_count() - before
         self.stats.batches += 1
-        self.stats.tokens_run += ids.size
+        self.stats.tokens_run += size
         return out
 
     def _batch(self, seqs: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -336,22 +355,42 @@ class Predictor:
         """Examples a call of R-row examples may hold: the row buckets in whole examples."""
         return tuple(sorted({max(1, r // rows_per_example) for r in self.row_buckets}))
 
-    def shapes(self) -> list[tuple[int, int]]:
+    def shapes(self) -> list[tuple[int, ...]]:
         """Every (rows, length) batch shape this predictor can run (for choice: examples with at
-        most the trained number of options)."""
+        most the trained number of options; with a shared prefix, (rows, prefix width, option
+        width))."""
         R = self.task.rows_per_example
         if R == 1:
             return [(r, b) for b in self.bucket_lengths for r in self.row_buckets]
-        return [(e * R, b) for b in self.bucket_lengths for e in self.example_buckets(R)]
+        flat = [(e * R, b) for b in self.bucket_lengths for e in self.example_buckets(R)]
+        if not self.shared_prefix:
+            return flat
+        from jaxcls.infer.rows import shared_widths
+
+        return flat + [(e * R, *w) for w in shared_widths(self, R) for e in self.example_buckets(R)]
 
     def warmup(self) -> int:
         """Compile every batch shape now; returns the number of new compiles (0 when warm)."""
         with self._lock:
             before = self.num_compiles
-            for rows, length in self.shapes():
-                ids = np.full((rows, length), self.pad_id, np.int32)
-                self._run(ids, np.ones((rows,), np.int32), self.task if self.task.rows_per_example > 1 else None)
+            tokens_run = self.stats.tokens_run
+            for rows, *widths in self.shapes():
+                ids = np.full((rows, sum(widths)), self.pad_id, np.int32)
+                lengths = np.ones((rows,), np.int32)
+                if widths[1:]:  # (prefix width, option width)
+                    from jaxcls.infer.rows import shared_rows
+
+                    ids = shared_rows(self, ids, lengths, self.task.rows_per_example, widths)
+                self._run(ids, lengths, self.task if self.task.rows_per_example > 1 else None)
                 self.stats.batches -= 1  # warm-up calls are not work
-                self.stats.tokens_run -= rows * length
+            self.stats.tokens_run = tokens_run
             return self.num_compiles - before
 
+
+
+def _exact_shared(model) -> bool:
+    try:
+        check_supported(model)
+    except ConfigError:
+        return False
+    return True

@@ -11,6 +11,12 @@ Choice examples may have fewer options than the task was trained with (the missi
 rows of length 0, probability 0) or more: the head scores each option row alone, so an example
 with n > num_choices options runs as a task of num_choices * 2**k rows, the smallest such that
 holds n, which bounds the number of new shapes.
+
+With `Predictor(shared_prefix=True)` (the default) and a model where it is exact (`last_real`
+pooling, causal), a choice call runs each example's common start once and only the options after
+it (jaxcls.shared_prefix) when that runs fewer token positions than the flattened rows (a long
+context, short options); the prefix and option widths are each the smallest of the predictor's
+`share_lengths` that holds the call's longest, so shapes stay few (`shared_widths`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 from jaxcls.data import length_buckets
 from jaxcls.data.examples import ExampleEncoder
 from jaxcls.errors import DataError
+from jaxcls.shared_prefix import SharedRows, split_rows
 
 PAIR_FORM = "(text, text_pair) pairs or {'text': ..., 'text_pair': ...} mappings"
 CHOICE_FORM = "{'context': ..., 'question': ... (optional), 'choices': [...]} mappings"
@@ -118,5 +125,31 @@ def _grouped_logits(p, task, examples: list[list[np.ndarray]]) -> np.ndarray:
             for r, row in enumerate(unique[j]):
                 ids[k * R + r, : len(row)] = row
                 lengths[k * R + r] = len(row)
+        if p.shared_prefix:
+            shared = shared_rows(p, ids, lengths, R)
+            if shared.prefix_ids.size + shared.option_ids.size < ids.size:  # else the flat rows are cheaper
+                ids = shared
         out[chunk] = p._run(ids, lengths, task)[: len(chunk)]
     return out[inverse]
+
+
+def shared_rows(p, ids: np.ndarray, lengths: np.ndarray, R: int, widths=None) -> SharedRows:
+    """The call's flattened rows as a shared prefix and options, each widened to the smallest of
+    `p.share_lengths` that holds its longest (or to the given (prefix, option) widths)."""
+    rows = split_rows(ids, lengths, R, pad_id=p.pad_id)
+    if widths is None:
+        widths = [int(length_buckets([max(1, int(n.max(initial=0)))], p.share_lengths)[0])
+                  for n in (rows.prefix_len, rows.option_len)]
+
+    def widen(a, width):
+        return np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])], constant_values=p.pad_id)
+
+    return rows._replace(prefix_ids=widen(rows.prefix_ids, widths[0]), option_ids=widen(rows.option_ids, widths[1]))
+
+
+def shared_widths(p, R: int) -> list[tuple[int, int]]:
+    """The (prefix width, option width) pairs a call of R-row examples can run: those cheaper
+    than R rows of max_length (a call takes the shared form only when it is cheaper). The widths
+    of a call may come from different examples, so no pair is left out for not fitting one row."""
+    ladder = p.share_lengths
+    return [(tp, to) for tp in ladder for to in ladder if tp + R * to < R * p.max_length]
