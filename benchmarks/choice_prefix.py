@@ -6,13 +6,20 @@ once per example and only the options' tokens per row. Random weights, float32, 
     python -m benchmarks.choice_prefix                  # gpt2-small, 8 examples x 4 options, 128 + 32 tokens
     python -m benchmarks.choice_prefix --preset tiny    # a smoke run
     python -m benchmarks.choice_prefix --record         # also append the record to benchmarks/results.jsonl
+    python -m benchmarks.choice_prefix --predictor      # also the Predictor end to end, shared_prefix on/off
 
 Timed: the jitted forward (Choice logits) and, unless --no-train, the jitted loss and gradient of
 every parameter (the train step's expensive part; the optimizer update is the same for both forms).
 Each round times `--steps` calls of each form after a warm-up, the order alternating; the figure is
 the median over rounds of each round's median, with min and max, and the speed-up per round. The
 record also holds the largest logit difference between the two forms (they are equal up to float
-rounding)."""
+rounding).
+
+With --predictor, a third mode, "predictor", times `Predictor.logits` end to end on `--examples`
+choice examples (fields in, logits out: encoding, batching, bucketing and the model calls) with
+`shared_prefix=True` (a call takes the shared form when it runs fewer positions) and False; texts
+are token ids written out, so no tokenizer files are needed. The record adds its largest logit
+difference and each form's `tokens_run` (token positions run, padding included) for one call."""
 
 import argparse
 import sys
@@ -35,6 +42,8 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--no-train", action="store_true", help="time the forward only")
+    p.add_argument("--predictor", action="store_true", help="also time Predictor.logits with shared_prefix on/off")
+    p.add_argument("--examples", type=int, default=None, help="examples per --predictor call (default: 4 x --batch)")
     p.add_argument("--threads", type=int, default=None, help="pin to the first N cores (read before jax imports)")
     p.add_argument("--record", action="store_true", help="append the record to --results")
     p.add_argument("--results", default=str(system.RESULTS))
@@ -110,6 +119,31 @@ def build(args):
     return cfg, params, fwd, grad, shared
 
 
+def predictor_mode(args, cfg, params):
+    """(fn(params, form) -> the logits of `--examples` choice examples through a Predictor with
+    shared_prefix on ("shared") or off ("flat"), the two Predictors). Each example has its own
+    random context and options, as token ids written out in text."""
+    import numpy as np
+    from flax import nnx
+
+    from jaxcls.infer.predictor import Predictor
+    from jaxcls.model import GPT2Classifier
+    from jaxcls.task import Choice
+
+    model = GPT2Classifier(cfg, 1, rngs=nnx.Rngs(0))
+    nnx.update(model, params)
+    n = args.examples or 4 * args.batch
+    ids, _ = choice_batch(n, args.options, args.option_len, args.context_ratio * args.option_len, cfg.n_vocab, seed=1)
+    rows = ids.reshape(n, args.options, -1)
+    words = lambda xs: " ".join(map(str, xs))  # noqa: E731
+    split = args.context_ratio * args.option_len - 1  # the encoder adds the delimiter
+    examples = [{"context": words(r[0, :split]), "choices": [words(o[split + 1:]) for o in r]} for r in rows]
+    encode = lambda text: [int(t) for t in text.split()]  # noqa: E731
+    preds = {form: Predictor(model, encode, task=Choice(args.options), batch_size=args.batch * args.options,
+                             shared_prefix=form == "shared") for form in ("flat", "shared")}
+    return (lambda _, form: preds[form].logits(examples)), preds
+
+
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import numpy as np
@@ -118,6 +152,11 @@ def main(argv=None) -> dict:
     cfg, params, fwd, grad, shared = build(args)
     diff = float(np.max(np.abs(np.asarray(fwd(params, "shared")) - np.asarray(fwd(params, "flat")))))
     modes = {"forward": fwd} if args.no_train else {"forward": fwd, "loss_and_grad": grad}
+    if args.predictor:
+        modes["predictor"], preds = predictor_mode(args, cfg, params)
+        end_to_end = {"max_abs_logit_diff": float(np.max(np.abs(modes["predictor"](params, "shared")
+                                                                - modes["predictor"](params, "flat")))),
+                      "tokens_run": {form: p.stats.tokens_run for form, p in preds.items()}}  # one call each
     runs = {m: {"flat": [], "shared": []} for m in modes}
     for mode, fn in modes.items():
         for form in ("flat", "shared"):
@@ -135,12 +174,16 @@ def main(argv=None) -> dict:
               "tokens_per_call": {"flat": args.batch * args.options * T,
                                   "shared": args.batch * (T - args.option_len + args.options * args.option_len)},
               "system_info": info, "runs": runs, "time_s": summary, "speedup": speedup}
+    if args.predictor:
+        record["predictor"] = end_to_end
     system.append_record(args.results if args.record else None, record, threads=args.threads)
     for mode in modes:
         s = summary[mode]
         print(f"{mode}: flattened {s['flat']['median'] * 1e3:.2f} ms, shared context "
               f"{s['shared']['median'] * 1e3:.2f} ms, speed-up {speedup[mode]['median']:.2f}x "
               f"({speedup[mode]['min']:.2f}-{speedup[mode]['max']:.2f}) over {args.rounds} rounds")
+    if args.predictor:
+        print(f"predictor: max |logit difference| {end_to_end['max_abs_logit_diff']:.2e}")
     print(f"max |logit difference| {diff:.2e}" + (f"; recorded in {args.results}" if args.record else ""))
     return record
 

@@ -191,19 +191,23 @@ def test_serve_load_smoke(tmp_path, monkeypatch):
 
 
 def test_choice_prefix_smoke(tmp_path):
-    """`python -m benchmarks.choice_prefix --preset tiny`: both forms timed forward and with
-    gradients, equal logits, and a record only with --record. Fails if a run without --record
-    writes one (planted: `args.results if args.record else None` -> `args.results`)."""
+    """`python -m benchmarks.choice_prefix --preset tiny --predictor`: both forms timed forward, with
+    gradients and through the Predictor, equal logits, and a record only with --record. Fails if a
+    run without --record writes one (planted: `args.results if args.record else None` ->
+    `args.results`); fails if the "shared" Predictor is built with shared_prefix off (planted:
+    `shared_prefix=form == "shared"` -> False: equal tokens_run)."""
     from benchmarks import choice_prefix
 
     results = tmp_path / "results.jsonl"
     base = ["--preset", "tiny", "--rounds", "1", "--steps", "1", "--results", str(results)]
-    record = choice_prefix.main(base + ["--record"])
+    record = choice_prefix.main(base + ["--record", "--predictor", "--examples", "3"])
     assert json.loads(results.read_text().splitlines()[-1])["kind"] == "choice_prefix"
-    assert record["max_abs_logit_diff"] < 1e-5
+    assert record["max_abs_logit_diff"] < 1e-5 and record["predictor"]["max_abs_logit_diff"] < 1e-5
+    # 3 examples: 2 model calls of 2 examples (one a filler), 4 rows of 20 in bucket 24 vs 16 + 4 x 16
+    assert record["predictor"]["tokens_run"] == {"flat": 2 * 2 * 4 * 24, "shared": 2 * 2 * (16 + 4 * 16)}
     assert (record["prefix_len"], record["row_len"]) == (16, 20)
     assert record["tokens_per_call"] == {"flat": 2 * 4 * 20, "shared": 2 * 16 + 2 * 4 * 4}
-    for mode in ("forward", "loss_and_grad"):
+    for mode in ("forward", "loss_and_grad", "predictor"):
         for form in ("flat", "shared"):
             assert record["time_s"][mode][form]["median"] > 0
         assert record["speedup"][mode]["n"] == 1
