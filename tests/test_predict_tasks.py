@@ -301,3 +301,23 @@ def test_classify_usage_errors_per_task(enc, tmp_path, capsys):
     assert main(["classify", "--model", str(folder), "--input", str(tmp_path / "x.csv"),
                  "--pair-column", "other", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["text_pair"] == "there"
+
+
+def test_eval_takes_the_column_flags_and_names_them(enc, tmp_path, capsys):
+    """`jaxcls eval` on a pair table whose second text is in column `other`: without a flag one line
+    naming --pair-column (exit 2), with `--pair-column other` the report of Classifier.evaluate.
+    Planted: eval's _task_columns ignoring the new flags (only --text/--label-column) -> exit 2 -> fails."""
+    clf = classifier(enc, "pair")
+    folder = clf.save(tmp_path / "pair")
+    table = tmp_path / "t.csv"
+    table.write_text('text,other,label\nthe cat,sat down,"[""a""]"\nfree cash,call now,"[""b"", ""c""]"\n')
+    assert main(["eval", "--model", str(folder), "--data", str(table)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no column 'text_pair'" in err and "(choose one with --pair-column)" in err, err
+    assert main(["eval", "--model", str(folder), "--data", str(table), "--pair-column", "other", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    data = [{"text": "the cat", "text_pair": "sat down"}, {"text": "free cash", "text_pair": "call now"}]
+    from jaxcls.data import TextDataset
+    want = clf.evaluate(TextDataset(("the cat", "free cash"), np.array([[1, 0, 0], [0, 1, 1]], np.float32),
+                                    clf.label_names, "t", tuple(data)))
+    assert got["n"] == 2 and got["micro_f1"] == pytest.approx(want["micro_f1"])

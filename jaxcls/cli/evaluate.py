@@ -6,6 +6,7 @@ import json
 import sys
 
 from jaxcls.cli.common import load_classifier, model_options, predictor_kw, report_long, stats_since, stderr
+from jaxcls.cli.predict import COLUMN_FIELDS, DATA_HELP
 from jaxcls.errors import ConfigError, DataError
 
 EVAL_DESCRIPTION = """\
@@ -40,6 +41,9 @@ def register(sub) -> None:
     p.add_argument("--label-column", default=None,
                    help='the column or JSON key holding the label (default: the one training used for this file, '
                         'else the one named "label")')
+    for name in COLUMN_FIELDS:  # pair, similarity and choice files: train's flags
+        p.add_argument("--" + name.replace("_", "-"), default=None,
+                       help=DATA_HELP[name] + " (default: the one training used for this file)")
     p.add_argument("--seed", type=int, default=None,
                    help="the split seed (default: the one training recorded in metrics.json, else 123)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -163,8 +167,8 @@ def _task_columns(args, config: dict):
 
     keys = [f for f in DataSpec.__dataclass_fields__ if f.endswith(("_column", "_columns")) or f == "label_separator"]
     values = {k: config.get(k, DataSpec.__dataclass_fields__[k].default) for k in keys}
-    values.update({k: v for k, v in (("text_column", args.text_column), ("label_column", args.label_column))
-                   if v is not None})
+    given = ("text_column", "label_column", *COLUMN_FIELDS)
+    values.update({k: getattr(args, k) for k in given if getattr(args, k, None) is not None})
     return columns_of(SimpleNamespace(**values))
 
 
