@@ -168,7 +168,8 @@ def test_shared_prefix_equals_the_flattened_rows(enc):
     on = Predictor(model, tok, batch_size=4, task=task, bucket_lengths=(16, 64))
     off = Predictor(model, tok, batch_size=4, task=task, bucket_lengths=(16, 64), shared_prefix=False)
     assert on.shared_prefix and not off.shared_prefix
-    assert on.warmup() == len(on.shapes()) == 2 + 2 and on.warmup() == 0  # flat (3, 16|64), shared (3, 16|64, 16)
+    assert len(on.shapes()) == 2 + 2  # flat (3, 16|64), shared (3, 16|64, 16)
+    assert on.warmup() <= 4 and on.warmup() == 0  # jit caches are per process: earlier tests may have compiled some
     got, want = on.logits(examples), off.logits(examples)
     assert got.shape == want.shape == (len(examples), 7)
     np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
