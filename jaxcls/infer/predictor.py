@@ -154,7 +154,8 @@ class Predictor:
 
     The weights are split from the model once, here: a model trained further afterwards needs
     `refresh()`. `num_compiles` counts the traces (compiles, or persistent-cache loads) this
-    predictor caused; it never exceeds len(row_buckets) * len(bucket_lengths). Calls are serialized
+    predictor caused; it never exceeds len(shapes()) (choice examples with more options than
+    trained add their own row counts). Calls are serialized
     by a lock, so one predictor can serve several threads.
     """
 
