@@ -206,7 +206,8 @@ def test_pair_export_says_how_to_join_the_inputs(tmp_path):
 
 def test_folder_write_is_atomic_and_never_overwrites_by_accident(trained, tmp_path, monkeypatch):
     """A write that fails half-way leaves neither OUT nor a temp folder, and an earlier export
-    being replaced survives it. Fails if files are written into OUT directly."""
+    being replaced survives a failed replacement. Fails if the temp folder is not removed, or the
+    earlier export is not moved back (both planted)."""
     clf, _, _ = trained
     out = tmp_path / "out"
     calls = []
@@ -225,9 +226,15 @@ def test_folder_write_is_atomic_and_never_overwrites_by_accident(trained, tmp_pa
     before = (out / "model.safetensors").read_bytes()
     with pytest.raises(ConfigError, match="not empty; choose another or pass --overwrite"):
         clf.export_hf(out, log=quiet)
-    calls.clear()
-    monkeypatch.setattr(hf_export.os, "fsync", failing_fsync)
-    with pytest.raises(OSError):
+    real_replace = os.replace
+
+    def failing_install(src, dst):  # the old export is moved aside, then installing the new one fails
+        if ".out.export-" in str(src):
+            raise OSError("rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(hf_export.os, "replace", failing_install)
+    with pytest.raises(OSError, match="rename failed"):
         clf.export_hf(out, overwrite=True, log=quiet)
     assert (out / "model.safetensors").read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["out"]
     monkeypatch.undo()
