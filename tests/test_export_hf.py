@@ -246,13 +246,16 @@ def test_folder_write_is_atomic_and_never_overwrites_by_accident(trained, tmp_pa
 
 
 def test_cli_export(trained, tmp_path, capsys):
-    """Exit 0 and the folder; exit 2 with one line for an unknown --format and an existing OUT."""
+    """Exit 0 and the folder, which `jaxcls classify --model` reads; exit 2 with one line for an
+    unknown --format, an existing OUT, and OUT = --model even with --overwrite."""
     clf, _, _ = trained
     model_dir = clf.save(tmp_path / "model")
     out = tmp_path / "hf"
     assert main(["export", "--model", str(model_dir), "--format", "hf", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)
-    assert Classifier.load(out).label_names == ("ham", "spam")
+    assert main(["classify", "--model", str(out), PROBE[1]]) == 0  # classify takes the export as --model
+    label = clf.predict([PROBE[1]])[0]
+    assert label in capsys.readouterr().out
     assert main(["export", "--model", str(model_dir), "--format", "onnx", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--format 'onnx': choose from hf" in err
