@@ -86,6 +86,9 @@ def test_export_matches_jaxcls_through_the_model_and_the_pipeline(trained):
     assert_no_missing_keys(info)
     np.testing.assert_allclose(torch.softmax(torch.tensor(logits), -1).numpy(), ours, atol=1e-5)
     np.testing.assert_allclose(pipeline_scores(out, PROBE, clf.label_names), ours, atol=1e-5)
+    long = ["word " * 200]  # over n_ctx = 64 tokens: jaxcls keeps the first 64, as truncation=True does
+    np.testing.assert_allclose(pipeline_scores(out, long, clf.label_names, truncation=True),
+                               clf.predict_proba(long), atol=1e-5)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["GPT2ForSequenceClassification"] and cfg["pad_token_id"] == 50256
     assert cfg["problem_type"] == "single_label_classification"
