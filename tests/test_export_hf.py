@@ -119,6 +119,38 @@ def test_import_round_trip_reproduces_the_logits(trained, tmp_path):
     np.testing.assert_allclose(again.predictor().logits(PROBE), want, atol=1e-5)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (dict(id2label={"0": "a", "2": "b"}), r"config.json: id2label keys must be 0..1, got \[0, 2\]"),
+    (dict(id2label={"0": "a", "1": "b", "2": "c"}),
+     r"model.safetensors: tensor 'score.weight' has shape \(2, 16\), but config.json .* implies \(3, 16\)"),
+    (dict(problem_type="ranking"), "config.json: problem_type 'ranking' is not one of"),
+    (dict(drop="score.weight"), r"model.safetensors: missing tensor\(s\) score.weight"),
+    (dict(extra="classifier.weight"), "model.safetensors: tensor 'classifier.weight' is not a parameter"),
+])
+def test_import_refuses_a_folder_that_disagrees_with_itself(trained, tmp_path, edit, message):
+    """A damaged transformers folder is a CheckpointError naming the file and the field or tensor
+    (planted: score.weight not required -> no error for the dropped tensor)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from jaxcls.errors import CheckpointError
+
+    folder = tmp_path / "bad"
+    shutil.copytree(trained[1], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update({k: v for k, v in edit.items() if k in ("id2label", "problem_type")})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(folder / "model.safetensors"))
+    if "drop" in edit:
+        tensors.pop(edit["drop"])
+    if "extra" in edit:
+        tensors[edit["extra"]] = np.zeros((2, 16), np.float32)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=message):
+        Classifier.load(folder)
+
+
 def test_multilabel_exports_sigmoid_and_keeps_thresholds(tmp_path):
     """Fails if multi-label is exported as single_label_classification (the pipeline then
     applies softmax) or the thresholds are lost on import."""

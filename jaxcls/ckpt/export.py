@@ -320,16 +320,13 @@ def load_hf_classifier(folder: str | Path) -> Imported:
     raw = {k: v for k, v in raw.items() if not names.HF_IGNORED.fullmatch(k)}
     check_plausible(config, raw, file=file, config_file=config_file)
 
-    def reshape(path, info):
-        return dataclasses.replace(info, shape=info.shape[::-1]) if path == ("head", "kernel") else info
-
-    matched = match_tensors(raw, table, shapes, file=file, model=ARCHITECTURE, source=config_file,
-                            described=dict(config.hparams(), num_labels=len(labels)), reshape=reshape,
+    as_stored = {**shapes, ("head", "kernel"): shapes[("head", "kernel")][::-1]}  # transformers: (out, in)
+    matched = match_tensors(raw, table, as_stored, file=file, model=ARCHITECTURE, source=config_file,
+                            described=dict(config.hparams(), num_labels=len(labels)),
                             required=[p for p in table.values() if p != ("head", "bias")])
     arrays = hf.read_tensors(file, matched.values(), data_start)
     tensors = {p: arrays[info.name] for p, info in matched.items()}
-    tensors[("head", "kernel")] = np.ascontiguousarray(arrays[matched[("head", "kernel")].name].reshape(
-        len(labels), config.n_embd).T)
+    tensors[("head", "kernel")] = np.ascontiguousarray(tensors[("head", "kernel")].T)
     tensors.setdefault(("head", "bias"), np.zeros(len(labels), np.float32))
     return Imported(materialize(make, tensors), labels, _task(cfg, labels, config_file),
                     folder if tokenizer_files(folder) else None, _pad_length(folder, config.n_ctx))
