@@ -31,9 +31,10 @@ class Classifier:
     def __init__(self, model: GPT2Classifier, tokenizer, label_names: Sequence[str], *,
                  pad_length: int | None = None, trainable: str = "last_block",
                  base: dict | None = None, tokenizer_dir: Path | None = None, task=None):
-        if len(label_names) != model.num_classes:
-            raise ConfigError(f"{len(label_names)} label names for a head of {model.num_classes} classes")
         self.task = SingleLabel(tuple(label_names)) if task is None else task
+        if self.task.head_width != model.num_classes or len(label_names) != self.task.num_outputs:
+            raise ConfigError(f"{len(label_names)} label names for a head of {model.num_classes} outputs "
+                              f"(task {self.task.name})")
         self.model = model
         self.tokenizer = tokenizer
         self.label_names = tuple(label_names)
@@ -51,14 +52,18 @@ class Classifier:
                         pooling: str = "last_real", weights: str = "pretrained", seed: int = 123,
                         lora_rank: int = 16, lora_alpha: float = 16.0, dtype: str = "float32",
                         causal: bool = True, dropout: float = 0.0, tokenizer: str | Path | None = None,
-                        verify: bool = False) -> "Classifier":
+                        verify: bool = False, task=None) -> "Classifier":
         """GPT-2 from a checkpoint folder or size name with a new `num_classes` head; `weights=
-        'random'` keeps only the shape (also the 'tiny' and 'mini' presets, which have no files)."""
+        'random'` keeps only the shape (also the 'tiny' and 'mini' presets, which have no files).
+        `task` (jaxcls.task, e.g. `make_task("multilabel", names)`) sets the head's width and the
+        label names; the default is single-label text over `label_names`."""
+        if task is not None:
+            label_names = task.label_names
         if label_names is None:
             if num_classes is None:
                 raise ConfigError("from_pretrained needs num_classes or label_names")
             label_names = [str(i) for i in range(num_classes)]
-        num_classes = len(label_names)
+        num_classes = task.head_width if task is not None else len(label_names)
         overrides = dict(dtype=dtype, causal=causal, dropout=dropout,
                          lora_rank=lora_rank if trainable == "lora" else 0, lora_alpha=lora_alpha)
 
@@ -79,15 +84,15 @@ class Classifier:
                 base = {"path": str(folder.resolve()), "layout": ckpt.layout}
         tok_dir = resolve_checkpoint_dir(tokenizer) if tokenizer else tokenizer_dir_for(folder)
         tok = tokenizer_from_folder(tok_dir)
-        return cls(model, tok, label_names, trainable=trainable, base=base, tokenizer_dir=tok_dir)
+        return cls(model, tok, label_names, trainable=trainable, base=base, tokenizer_dir=tok_dir, task=task)
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, label_names: Sequence[str], *, trainable: str = "last_block",
-                  seed: int = 123, tokenizer: str | Path | None = None) -> "Classifier":
+                  seed: int = 123, tokenizer: str | Path | None = None, task=None) -> "Classifier":
         """`from_pretrained` with a ModelSpec's settings (what `jaxcls train` builds)."""
         return cls.from_pretrained(spec.checkpoint, label_names=label_names, trainable=trainable, seed=seed,
-                                   tokenizer=tokenizer, **{k: v for k, v in dataclasses.asdict(spec).items()
-                                                           if k != "checkpoint"})
+                                   tokenizer=tokenizer, task=task,
+                                   **{k: v for k, v in dataclasses.asdict(spec).items() if k != "checkpoint"})
 
     # ---- training ----
     def fit(self, train, validation=None, test=None, *, out: str | Path | None = None,
@@ -100,14 +105,17 @@ class Classifier:
 
         splits = train if isinstance(train, DataSplits) else DataSplits(
             self._dataset(train, "train"), self._dataset(validation, "validation"),
-            self._dataset(test, "test"), self.label_names)
+            self._dataset(test, "test"), self.label_names, self.task.name)
         if tuple(splits.label_names) != self.label_names:
             raise ConfigError(f"data labels {splits.label_names} differ from the classifier's {self.label_names}")
         cfg, pooling = self._fit_config(config)
         self.trainable = cfg.trainable
         self.model.pooling = pooling
+        if splits.task != self.task.name:
+            raise ConfigError(f"the data was read for --task {splits.task}, the classifier is for {self.task.name}")
         result = fit(self.model, self.encode, splits, cfg, out=Path(out) if out else None,
-                     resume=resume, progress=progress, log=log, on_step=on_step)
+                     resume=resume, progress=progress, log=log, on_step=on_step, task=self.task)
+        self.task = result.task
         self.model = nnx.merge(result.graphdef, result.trainable, result.frozen)
         self.pad_length = result.pad_length
         self._predictors.clear()
@@ -146,11 +154,33 @@ class Classifier:
         return built
 
     def _dataset(self, d, split) -> TextDataset | None:
+        """(texts, labels) as a TextDataset; for other tasks (examples, labels): examples are
+        texts or field dicts (text_pair; context, question, choices), labels lists of names
+        (multilabel), numbers or lists of numbers (regression) or option indices (choice)."""
         if d is None or isinstance(d, TextDataset):
             return d
         texts, labels = d
-        ids = label_ids(labels, self.label_names, source=f"<{split}>")
-        return TextDataset(tuple(texts), ids, self.label_names, f"<{split}>")
+        source = f"<{split}>"
+        task = getattr(self, "task", None)  # tests call this on a bare namespace of label names
+        if task is None or task.name == "single":
+            return TextDataset(tuple(texts), label_ids(labels, self.label_names, source=source),
+                               self.label_names, source)
+        from jaxcls.data import multi_hot, targets
+
+        fields = [{"text": t} if isinstance(t, str) else dict(t) for t in texts]
+        lines = list(range(1, len(fields) + 1))
+        kind = task.kind
+        if kind == "multilabel":
+            y = multi_hot(labels, self.label_names, source=source, lines=lines, column="label")
+        elif kind == "regression":
+            y = targets([np.atleast_1d(v).tolist() for v in labels], len(self.label_names), source=source,
+                        lines=lines, column="label")
+        elif kind == "choice":
+            y = np.asarray(labels, np.int32)
+        else:
+            y = label_ids(labels, self.label_names, source=source)
+        main = [f.get("text", f.get("context", "")) for f in fields]
+        return TextDataset(tuple(main), y, self.label_names, source, tuple(fields))
 
     # ---- inference ----
     def encode(self, text: str) -> list[int]:
@@ -173,20 +203,72 @@ class Classifier:
             self._predictors[key] = Predictor(self.model, self.encode, pad_length=self.pad_length, task=self.task, **kw)
         return self._predictors[key]
 
-    def predict_proba(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
-        return self.predictor(batch_size=batch_size).predict(list(texts))[1]
+    def predict_proba(self, examples: Sequence, *, batch_size: int = 32) -> np.ndarray:
+        """float32 per example: the softmax over the labels (single), each label's own probability
+        (multilabel), the predicted values in the targets' units (regression), or each option's
+        probability, 0 for an option the example lacks (choice; [N, W], W the larger of the
+        trained option count and the most options given). Examples are texts, (text, text_pair)
+        pairs (pair, similarity) or {"context", "question" (optional), "choices"} mappings."""
+        return self.predictor(batch_size=batch_size).predict(_examples(examples))[1]
 
-    def predict(self, texts: Sequence[str], *, batch_size: int = 32, return_probs: bool = False):
-        ids, probs = self.predictor(batch_size=batch_size).predict(list(texts))
-        labels = [self.label_names[i] for i in ids]
-        return (labels, probs) if return_probs else labels
+    def predict(self, examples: Sequence, *, batch_size: int = 32, return_probs: bool = False):
+        """Per example, as the task decides: a label name (single), the list of label names at or
+        above their thresholds (multilabel), a float32 [N, K] array of values (regression), or the
+        chosen option's index (choice). With `return_probs`, also `predict_proba`'s array."""
+        decisions, probs = self.predictor(batch_size=batch_size).predict(_examples(examples))
+        kind, names = self.task.kind, self.label_names
+        if kind == "single":
+            out = [names[int(i)] for i in decisions]
+        elif kind == "multilabel":
+            out = [[names[k] for k in np.flatnonzero(row)] for row in decisions]
+        elif kind == "regression":
+            out = np.asarray(decisions, np.float32)
+        else:
+            out = [int(i) for i in decisions]
+        return (out, probs) if return_probs else out
 
     def warmup(self, *, batch_size: int = 32) -> int:
         return self.predictor(batch_size=batch_size).warmup()
 
     def evaluate(self, data: TextDataset, *, batch_size: int = 32) -> dict:
-        logits = self.predictor(batch_size=batch_size).logits(list(data.texts))
+        """The task's report on a labelled split (texts, or examples for pair, similarity and choice)."""
+        if self.task.inputs.kind == "text" and data.fields is None:
+            logits = self.predictor(batch_size=batch_size).logits(list(data.texts))
+        else:
+            logits = self.example_logits(data.examples(), batch_size=batch_size)
         return self.task.report(data.labels, logits)
+
+    def example_logits(self, examples: Sequence, *, batch_size: int = 32) -> np.ndarray:
+        """Logits (n, outputs) of examples of any layout: rows from data.examples (as training built
+        them), run in batches padded to the fixed pad length or the bucket of the batch's longest row."""
+        import jax
+
+        from jaxcls.data import fine_bucket_lengths, length_buckets
+        from jaxcls.data.examples import encode_examples
+        from jaxcls.tokenizer import pad_id_for
+        from jaxcls.train.step import StepSpec, forward
+
+        rows, _ = encode_examples(self.task, self.encode, examples, self.max_length)
+        r, n_ctx = self.task.rows_per_example, self.model.config.n_ctx
+        key = ("example_logits", self.task)
+        if key not in self._predictors:
+            graphdef, state = nnx.split(self.model)
+            spec = StepSpec(self.task)
+            self._predictors[key] = (jax.jit(lambda st, ids, lens: forward(nnx.merge(graphdef, st), ids, lens, spec)),
+                                     state)
+        run, state = self._predictors[key]
+        out = []
+        for i in range(0, len(rows), batch_size):
+            chunk = [x for ex in rows[i:i + batch_size] for x in ex]
+            chunk += [chunk[0]] * (batch_size * r - len(chunk))  # fixed batch shape; extra rows dropped
+            longest = max(len(x) for x in chunk)
+            t = self.pad_length or int(length_buckets([longest], fine_bucket_lengths(n_ctx))[0])
+            ids = np.full((len(chunk), t), pad_id_for(self.model.config.n_vocab), np.int32)
+            for j, x in enumerate(chunk):
+                ids[j, :len(x)] = x
+            lens = np.array([len(x) for x in chunk], np.int32)
+            out.append(np.asarray(run(state, ids, lens))[:len(rows[i:i + batch_size])])
+        return np.concatenate(out) if out else np.zeros((0, self.task.num_outputs), np.float32)
 
     # ---- files ----
     def save(self, directory: str | Path, *, full: bool = False) -> Path:
@@ -228,3 +310,10 @@ class Classifier:
         return cls(saved.model, tokenizer_from_folder(saved.tokenizer_dir), saved.label_names,
                    pad_length=meta.get("pad_length"), task=task, trainable=meta.get("trainable", "last_block"),
                    base=meta.get("base"), tokenizer_dir=saved.tokenizer_dir)
+
+
+def _examples(examples) -> list:
+    """A list of examples; one string is refused (a sequence of texts is meant)."""
+    if isinstance(examples, str):
+        raise TypeError("predict takes a sequence of examples, not one string: wrap it in a list")
+    return list(examples)

@@ -133,6 +133,13 @@ BATCHINGS = ("auto", "buckets", "global")
 SCHEDULES = ("constant", "cosine")
 
 
+def _unit(text: str) -> bool:
+    try:
+        return 0.0 <= float(text) <= 1.0
+    except (TypeError, ValueError):
+        return False
+
+
 def _need(obj, cond, field, what):
     if not cond:
         raise ConfigError(f"{type(obj).__name__}.{field}: {what}, got {getattr(obj, field)!r}")
@@ -172,6 +179,22 @@ class DataSpec:
     test: str | None = None
     text_column: str | None = None
     label_column: str | None = None
+    task: str = "single"  # see docs/tasks.md: single | multilabel | regression | pair[-...] | similarity[-...] | choice
+    pair_column: str | None = None
+    context_column: str | None = None
+    question_column: str | None = None
+    choices_column: str | None = None
+    choice_columns: str | None = None  # option columns, comma-separated, instead of a choices list
+    label_separator: str = ","  # between multi-label names in a CSV/TSV field
+    delimiter: str = "<|endoftext|>"  # joins the two parts of a pair, similarity or choice row
+
+    def __post_init__(self):
+        from jaxcls.task import Inputs, parse_task_name
+
+        parse_task_name(self.task)  # a named ConfigError for an unknown task
+        Inputs("text", self.delimiter)  # and for an empty delimiter
+        _need(self, isinstance(self.label_separator, str) and self.label_separator != "", "label_separator",
+              "must be a non-empty string")
 
     @property
     def is_sms(self) -> bool:
@@ -199,6 +222,9 @@ class TrainConfig:
     clip_norm: float | None = None
     class_weights: str = "none"  # none | balanced | comma-separated weights per class
     label_smoothing: float = 0.0
+    pos_weight: str = "none"  # multilabel: none | auto | w1,w2,... per label
+    thresholds: str = "0.5"  # multilabel: a decision threshold for every label, or 'tune' on validation
+    standardize: bool = False  # regression: train on standardised targets (undone at prediction)
     seed: int = 123
     eval_freq: int = 50
     eval_iter: int = 5
@@ -233,6 +259,7 @@ class TrainConfig:
         need(self.lr > 0, "lr", "must be positive")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        need(self.thresholds == "tune" or _unit(self.thresholds), "thresholds", "must be 'tune' or a number in [0, 1]")
         need(self.max_steps is None or self.max_steps > 0, "max_steps", "must be positive")
         need(self.clip_norm is None or self.clip_norm > 0, "clip_norm", "must be positive")
 

@@ -84,9 +84,11 @@ def fixture_dir(request) -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache_home(tmp_path_factory):
-    """No test writes into the user's jaxcls cache (downloads, remembered base-checkpoint hashes)."""
+    """No test writes into the user's jaxcls cache (downloads, remembered base-checkpoint hashes),
+    nor finds a model in the user's Hugging Face cache ('gpt2-medium' may resolve there)."""
     patch = pytest.MonkeyPatch()
     patch.setenv("JAXCLS_HOME", str(tmp_path_factory.mktemp("jaxcls-home")))
+    patch.setenv("HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf-hub-cache")))
     yield
     patch.undo()
 

@@ -231,12 +231,18 @@ def test_refuses_without_causal_mask_and_a_bias_that_cannot_fold(tmp_path):
     assert not (tmp_path / "y").exists() and not list(tmp_path.iterdir())
 
 
-def test_pair_export_says_how_to_join_the_inputs(tmp_path):
-    clf = tiny()
-    clf.task = make_task("pair", ["ham", "spam"])
+def test_pair_export_says_how_to_join_the_inputs_and_that_join_matches(tmp_path):
+    """The note's joined string through transformers gives jaxcls's pair probabilities (the
+    delimiter is id 50256 on both sides). Fails if the note names another join."""
+    clf = tiny(task=make_task("pair", ["ham", "spam"]))
+    set_head(clf, 5)
     logs = []
-    clf.export_hf(tmp_path / "pair", log=logs.append)
-    assert any("text + '<|endoftext|>' + text_pair" in line for line in logs)
+    out = clf.export_hf(tmp_path / "pair", log=logs.append)
+    note = next(line for line in logs if "text_pair" in line)
+    assert "text + '<|endoftext|>' + text_pair as one string" in note
+    pairs = [("are you free", "yes at 6"), ("WINNER!! claim", "no thanks, not interested at all"), ("ok", "a")]
+    joined = [a + "<|endoftext|>" + b for a, b in pairs]
+    np.testing.assert_allclose(pipeline_scores(out, joined, clf.label_names), clf.predict_proba(pairs), atol=1e-5)
 
 
 def test_folder_write_is_atomic_and_never_overwrites_by_accident(trained, tmp_path, monkeypatch):

@@ -231,3 +231,109 @@ def test_missing_length_and_unknown_paths(server):
     status, out = request(server, "GET", "/nope")
     assert status == 404 and out["error"].startswith("no such path '/nope'")
     assert request(server, "GET", "/health")[0] == 200  # still serving
+
+
+# ---- tasks beyond single-label text: pairs, choice, per-field limits, errors from the model -----
+
+def task_server(task, seed=0, max_texts=6, **limits):
+    from jaxcls.task import make_task
+
+    task = make_task(task, ["x", "y", "z"], num_choices=3 if task == "choice" else None)
+    enc = encoding_from_files(TOKENIZER_DIR / "vocab.bpe", TOKENIZER_DIR / "encoder.json")
+    model = GPT2Classifier(TINY_SIZES["tiny"], task.head_width, rngs=nnx.Rngs(seed))
+    clf = Classifier(model, enc, task.label_names, task=task)
+    return clf, make_server(clf, "127.0.0.1", 0, predictor_kw=KW, max_texts=max_texts,
+                            max_body_bytes=8192, max_text_chars=300, **limits)
+
+
+def test_pair_and_choice_requests_answer_as_classifier_predict():
+    """JSON of each layout gives Classifier.predict's answers, one object or a "texts" list; the
+    form offers the layout's fields. Planted: _predict answering without the option count (choice
+    probs for every column) -> fails; the page for layout 'text' whatever the task -> fails."""
+    pairs = [("the cat sat", "on the mat"), ("free cash now", "call 42"), ("hello", "lunch?")]
+    clf, srv = task_server("pair-multilabel")
+    with srv:
+        want, probs = clf.predict(pairs, return_probs=True)
+        status, out = request(srv, "POST", "/classify", {"texts": [{"text": a, "text_pair": b} for a, b in pairs]})
+        assert status == 200 and [p["labels"] for p in out["predictions"]] == want
+        for p, w in zip(out["predictions"], probs):
+            np.testing.assert_allclose(list(p["probs"].values()), w, atol=1e-6)
+        status, one = request(srv, "POST", "/classify", {"text": pairs[1][0], "text_pair": pairs[1][1]})
+        assert status == 200 and one["predictions"] == [out["predictions"][1]]
+        page = request(srv, "GET", "/")[1]
+        assert 'id="text_pair"' in page and 'id="texts"' not in page
+        assert request(srv, "GET", "/info")[1]["fields"] == ["text", "text_pair"]
+    examples = [{"context": "pick the animal", "choices": ["car", "cat"]},
+                {"context": "pick a number", "question": "which?", "choices": ["42", "lunch", "tea"]}]
+    clf, srv = task_server("choice", max_texts=10)
+    with srv:
+        want, probs = clf.predict(examples, return_probs=True)
+        status, out = request(srv, "POST", "/classify", {"texts": examples})
+        assert status == 200 and [p["index"] for p in out["predictions"]] == want
+        assert len(out["predictions"][0]["probs"]) == 2 and len(out["predictions"][1]["probs"]) == 3
+        for p, w, e in zip(out["predictions"], probs, examples):
+            np.testing.assert_allclose(p["probs"], w[:len(e["choices"])], atol=1e-6)
+            assert p["probability"] == p["probs"][p["index"]]
+        page = request(srv, "GET", "/")[1]
+        assert 'id="context"' in page and 'id="choices"' in page and 'id="question"' in page
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ({"text": "a"}, 400, '"text_pair" is missing'),
+    ({"texts": [{"text": "a", "text_pair": "b"}, {"text": "a"}]}, 400, '"texts"[1]."text_pair" is missing'),
+    ({"text": "a", "text_pair": 3}, 400, '"text_pair" must be a string, got int'),
+    ({"text": "a", "text_pair": "b", "label": "x"}, 400, '"label": not a field of this task'),
+    ({"texts": ["a b"]}, 400, '"texts"[0] must be an object'),
+    ({"texts": [{"text": "a", "text_pair": "b"}] * 4}, 413, "more than 6 texts (every text field counts)"),
+    ({"text": "a", "text_pair": "x" * 301}, 413, '"text_pair" has 301 characters; at most 300'),
+    ({"text": "", "text_pair": "b"}, 400, "'text' encodes to no tokens"),
+])
+def test_pair_bad_requests(body, status, message):
+    """Every text field counts against --max-texts and --max-text-chars. Planted: examples_of
+    counting examples instead of text fields -> the 4-pair request (8 texts) passes -> fails."""
+    _, srv = task_server("pair-multilabel")
+    with srv:
+        got, out = request(srv, "POST", "/classify", body)
+        assert got == status and message in out["error"], out
+
+
+def test_choice_limits_and_depth():
+    """Choice bodies are one level deeper ({"texts": [{"choices": [...]}]}, allowed) and every
+    option counts as a text. Planted: max_depth left at 3 for choice -> the list form is refused -> fails."""
+    _, srv = task_server("choice")
+    with srv:
+        ex = {"context": "c", "choices": ["a", "b"]}
+        assert request(srv, "POST", "/classify", {"texts": [ex, ex]})[0] == 200
+        status, out = request(srv, "POST", "/classify", {"context": "c", "choices": ["a", "y" * 301]})
+        assert status == 413 and '"choices"[1] has 301 characters' in out["error"]
+        status, out = request(srv, "POST", "/classify", {"context": "c", "choices": list("abcdef")})
+        assert status == 413 and "more than 6 texts" in out["error"]
+        status, out = request(srv, "POST", "/classify", {"context": "c", "choices": []})
+        assert status == 400 and "non-empty list" in out["error"]
+
+
+def test_sliding_token_cap_is_400_and_spares_the_batch():
+    """A text over the sliding-window token cap is the client's error (400 naming it), not a 500, and
+    requests gathered in the same batch still get their answers. Planted: the `except DataError`
+    in ClassifierApp.classify removed -> 500; Batcher._run failing every gathered item -> the good
+    request fails."""
+    enc = encoding_from_files(TOKENIZER_DIR / "vocab.bpe", TOKENIZER_DIR / "encoder.json")
+    clf = Classifier(GPT2Classifier(TINY_SIZES["tiny"], 3, rngs=nnx.Rngs(0)), enc, ["a", "b", "c"])
+    srv = make_server(clf, "127.0.0.1", 0, predictor_kw={**KW, "long": "sliding", "max_text_tokens": 100},
+                      max_batch_delay_ms=300)
+    with srv:
+        results = {}
+
+        def post(key, text):
+            results[key] = request(srv, "POST", "/classify", {"texts": ["fine", text]})
+
+        threads = [threading.Thread(target=post, args=("bad", "word " * 150)),
+                   threading.Thread(target=post, args=("good", "a short text"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        status, out = results["bad"]
+        assert status == 400 and out["error"].startswith("text at index 1: more than 100 tokens"), out
+        assert results["good"][0] == 200 and len(results["good"][1]["predictions"]) == 2
+        assert request(srv, "GET", "/health")[0] == 200

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxcls.ckpt import hf, names, openai
+from jaxcls.ckpt import hf, hub, names, openai
 from jaxcls.ckpt.download import checkpoint_folder, download_checkpoint, missing_files
 from jaxcls.config import GPT2Config, canonical_size
 from jaxcls.errors import CheckpointError
@@ -48,19 +48,28 @@ def layout_of(folder: Path) -> str:
 
 def resolve_checkpoint_dir(path_or_name: str | Path, *, download: bool = True,
                            progress: bool = True) -> Path:
-    """A folder as given, or a released size ('gpt2-small', '124M') from the cache, downloaded
-    there on first use unless `download` is False."""
+    """A folder as given; a Hub name ('openai-community/gpt2', 'hf://ORG/NAME@REV') from the
+    Hugging Face cache (ckpt/hub.py); or a released size ('gpt2-small', '124M') from jaxcls's
+    cache. Missing ones are downloaded unless `download` is False. The Hub's old ids ('gpt2',
+    'gpt2-medium', ...) are also sizes: jaxcls's cache first, then the Hugging Face cache, and only
+    then OpenAI's download, as before."""
     path = Path(path_or_name).expanduser()
     if path.is_file() and path.suffix == ".safetensors":
         return path.parent
     if path.is_dir():
         return path
+    hub_name = hub.parse(str(path_or_name))
+    if hub_name is not None and not hub.is_old_id(str(path_or_name)):
+        return hub.resolve(hub_name, download=download, progress=progress)
     size = canonical_size(str(path_or_name))
     if size is None:
         raise CheckpointError(f"{path_or_name}: no such checkpoint folder, and not a released size "
-                              "(gpt2-small/124M, gpt2-medium/355M, gpt2-large/774M, gpt2-xl/1558M)")
+                              "(gpt2-small/124M, gpt2-medium/355M, gpt2-large/774M, gpt2-xl/1558M) "
+                              "nor a Hub name (ORG/NAME, hf://ORG/NAME@REV)")
     folder = checkpoint_folder(size)
     missing = missing_files(folder)
+    if missing and hub_name is not None and hub.cached(hub_name) is not None:
+        return hub.cached(hub_name)
     if missing:
         if not download:
             raise CheckpointError(f"{folder}: checkpoint {size} is not downloaded (missing "

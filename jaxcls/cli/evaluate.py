@@ -154,11 +154,61 @@ def _eval_dataset(args, clf, warn):
     return list(data.texts), np.asarray(data.labels, np.int32), data.source
 
 
+def _task_columns(args, config: dict):
+    """The column flags for reading a task's file: eval's own, else those training recorded."""
+    from types import SimpleNamespace
+
+    from jaxcls.config import DataSpec
+    from jaxcls.data.splits import columns_of
+
+    keys = [f for f in DataSpec.__dataclass_fields__ if f.endswith(("_column", "_columns")) or f == "label_separator"]
+    values = {k: config.get(k, DataSpec.__dataclass_fields__[k].default) for k in keys}
+    values.update({k: v for k, v in (("text_column", args.text_column), ("label_column", args.label_column))
+                   if v is not None})
+    return columns_of(SimpleNamespace(**values))
+
+
+def _eval_task_dataset(args, clf, warn):
+    """eval's rows for a task other than single-label text: a whole file, or the seeded split of
+    the file training cut (as for single-label, see EVAL_DESCRIPTION)."""
+    from jaxcls.data import load_splits, task_dataset
+
+    record = _training_record(args.model)
+    config = record.get("config") or {}
+    if args.data in ("sms-spam", "sms_spam") or args.data_path is not None:
+        raise ConfigError(f"--data {args.data}: the classifier is for --task {clf.task.name}; give its data file")
+    role = _training_role(args.data, record)
+    columns = _task_columns(args, config if role is not None else {})
+    was_split = config.get("validation") is None and config.get("test") is None
+    if args.split in (None, "all"):
+        if role == "train":
+            warn(f"note: {args.data} is the file {args.model} was trained on")
+        return task_dataset(args.data, clf.task.name, columns, clf.label_names, source=f"{args.data}:all")
+    if role != "train" or not was_split:
+        raise ConfigError(f"--split {args.split}: {args.data} is not the file {args.model} was trained on "
+                          "with a seeded split; drop --split to score every row")
+    seed = _split_seed(args, config, args.data)
+    splits = load_splits(args.data, seed=seed, task=clf.task.name, columns=columns,
+                         label_names=None if clf.task.kind == "choice" else list(clf.label_names))
+    data = getattr(splits, args.split)
+    if data is None:
+        raise DataError(f"{args.data}: there is no {args.split} split")
+    return data
+
+
 def cmd_eval(args) -> int:
     from jaxcls.metrics import classification_report
 
     clf = load_classifier(args)
     err = stderr()
+    if clf.task.name != "single":
+        data = _eval_task_dataset(args, clf, lambda line: err.print(line, highlight=False))
+        report = clf.evaluate(data, batch_size=args.batch_size)
+        if args.json:
+            print(json.dumps({"data": data.source, "task": clf.task.to_json(), **report}, indent=2))
+        else:
+            _print_task_report(report, data.source, clf.task)
+        return 0
     texts, labels, source = _eval_dataset(args, clf, lambda line: err.print(line, highlight=False))
     predictor = clf.predictor(**predictor_kw(args))
     before = predictor.stats.as_dict()
@@ -196,3 +246,28 @@ def _print_report(report: dict, source: str) -> None:
     out.print(cm)
 
 
+
+
+def _print_task_report(report: dict, source: str, task) -> None:
+    """The headline metrics of a multilabel, regression or choice report, and the per-label table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(file=sys.stdout)
+    keys = {"multilabel": ("micro_f1", "macro_f1", "weighted_f1", "subset_accuracy", "hamming_loss", "roc_auc_macro"),
+            "regression": ("mse", "mae", "pearson", "spearman"), "choice": ("accuracy",),
+            "single": ("accuracy", "macro_f1", "mcc")}[task.kind]
+    shown = ", ".join(f"{k.replace('_', ' ')} {'-' if report.get(k) is None else format(report[k], '.4f')}" for k in keys)
+    out.print(f"{source}: {report['n']} examples ({task.name}), {shown}", highlight=False)
+    per = report.get("per_class") or report.get("per_target")
+    if not per:
+        return
+    cols = list(next(iter(per.values())))
+    table = Table(title="per label" if "per_class" in report else "per target", show_edge=False)
+    table.add_column("label")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for name, m in per.items():
+        table.add_row(name, *("-" if m[c] is None else str(m[c]) if isinstance(m[c], int) else f"{m[c]:.4f}"
+                              for c in cols))
+    out.print(table)

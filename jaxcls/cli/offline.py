@@ -25,6 +25,7 @@ def choose_model(args, model: ModelSpec, cfg: TrainConfig) -> tuple[ModelSpec, T
     """The model and loop settings to train: as given, unless the default checkpoint can be
     neither found in the cache nor downloaded (or --offline forbids the download); then the
     random-init preset, announced on stderr in one line. Any other download failure is raised."""
+    from jaxcls.ckpt import hub
     from jaxcls.ckpt.download import checkpoint_folder, missing_files
     from jaxcls.ckpt.load import resolve_checkpoint_dir
     from jaxcls.config import canonical_size
@@ -32,6 +33,8 @@ def choose_model(args, model: ModelSpec, cfg: TrainConfig) -> tuple[ModelSpec, T
     from jaxcls.errors import DownloadError
 
     if model.weights != "pretrained" or canonical_size(model.checkpoint) is None:
+        if args.offline and model.weights == "pretrained" and hub.parse(model.checkpoint) is not None:
+            resolve_checkpoint_dir(model.checkpoint, download=False)  # a Hub name: cached, or refused
         return model, cfg
     if model.checkpoint != DEFAULT_CHECKPOINT or not missing_files(checkpoint_folder(model.checkpoint)):
         if args.offline:  # a size the user chose: refused, naming the download, if it is not cached

@@ -6,11 +6,19 @@ from jaxcls.cli.common import MODEL_HINT, wrong_flag
 
 
 def register(sub) -> None:
-    p = sub.add_parser("download", help="fetch OpenAI's GPT-2 checkpoint files into the cache")
+    p = sub.add_parser("download", help="fetch GPT-2 checkpoint files into the cache")
     p.add_argument("names", nargs="+", metavar="SIZE",
-                   help="gpt2-small/124M, gpt2-medium/355M, gpt2-large/774M, gpt2-xl/1558M")
-    p.add_argument("--cache-dir", default=None, help="default: $JAXCLS_HOME or ~/.cache/jaxcls")
-    p.add_argument("--base-url", default=None, help="default: $JAXCLS_BASE_URL or OpenAI's public bucket")
+                   help="gpt2-small/124M, gpt2-medium/355M, gpt2-large/774M, gpt2-xl/1558M; "
+                        "with --source hf also a Hub name (ORG/NAME, hf://ORG/NAME@REV)")
+    p.add_argument("--source", choices=("openai", "hf"), default="openai",
+                   help="openai: OpenAI's TensorFlow files into jaxcls's cache (default); hf: the "
+                        "Hub's model.safetensors into the Hugging Face cache (needs jaxcls[hub])")
+    p.add_argument("--cache-dir", default=None,
+                   help="default: $JAXCLS_HOME or ~/.cache/jaxcls (openai); $HF_HUB_CACHE, "
+                        "$HF_HOME/hub or ~/.cache/huggingface/hub (hf)")
+    p.add_argument("--base-url", default=None,
+                   help="default: $JAXCLS_BASE_URL or OpenAI's public bucket (openai); "
+                        "$HF_ENDPOINT or huggingface.co (hf)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_download)
 
@@ -27,6 +35,13 @@ def register(sub) -> None:
 def cmd_download(args) -> int:
     from jaxcls.ckpt.download import download_checkpoint
 
+    if args.source == "hf":
+        from jaxcls.ckpt.hub import download_hub
+
+        for name in args.names:
+            print(download_hub(name, cache_dir=args.cache_dir, endpoint=args.base_url,
+                               progress=not args.quiet))
+        return 0
     for name in args.names:
         folder = download_checkpoint(name, cache_dir=args.cache_dir, base_url=args.base_url,
                                               progress=not args.quiet)

@@ -27,6 +27,17 @@ GROUPS: dict[str, dict[str, str]] = {
         "test": "a test file, scored once at the end (default: the seeded split of --data)",
         "text_column": 'the column or JSON key holding the text (default: the one named "text", any case)',
         "label_column": 'the column or JSON key holding the label (default: the one named "label", any case)',
+        "task": "single | multilabel | regression | pair | pair-multilabel | pair-regression | similarity | "
+                "similarity-multilabel | similarity-regression | choice (docs/tasks.md)",
+        "pair_column": 'pair and similarity tasks: the second text\'s column (default: "text_pair")',
+        "context_column": 'choice: the context\'s column (default: "context")',
+        "question_column": 'choice: an optional question column, appended to the context (default: "question")',
+        "choices_column": 'choice: the column holding a JSON list of options (default: "choices")',
+        "choice_columns": "choice: option columns instead of a list, e.g. ending0,ending1,ending2,ending3",
+        "label_separator": "multilabel CSV/TSV: the separator between label names in one field (or write a "
+                           "JSON list)",
+        "delimiter": "what joins the two parts of a pair, similarity or choice row (default: GPT-2's "
+                     "<|endoftext|> token)",
     },
     "model": {
         "checkpoint": "the pretrained GPT-2 to start from: a checkpoint folder (OpenAI or Hugging Face), "
@@ -56,6 +67,11 @@ GROUPS: dict[str, dict[str, str]] = {
         "clip_norm": "clip gradients to this global norm (default: no clipping)",
         "class_weights": "loss weight per class: none | balanced | w0,w1,...",
         "label_smoothing": "cross-entropy label smoothing, in [0, 1)",
+        "pos_weight": "multilabel: loss weight of each label's positives: none | auto (negatives/positives) | w1,w2,...",
+        "thresholds": "multilabel: decision threshold of every label (0.5), or 'tune': per label, the best F1 "
+                      "on the validation split, saved with the model",
+        "standardize": "regression: train on standardised targets (mean 0, std 1 on the training split; "
+                       "predictions are in the targets' units)",
         "seed": "seed of the head's initialization, the shuffles, and the split of a single --data file",
         "eval_freq": "steps between validation estimates in the log",
         "eval_iter": "batches per validation estimate",
@@ -166,7 +182,7 @@ def cmd_train(args) -> int:
     log(f"data: train {len(splits.train)}, validation {len(splits.validation or ())}, "
         f"test {len(splits.test or ())}; labels {list(splits.label_names)}")
     clf = Classifier.from_spec(model, splits.label_names, trainable=cfg.trainable, seed=cfg.seed,
-                               tokenizer=args.tokenizer)
+                               tokenizer=args.tokenizer, task=task_of(data, splits))
     offline.log_copies(data, clf, log)
     report = clf.fit(splits, train_config=cfg, out=out, resume=args.resume, progress=not args.quiet, log=log)
     if not is_main_process():
@@ -185,6 +201,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def task_of(data: DataSpec, splits):
+    """The task `--task` names, over the labels the data has (None: single-label text, as before)."""
+    if data.task == "single":
+        return None
+    from jaxcls.task import make_task
+
+    n = len(splits.label_names) if data.task == "choice" else None
+    return make_task(data.task, splits.label_names, delimiter=data.delimiter, num_choices=n)
+
+
 def data_hashes(spec: DataSpec) -> dict[str, str]:
     """sha256 of each training file by role, so `jaxcls eval` can tell a file the model saw
     (and whether it was split) wherever it has moved since."""
@@ -196,15 +222,36 @@ def data_hashes(spec: DataSpec) -> dict[str, str]:
     return {role: sha256_files([Path(f)]) for role, f in files.items() if f}
 
 
+# The printed table's metric columns per task type (metrics.json has every key).
+SUMMARY_COLUMNS = {"single": ("accuracy", "macro_f1"), "choice": ("accuracy",),
+                   "multilabel": ("micro_f1", "macro_f1", "subset_accuracy", "roc_auc_macro"),
+                   "regression": ("mse", "mae", "pearson", "spearman")}
+
+
+def _cell(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key == "macro_f1":
+        return f"{value:.3f}"
+    return f"{100 * value:.2f}%" if key in ("accuracy", "subset_accuracy") else f"{value:.4f}"
+
+
 def print_summary(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="accuracy")
-    for col in ("split", "n", "accuracy", "loss", "macro F1"):
-        table.add_column(col)
+    task = report.get("task") or {"type": "single"}
+    first, *rest = SUMMARY_COLUMNS[task["type"]]
+    layout = task.get("inputs", "text")
+    name = (task["type"] if layout in ("text", "choice") else layout if task["type"] == "single"
+            else f"{layout}-{task['type']}")
+    title = first if task == {"type": "single"} else f"{name}: {first}"
+    table = Table(title=title)
+    for col in ("split", "n", first, "loss", *rest):
+        table.add_column(col.replace("_f1", " F1").replace("_", " "))
     for name, r in report["splits"].items():
-        table.add_row(name, str(r["n"]), f"{100 * r['accuracy']:.2f}%", f"{r['loss']:.4f}", f"{r['macro_f1']:.3f}")
+        table.add_row(name, str(r["n"]), _cell(first, r.get(first)), f"{r['loss']:.4f}",
+                      *(_cell(k, r.get(k)) for k in rest))
     Console().print(table)
     print(f"{report['steps']} steps in {report['wall_time_s']:.1f}s "
           f"(padding {report['padding']}, batching {report['batching']}, "
@@ -222,11 +269,14 @@ def plot_curves(out: Path) -> Path | None:
         return None
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     steps = [r for r in rows if "train_loss" in r]
-    epochs = [r for r in rows if "train_acc" in r]
+    epochs = [r for r in rows if "val_loss_full" in r or any(k.startswith("train_") for k in r)
+              and "train_loss" not in r]
+    score = next((k[6:] for r in epochs for k in r if k.startswith("train_")), "acc")
     from jaxcls.fileio import atomic_open
 
     for name, series, x in (("loss", (("train_loss", steps), ("val_loss", steps)), "examples_seen"),
-                            ("accuracy", (("train_acc", epochs), ("val_acc", epochs)), "epoch")):
+                            ("accuracy" if score == "acc" else score,
+                             ((f"train_{score}", epochs), (f"val_{score}", epochs)), "epoch")):
         fig, ax = plt.subplots(figsize=(5, 3))
         for key, rs in series:
             pts = [(r[x], r[key]) for r in rs if r.get(key) is not None and x in r]

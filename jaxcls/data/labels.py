@@ -16,22 +16,36 @@ from jaxcls.errors import DataError
 
 @dataclass(frozen=True, eq=False)
 class TextDataset:
-    """One split: texts and their class indices into `label_names`."""
+    """One split: texts and their labels. Labels are class indices into `label_names` (int32 (n,):
+    single-label, or option indices for choice), or, given as a 2-D array, float32 (n, K) multi-hot
+    labels or regression targets, one column per name. `fields` holds each example's other inputs
+    for layouts beyond plain text (text_pair; context, question, choices); `texts` is then the
+    text, or the context."""
 
     texts: tuple[str, ...]
     labels: np.ndarray
     label_names: tuple[str, ...]
     source: str
+    fields: tuple[dict, ...] | None = None
 
     def __post_init__(self):
         texts = tuple(self.texts)
-        labels = np.array(self.labels, dtype=np.int32).reshape(-1)
-        labels.flags.writeable = False  # frozen means the labels too
         names = tuple(self.label_names)
+        if np.ndim(self.labels) == 2:
+            labels = np.array(self.labels, dtype=np.float32)
+            if labels.shape[1] != len(names):
+                raise DataError(f"{self.source}: {labels.shape[1]} label columns for {len(names)} names {names}")
+        else:
+            labels = np.array(self.labels, dtype=np.int32).reshape(-1)
+            if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
+                raise DataError(f"{self.source}: labels must lie in 0..{len(names) - 1} ({names})")
+        labels.flags.writeable = False  # frozen means the labels too
         if len(labels) != len(texts):
             raise DataError(f"{self.source}: {len(texts)} texts but {len(labels)} labels")
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
-            raise DataError(f"{self.source}: labels must lie in 0..{len(names) - 1} ({names})")
+        if self.fields is not None:
+            if len(self.fields) != len(texts):
+                raise DataError(f"{self.source}: {len(texts)} texts but {len(self.fields)} examples")
+            object.__setattr__(self, "fields", tuple(self.fields))
         object.__setattr__(self, "texts", texts)
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "label_names", names)
@@ -39,15 +53,21 @@ class TextDataset:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def examples(self) -> list:
+        """Each example's inputs for data.examples.ExampleEncoder: the text, or its fields."""
+        return list(self.texts) if self.fields is None else list(self.fields)
+
 
 @dataclass(frozen=True, eq=False)
 class DataSplits:
-    """Train plus optional validation and test splits that share one label mapping."""
+    """Train plus optional validation and test splits that share one label mapping, read for the
+    `--task` name `task` (label_names: option indices '0'..'N-1' for choice)."""
 
     train: TextDataset
     validation: TextDataset | None
     test: TextDataset | None
     label_names: tuple[str, ...]
+    task: str = "single"
 
 
 def is_int_label(value) -> bool:
@@ -165,3 +185,28 @@ def label_ids(labels: Sequence, names: Sequence[str], *, source: str,
     labels = list(labels)
     return LabelMap.onto(names, labels, described=described).ids(
         labels, source=source, lines=lines, column=column)
+
+
+def multi_hot(label_lists: Sequence[Sequence[str]], names: Sequence[str], *, source: str,
+              lines: Sequence[int], column: str) -> np.ndarray:
+    """Multi-label name lists as float32 multi-hot (n, K) over `names`; a name not among them (not
+    seen in the training data, or not in label_names) raises naming the file, line and column."""
+    index = {n: k for k, n in enumerate(names)}
+    out = np.zeros((len(label_lists), len(names)), np.float32)
+    for i, names_i in enumerate(label_lists):
+        for n in names_i:
+            if n not in index:
+                raise DataError(f"{source}: line {lines[i]}: label {n!r} in column {column!r} is not one of "
+                                f"the training data's labels {list(names)}")
+            out[i, index[n]] = 1.0
+    return out
+
+
+def targets(values: Sequence[Sequence[float]], k: int, *, source: str, lines: Sequence[int],
+            column: str) -> np.ndarray:
+    """Regression targets as float32 (n, k); a row with another number of targets raises."""
+    for i, v in enumerate(values):
+        if len(v) != k:
+            raise DataError(f"{source}: line {lines[i]}: {len(v)} regression targets in column {column!r}, "
+                            f"where the training data has {k}")
+    return np.asarray(values, np.float32).reshape(len(values), k)

@@ -8,10 +8,12 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxcls.data.labels import DataSplits, LabelMap, TextDataset
+from jaxcls.data.labels import DataSplits, LabelMap, TextDataset, multi_hot, targets
+from jaxcls.data.records import Columns, ExampleTable, read_examples
 from jaxcls.data.sms import load_sms_spam
 from jaxcls.data.tables import LabelledTable, read_labelled
 from jaxcls.errors import DataError
+from jaxcls.task import parse_task_name
 
 _SPLITS = ("train", "validation", "test")
 
@@ -26,6 +28,8 @@ def load_splits(
     label_names: Sequence[str] | None = None,
     split_fractions: Sequence[float] = (0.7, 0.1, 0.2),
     seed: int = 123,
+    task: str = "single",
+    columns: Columns | None = None,
 ) -> DataSplits:
     """Splits from user files.
 
@@ -36,7 +40,13 @@ def load_splits(
     Labels map to indices once, from the training data, for all splits: strings map to their
     sorted unique values (or to `label_names` order); integers are class indices 0..K-1 named
     "0".."K-1" (or indices into `label_names`, unless they spell its names).
+
+    Any `task` but "single" reads whole rows (records.read_examples) with `columns`.
     """
+    if task != "single":
+        return load_task_splits(train, validation, test, task=task, columns=columns or Columns(
+            {"text": text_column, "label": label_column}), label_names=label_names,
+            split_fractions=split_fractions, seed=seed)
     columns = dict(text_column=text_column, label_column=label_column)
     table = read_labelled(train, **columns)
     if validation is None and test is None:
@@ -64,6 +74,13 @@ def load_splits(
 
 def split(table: LabelledTable, fractions: Sequence[float], seed: int) -> dict[str, LabelledTable]:
     """`table`'s rows shuffled by `seed` and cut by the three `fractions`; zero drops a split."""
+    return {name: LabelledTable(table.path, [table.texts[i] for i in idx], [table.labels[i] for i in idx],
+                                [table.lines[i] for i in idx], table.label_column, source=f"{table.path}:{name}")
+            for name, idx in split_indices(len(table.texts), table.path, fractions, seed).items()}
+
+
+def split_indices(n: int, path, fractions: Sequence[float], seed: int) -> dict[str, np.ndarray]:
+    """Row indices of each split: shuffled by `seed`, cut by `fractions`; zero drops a split."""
     fractions = tuple(float(f) for f in fractions)
     if (
         len(fractions) != 3
@@ -75,7 +92,6 @@ def split(table: LabelledTable, fractions: Sequence[float], seed: int) -> dict[s
             f"split_fractions must be three non-negative numbers (train > 0) summing to 1, "
             f"got {fractions}"
         )
-    n = len(table.texts)
     order = np.random.RandomState(seed).permutation(n)
     kept = [(name, f) for name, f in zip(_SPLITS, fractions) if f > 0]
     parts, start = {}, 0
@@ -84,17 +100,10 @@ def split(table: LabelledTable, fractions: Sequence[float], seed: int) -> dict[s
         idx = order[start:end]
         if len(idx) == 0:
             raise DataError(
-                f"{table.path}: the {name} split is empty ({n} rows x {f} -> 0); "
+                f"{path}: the {name} split is empty ({n} rows x {f} -> 0); "
                 "use more rows or change split_fractions"
             )
-        parts[name] = LabelledTable(
-            table.path,
-            [table.texts[i] for i in idx],
-            [table.labels[i] for i in idx],
-            [table.lines[i] for i in idx],
-            table.label_column,
-            source=f"{table.path}:{name}",
-        )
+        parts[name] = idx
         start = end
     return parts
 
@@ -136,6 +145,95 @@ def load_spec(spec, *, seed: int = 123, progress: bool = True) -> DataSplits:
     """The splits a DataSpec (jaxcls.config) names: the book's SMS recipe, or a file with its
     optional validation and test files, split by `seed` when those are absent."""
     if spec.is_sms:
+        if spec.task != "single":
+            raise DataError(f"--task {spec.task}: sms-spam is single-label text; give a data file for this task")
         return load_data(spec.data, path=spec.data_path, seed=seed, progress=progress)
+    if spec.task != "single":
+        return load_splits(spec.data, spec.validation, spec.test, seed=seed, task=spec.task,
+                           columns=columns_of(spec))
     return load_data(spec.data, validation=spec.validation, test=spec.test, text_column=spec.text_column,
                      label_column=spec.label_column, seed=seed)
+
+
+def columns_of(spec) -> Columns:
+    """A DataSpec's column flags as records.Columns."""
+    names = {"text": spec.text_column, "label": spec.label_column, "text_pair": spec.pair_column,
+             "context": spec.context_column, "question": spec.question_column, "choices": spec.choices_column}
+    choice = tuple(c.strip() for c in spec.choice_columns.split(",")) if spec.choice_columns else ()
+    return Columns(names, choice, spec.label_separator)
+
+
+def load_task_splits(train, validation=None, test=None, *, task: str, columns: Columns,
+                     label_names: Sequence[str] | None = None, split_fractions=(0.7, 0.1, 0.2),
+                     seed: int = 123) -> DataSplits:
+    """`load_splits` for any task but single-label text: multi-label names are the training
+    data's (sorted) or `label_names`, and a name outside them in any split is an error; regression
+    targets are named after the label column (`label_names` to rename); choice labels are option
+    indices, and the task takes as many options as the training data's longest list."""
+    kind, _ = parse_task_name(task)
+    table = read_examples(train, task, columns)
+    if validation is None and test is None:
+        parts = {name: table.subset(idx, f"{table.path}:{name}")
+                 for name, idx in split_indices(len(table.texts), table.path, split_fractions, seed).items()}
+    else:
+        parts = {"train": table}
+        for name, file in (("validation", validation), ("test", test)):
+            if file is not None:
+                parts[name] = read_examples(file, task, columns)
+    first = parts["train"]
+    names = _task_label_names(kind, first, label_names)
+    made = {name: _task_dataset(kind, t, names) for name, t in parts.items()}
+    if kind == "choice":
+        most = max(len(f["choices"]) for d in made.values() for f in d.fields)
+        if most > len(names):
+            bad = next(d for d in made.values() if any(len(f["choices"]) > len(names) for f in d.fields))
+            raise DataError(f"{bad.source}: an example has {most} options, more than the training data's "
+                            f"{len(names)}")
+    return DataSplits(made["train"], made.get("validation"), made.get("test"), names, task)
+
+
+def _task_label_names(kind: str, table: ExampleTable, label_names) -> tuple[str, ...]:
+    if kind == "choice":
+        n = max(len(f["choices"]) for f in table.fields)
+        if n < 2:
+            raise DataError(f"{table.path}: every training example has one option; multiple choice needs two")
+        return tuple(str(i) for i in range(n))
+    if kind == "regression":
+        k = len(table.labels[0])
+        names = (table.label_column,) if k == 1 else tuple(f"{table.label_column}_{i}" for i in range(k))
+        if label_names is not None and len(label_names) != k:
+            raise DataError(f"label_names: {len(label_names)} names for {k} regression targets")
+        return tuple(label_names) if label_names is not None else names
+    if kind == "single":
+        names = LabelMap.for_training(table.labels, label_names, source=str(table.path), lines=table.lines,
+                                      column=table.label_column).names
+        if len(set(map(str, table.labels))) < 2:
+            raise DataError(f"{table.path}: the training data has only one class; a classifier needs at least two")
+        return names
+    names = tuple(label_names) if label_names is not None else tuple(sorted({n for ls in table.labels for n in ls}))
+    if not names:
+        raise DataError(f"{table.path}: no training example has any label; multi-label needs at least one")
+    return names
+
+
+def _task_dataset(kind: str, t: ExampleTable, names: tuple[str, ...]) -> TextDataset:
+    src = str(t.path)
+    if kind == "multilabel":
+        labels = multi_hot(t.labels, names, source=src, lines=t.lines, column=t.label_column)
+    elif kind == "regression":
+        labels = targets(t.labels, len(names), source=src, lines=t.lines, column=t.label_column)
+    elif kind == "choice":
+        labels = np.asarray(t.labels, np.int32)
+    else:
+        labels = LabelMap.onto(names, t.labels).ids(t.labels, source=src, lines=t.lines, column=t.label_column)
+    return TextDataset(tuple(t.texts), labels, names, t.source or src, tuple(t.fields))
+
+
+def task_dataset(path, task: str, columns: Columns, label_names: Sequence[str], *, source: str | None = None) -> TextDataset:
+    """Every row of one file for `task`, its labels mapped onto fixed `label_names` (a trained
+    classifier's): what `jaxcls eval` scores."""
+    kind, _ = parse_task_name(task)
+    table = read_examples(path, task, columns)
+    if source:
+        table.source = source
+    return _task_dataset(kind, table, tuple(label_names))

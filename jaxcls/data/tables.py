@@ -233,12 +233,15 @@ class TableReader:
                         f"{self.name}: line {line}: {len(row)} fields where the header has "
                         f"{len(header)} ({header}); check quoting and separators"
                     )
-                yield Row(line, row[columns[0]], row[columns[1]] if self.labelled else None)
+                yield self._csv_row(line, row, columns)
         except csv.Error as e:
             where = f"line {start}" if last[0] <= start else f"lines {start}-{last[0]}"
             raise DataError(f"{self.name}: {where}: malformed {self.suffix} ({e})") from None
         if header is None:
             raise DataError(f"{self.name}: empty file (no header line)")
+
+    def _csv_row(self, line: int, row: list[str], columns: tuple[int, int | None]) -> Row:
+        return Row(line, row[columns[0]], row[columns[1]] if self.labelled else None)
 
     def _header(self, header: list[str], line: int) -> tuple[int, int | None]:
         if len(set(header)) != len(header):

@@ -10,6 +10,9 @@ an item larger than `max_batch_size` runs alone (the predictor cuts it into its 
 The queue is bounded by texts, not requests: `submit` raises `QueueFull` when the texts waiting
 (not yet taken by the worker) would pass `max_queue`, so a flood costs the server a 503, not memory.
 A future cancelled while it waits (the client gave up, the compute timeout fired) is skipped.
+When a gathered call raises (a text over the sliding-window token cap, a pair part with no
+tokens), each of its items runs again alone, so only the request that holds the bad text gets
+the error and the others their results.
 One thread owns the model, so the predictor is never entered twice and no lock is contended.
 """
 
@@ -124,6 +127,13 @@ class Batcher:
         start = time.perf_counter()
         try:
             results = self.run(texts)
+        except Exception as e:
+            if len(live) == 1:
+                live[0].future.set_exception(e)
+                return
+            for item in live:  # one request's bad text must not fail the others gathered with it
+                self._run_alone(item)
+            return
         except BaseException as e:  # the requests get the error; the worker keeps serving
             for item in live:
                 item.future.set_exception(e)
@@ -134,3 +144,14 @@ class Batcher:
         for item in live:
             item.future.set_result(results[at : at + len(item.texts)])
             at += len(item.texts)
+
+    def _run_alone(self, item: _Item) -> None:
+        start = time.perf_counter()
+        try:
+            results = self.run(item.texts)
+        except BaseException as e:
+            item.future.set_exception(e)
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(item.texts), time.perf_counter() - start)
+        item.future.set_result(results)

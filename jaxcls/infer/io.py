@@ -23,6 +23,7 @@ from typing import IO, Iterator, Sequence
 import numpy as np
 
 from jaxcls.data.tables import JSONL_SUFFIXES, TableReader
+from jaxcls.infer.answers import answer, csv_header, csv_row, input_fields, option_count
 from jaxcls.errors import DataError
 from jaxcls.fileio import atomic_open
 
@@ -80,6 +81,62 @@ class TextReader:
             yield chunk
 
 
+class ExampleReader:
+    """Iterate over chunks (lists) of the examples in a CSV/TSV/JSONL table, for a layout of
+    several parts: {"text", "text_pair"} (pair, similarity) or {"context", "question"?,
+    "choices"} (choice). Rows are read by jaxcls.data.records, the reader training uses, with the
+    same column names and `Columns` (the --pair-column, --context-column, ... flags); a bad row is
+    the DataError training gives (file, line, column). `lines` holds the last chunk's file lines."""
+
+    def __init__(self, path: str | os.PathLike, layout: str, columns=None, *, chunk_size: int = CHUNK_SIZE):
+        from jaxcls.data.records import Columns, RecordReader
+
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if str(path) == "-":
+            raise DataError(f"standard input holds a text per line; the {layout} layout needs a .csv, .tsv "
+                            "or .jsonl table with a column per field")
+        self._table = RecordReader(path)
+        self.path, self.layout, self.columns = str(path), layout, columns or Columns()
+        self.format, self.chunk_size = self._table.format, int(chunk_size)
+        self.total_bytes = self._table.total_bytes
+        self.rows, self.lines = 0, []
+        self.invalid_lines, self.first_invalid_line = 0, None  # strict UTF-8: a bad byte is an error
+
+    @property
+    def bytes_read(self) -> int:
+        return self._table.bytes_read
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        chunk, self.lines = [], []
+        for line, record, _ in self._table:
+            chunk.append(self._fields(record, f"line {line}"))
+            self.lines.append(line)
+            self.rows += 1
+            if len(chunk) >= self.chunk_size:
+                yield chunk
+                chunk, self.lines = [], []
+        if chunk:
+            yield chunk
+
+    def _fields(self, record, where: str) -> dict:
+        # The roles and their checks are data.records' (read_examples builds the same fields).
+        from jaxcls.data.records import _choices, _column, _text
+
+        name, cols = self._table.name, self.columns
+        if self.layout == "choice":
+            key = _column(name, record, "context", cols.names.get("context"), where)
+            ex = {"context": _text(name, record, key, where),
+                  "choices": _choices(name, record, cols, where, self.format == "jsonl")}
+            q = _column(name, record, "question", cols.names.get("question"), where, optional=True)
+            if q is not None and record[q] not in (None, ""):
+                ex["question"] = _text(name, record, q, where)
+            return ex
+        text = _text(name, record, _column(name, record, "text", cols.names.get("text"), where), where)
+        key = _column(name, record, "text_pair", cols.names.get("text_pair"), where)
+        return {"text": text, "text_pair": _text(name, record, key, where)}
+
+
 def read_texts(path, **kw) -> list[str]:
     """All texts of `path` at once (small files, tests)."""
     return [t for chunk in TextReader(path, **kw) for t in chunk]
@@ -119,15 +176,21 @@ class PredictionWriter:
     probabilities: all of them (JSONL `probs` {name: p} in label order; CSV one `p_<name>`
     column each), or with `top_k` the k most likely in decreasing order (JSONL `probs` holds those
     k; CSV columns label_1, prob_1, ..., label_k, prob_k). Probabilities keep six significant
-    digits. A file is written to a temporary name and renamed into place on `close()`, so a
+    digits. With a `task` other than single-label text (jaxcls.task), `write` takes examples and
+    each row is infer/answers.py's per-task answer, inputs first; `top_k` is single-label only.
+    A file is written to a temporary name and renamed into place on `close()`, so a
     reader never sees half a file; after an error (`abort()`, or leaving the `with` block by an
     exception) nothing is left behind.
     """
 
     def __init__(self, label_names: Sequence[str], path: str | os.PathLike | None = None, *,
-                 stream: IO[str] | None = None, top_k: int | None = None, include_text: bool = True):
+                 stream: IO[str] | None = None, top_k: int | None = None, include_text: bool = True,
+                 task=None):
         if (path is None) == (stream is None):
             raise ValueError("give exactly one of path and stream")
+        self.task = None if task is None or (task.kind == "single" and task.inputs.kind == "text") else task
+        if self.task is not None and top_k is not None:
+            raise DataError(f"top-k ranks single-label probabilities; the {task.name} task has none to rank")
         self.label_names = tuple(label_names)
         C = len(self.label_names)
         if top_k is not None and top_k < 1:
@@ -157,6 +220,9 @@ class PredictionWriter:
         if self.format in ("csv", "tsv"):
             self._csv = csv.writer(self._out, delimiter="," if self.format == "csv" else "\t",
                                    lineterminator="\n")
+            if self.task is not None:
+                self._csv.writerow(csv_header(self.task, self.label_names, include_text))
+                return
             head = ["text"] if include_text else []
             head += ["label", "probability"]
             if self.top_k is None:
@@ -167,9 +233,12 @@ class PredictionWriter:
             self._csv.writerow(head)
 
     def write(self, texts: Sequence[str] | None, ids, probs) -> None:
-        """One row per prediction: class ids [N] and probabilities [N, C]."""
+        """One row per prediction: class ids [N] and probabilities [N, C] (with a task: the
+        examples, and the Predictor's decisions and probabilities)."""
         probs = np.asarray(probs)
         ids = np.asarray(ids)
+        if self.task is not None:
+            return self._write_task(texts, ids, probs)
         for i in range(len(ids)):
             p = probs[i]
             label = self.label_names[int(ids[i])]
@@ -191,6 +260,18 @@ class PredictionWriter:
                 obj = {"text": text} if self.include_text else {}
                 obj.update(label=label, probability=_num(p[int(ids[i])]),
                            probs={self.label_names[j]: _num(p[j]) for j in ranked})
+                self._out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            self.rows += 1
+
+    def _write_task(self, examples, decisions, probs) -> None:
+        for i in range(len(decisions)):
+            example = examples[i] if examples is not None else None
+            ans = answer(self.task, self.label_names, decisions[i], probs[i], n_options=option_count(example),
+                         num=_num)
+            if self._csv is not None:
+                self._csv.writerow(csv_row(self.task, example, ans, self.include_text))
+            else:
+                obj = {**input_fields(self.task, example), **ans} if self.include_text else ans
                 self._out.write(json.dumps(obj, ensure_ascii=False) + "\n")
             self.rows += 1
 

@@ -7,6 +7,10 @@ compiles once (`predict_step`). Only one batch per call is partial, the one with
 texts, and it is filled up with cheap dummy rows so no new shape appears. Results come back in
 input order.
 
+Layouts of several parts (pair, similarity, choice; jaxcls.task) take examples, not texts: their
+rows come from jaxcls.data.examples, the encoder training uses, and the R rows of one example run
+in the same model call (infer/rows.py), batched by the example's longest row.
+
 Padding never changes a result for the `last_real`, `mean` and `first` poolings (padding is
 masked out of attention), so any bucket gives the numbers a one-text batch of exactly its length
 gives. The book's literal `last` pooling reads the final padded position and attends over
@@ -28,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from jaxcls.data import fine_bucket_lengths, length_buckets
+from jaxcls.data.examples import Truncation
 from jaxcls.errors import ConfigError, DataError
 from jaxcls.task import SingleLabel
 from jaxcls.tokenizer import first_tokens, pad_id_for
@@ -48,6 +53,17 @@ _traces = threading.local()  # tracing runs in the calling thread, so a thread-l
 
 def _trace_count() -> int:
     return getattr(_traces, "n", 0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def rows_step(graphdef, task, state, ids, lengths):
+    """ids int32 [E*R, T], lengths int32 [E*R] (0: a missing choice option) -> float32 logits
+    [E, outputs] of E examples of R rows each, as train/step.py's `forward` computes them: the
+    rows' pooled features combined by the task. One compile per (graphdef, task, E*R, T)."""
+    _traces.n = _trace_count() + 1
+    model = nnx.merge(graphdef, state)
+    features = model.features(ids, jnp.maximum(lengths, 1))
+    return task.logits_from_features(model.head, features, lengths).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -112,8 +128,11 @@ class Predictor:
         "sliding" classifies windows of max_length tokens, `window_stride` apart (default
         max_length // 2), the last window ending at the text's end, and averages their logits.
         A text of more than `max_text_tokens` tokens then raises TooManyTokens (a DataError).
-    task: how logits become probabilities and predictions (jaxcls.task; default single-label
-        over the model's classes).
+    task: how logits become probabilities and predictions, and the input layout (jaxcls.task;
+        default single-label text over the model's classes). Its `head_width` must be the
+        model's. For pair, similarity and choice, `logits`/`predict` take examples (infer/rows.py)
+        and `row_buckets`/`batch_size` count rows: a call holds whole examples, batch_size // R of
+        them (at least one).
 
     A text with no tokens (the empty string) has no token to pool; it is classified as a single
     padding token (length 1), which gives a well-defined, text-independent prediction, and is
@@ -170,8 +189,15 @@ class Predictor:
         self.pad_id = pad_id_for(model.config.n_vocab) if pad_id is None else int(pad_id)
         self.num_classes = int(model.num_classes)
         self.task = SingleLabel.with_classes(self.num_classes) if task is None else task
-        if self.task.num_outputs != self.num_classes:
-            raise ConfigError(f"the task has {self.task.num_outputs} outputs, the model's head {self.num_classes}")
+        if self.task.head_width != self.num_classes:
+            raise ConfigError(f"the {self.task.name} task needs a head of width {self.task.head_width}; "
+                              f"the model's head has {self.num_classes}")
+        self.layout = self.task.inputs.kind
+        if long == "sliding" and self.layout != "text":
+            raise ConfigError(f"--long sliding averages windows of one text; the {self.task.name} task joins "
+                              "several parts in a row, so use --long truncate")
+        self.truncation = Truncation()  # parts cut in multi-part rows (jaxcls.data.examples)
+        self._encoders: dict = {}
         self.num_compiles = 0
         self.stats = PredictStats()
         self._lock = threading.RLock()
@@ -228,9 +254,14 @@ class Predictor:
 
     # -- batches ----------------------------------------------------------------------------
 
-    def _run(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    def _run(self, ids: np.ndarray, lengths: np.ndarray, task=None) -> np.ndarray:
+        """One model call: rows -> their logits, or with `task` (R > 1 rows per example) the
+        examples' logits."""
         before = _trace_count()
-        out = predict_step(self._graphdef, self._state, ids, lengths)
+        if task is None:
+            out = predict_step(self._graphdef, self._state, ids, lengths)
+        else:
+            out = rows_step(self._graphdef, task, self._state, ids, lengths)
         out = np.asarray(out)
         self.num_compiles += _trace_count() - before
         self.stats.batches += 1
@@ -270,10 +301,17 @@ class Predictor:
 
     # -- public -----------------------------------------------------------------------------
 
-    def logits(self, texts: Sequence[str]) -> np.ndarray:
-        """float32 [N, C] logits in input order; a windowed text gets its windows' mean."""
+    def logits(self, texts: Sequence) -> np.ndarray:
+        """float32 [N, outputs] logits in input order; a windowed text gets its windows' mean.
+        Examples of a multi-part layout go through infer/rows.py (choice: [N, W], W the most
+        options in the call, -inf for an option an example lacks)."""
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of strings, not one string")
+        if self.layout != "text":
+            from jaxcls.infer.rows import example_logits
+
+            with self._lock:
+                return example_logits(self, list(texts))
         texts = list(texts)
         with self._lock:
             seqs, owner = self._tokenize(texts)
@@ -286,15 +324,25 @@ class Predictor:
         counts = np.bincount(owner, minlength=len(texts))
         return (total / counts[:, None]).astype(np.float32)
 
-    def predict(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(predictions [N], probabilities float32 [N, C]) in input order, as the task decides
-        (single-label: class ids and the softmax)."""
+    def predict(self, texts: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        """(decisions, probabilities float32 [N, C]) in input order, as the task decides:
+        single-label class ids [N] and the softmax; multi-label 0/1 [N, K] and each label's
+        sigmoid; regression the values [N, K] twice; choice option indices [N] and each option's
+        probability (0 for an option the example lacks)."""
         probs = self.task.probabilities(self.logits(texts))
         return self.task.decide(probs), probs
 
+    def example_buckets(self, rows_per_example: int) -> tuple[int, ...]:
+        """Examples a call of R-row examples may hold: the row buckets in whole examples."""
+        return tuple(sorted({max(1, r // rows_per_example) for r in self.row_buckets}))
+
     def shapes(self) -> list[tuple[int, int]]:
-        """Every (rows, length) batch shape this predictor can run."""
-        return [(r, b) for b in self.bucket_lengths for r in self.row_buckets]
+        """Every (rows, length) batch shape this predictor can run (for choice: examples with at
+        most the trained number of options)."""
+        R = self.task.rows_per_example
+        if R == 1:
+            return [(r, b) for b in self.bucket_lengths for r in self.row_buckets]
+        return [(e * R, b) for b in self.bucket_lengths for e in self.example_buckets(R)]
 
     def warmup(self) -> int:
         """Compile every batch shape now; returns the number of new compiles (0 when warm)."""
@@ -302,7 +350,7 @@ class Predictor:
             before = self.num_compiles
             for rows, length in self.shapes():
                 ids = np.full((rows, length), self.pad_id, np.int32)
-                self._run(ids, np.ones((rows,), np.int32))
+                self._run(ids, np.ones((rows,), np.int32), self.task if self.task.rows_per_example > 1 else None)
                 self.stats.batches -= 1  # warm-up calls are not work
                 self.stats.tokens_run -= rows * length
             return self.num_compiles - before

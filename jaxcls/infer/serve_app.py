@@ -2,14 +2,17 @@
 
     POST /classify  {"text": "..."} or {"texts": ["...", ...]}
                     -> {"predictions": [{"label": ..., "probability": ..., "probs": {name: p}}]}
+                    pair, similarity: {"text": ..., "text_pair": ...} or {"texts": [{...}, ...]};
+                    choice: {"context": ..., "question": ... (optional), "choices": [...]} or
+                    {"texts": [{...}, ...]}; each answer as infer/answers.py writes it per task
     GET  /health    -> {"status": "ok"}
     GET  /info      -> labels, pooling, lengths, buckets, num_compiles and the limits
     GET  /metrics   -> Prometheus text format
     GET  /          -> a one-page HTML form
 
 Every error is JSON, {"error": "..."}, with its status: 400 bad JSON or shape, 404 unknown path,
-405 wrong method (with `Allow`), 408 body too slow, 411 no length, 413 body, list or text too large,
-422 never (shapes are 400, sizes 413), 503 queue full (with `Retry-After`), 504 compute timeout.
+405 wrong method (with `Allow`), 408 body too slow, 411 no length, 413 body, list or text too large (every
+text field counts: a pair is two texts, a choice example its context, question and options), 422 never (shapes are 400, sizes 413), 503 queue full (with `Retry-After`), 504 compute timeout.
 
 The event loop never runs the model: texts go to a `Batcher` (one model thread, dynamic
 batching). It never tokenizes or parses a large body either: those run in a small thread pool.
@@ -26,8 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,23 +40,16 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from jaxcls.errors import DataError
+from jaxcls.infer.answers import INPUT_FIELDS, answer, option_count
 from jaxcls.infer.batcher import Batcher, QueueFull
 from jaxcls.infer.limits import Limits
-from jaxcls.infer.serve_page import PAGE
+from jaxcls.infer.requests import Reject, parse_texts
+from jaxcls.infer.serve_page import page as render_page
 
-MAX_DEPTH = 3  # {"texts": [...]} is two levels deep
-MAX_NUMBER_CHARS = 40
 PRETOKENIZE_CHARS = 2000  # longer texts are tokenized in the pool, shorter ones in the worker
 PARSE_IN_POOL_BYTES = 64 * 1024
 PATHS = ("/", "/index.html", "/classify", "/health", "/info", "/metrics")
-
-
-class Reject(Exception):
-    """An error answer: status, a reason for /metrics, the client's message, extra headers."""
-
-    def __init__(self, status: int, reason: str, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.reason, self.headers = status, reason, headers or {}
 
 
 class _Tokenized(str):
@@ -71,64 +65,6 @@ def _encode_hook(encode):
 
     hooked.__wrapped__ = encode
     return hooked
-
-
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_DEPTH = np.zeros(256, np.int32)
-_DEPTH[[ord("["), ord("{")]], _DEPTH[[ord("]"), ord("}")]] = 1, -1
-
-
-def _too_long_number(s: str):
-    if len(s) > MAX_NUMBER_CHARS:
-        raise Reject(400, "json_number", f"a number in the body has {len(s)} characters; at most "
-                                         f"{MAX_NUMBER_CHARS}")
-    return float(s) if any(c in s for c in ".eE") else int(s)
-
-
-def parse_texts(body: bytes, limits: Limits) -> list[str]:
-    """The request's texts, or a Reject. Nesting and long numbers are refused before or while
-    parsing, so no input reaches a recursion or digit limit of the json module."""
-    skeleton = _STRING.sub(b"", body)  # strings out: brackets inside texts do not count
-    if skeleton:
-        depth = int(np.cumsum(_DEPTH[np.frombuffer(skeleton, np.uint8)]).max())
-        if depth > MAX_DEPTH:
-            raise Reject(400, "json_depth", f"JSON nested {depth} levels deep; at most {MAX_DEPTH}")
-        if skeleton.count(b",") > limits.max_texts + 8:
-            raise Reject(413, "too_many_texts", f"the body holds more than {limits.max_texts} values; "
-                                                f"at most {limits.max_texts} texts per request")
-    try:
-        obj = json.loads(body.decode("utf-8"), parse_int=_too_long_number, parse_float=_too_long_number)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise Reject(400, "bad_json", f"body is not valid UTF-8 JSON ({e})") from None
-    return _texts_of(obj, limits)
-
-
-def _texts_of(obj, limits: Limits) -> list[str]:
-    if not isinstance(obj, dict):
-        raise Reject(400, "bad_shape", 'expected a JSON object {"text": "..."} or {"texts": [...]}')
-    if ("text" in obj) == ("texts" in obj):
-        raise Reject(400, "bad_shape", 'give exactly one of "text" (a string) and "texts" (a list of strings)')
-    if "text" in obj:
-        if not isinstance(obj["text"], str):
-            raise Reject(400, "bad_shape", f'"text" must be a string, got {type(obj["text"]).__name__}')
-        names, texts = ['"text"'], [obj["text"]]
-    else:
-        texts = obj["texts"]
-        if not isinstance(texts, list):
-            raise Reject(400, "bad_shape", f'"texts" must be a list of strings, got {type(texts).__name__}')
-        if not texts:
-            raise Reject(400, "bad_shape", '"texts" is empty')
-        if len(texts) > limits.max_texts:
-            raise Reject(413, "too_many_texts", f'"texts" has {len(texts)} entries; at most '
-                                                f"{limits.max_texts} per request")
-        names = [f'"texts"[{i}]' for i in range(len(texts))]
-    for name, t in zip(names, texts):
-        if not isinstance(t, str):
-            raise Reject(400, "bad_shape", f"{name} must be a string, got {type(t).__name__}")
-        if len(t) > limits.max_text_chars:
-            raise Reject(413, "text_too_long", f"{name} has {len(t)} characters; at most "
-                                               f"{limits.max_text_chars} per text")
-    return texts
 
 
 class Metrics:
@@ -163,6 +99,7 @@ class ClassifierApp:
 
     def __init__(self, classifier, predictor, limits: Limits):
         self.classifier, self.predictor, self.limits = classifier, predictor, limits.check()
+        self.task = predictor.task
         self.names = list(classifier.label_names)
         if not hasattr(predictor.encode, "__wrapped__"):
             predictor.encode = _encode_hook(predictor.encode)
@@ -188,19 +125,18 @@ class ClassifierApp:
 
     def info(self) -> dict:
         clf, p = self.classifier, self.predictor
-        return {"labels": self.names, "pooling": clf.pooling, "pad_length": clf.pad_length,
+        return {"task": self.task.name, "fields": list(INPUT_FIELDS[self.task.inputs.kind]),
+                "labels": self.names, "pooling": clf.pooling, "pad_length": clf.pad_length,
                 "max_length": clf.max_length, "n_ctx": clf.model.config.n_ctx, "long": p.long,
                 "bucket_lengths": list(p.bucket_lengths), "batch_size": p.batch_size,
                 "num_compiles": p.num_compiles, **dataclasses.asdict(self.limits)}
 
-    def _predict(self, texts: list[str]) -> list[dict]:
-        """The worker's call: one predictor call for the gathered texts."""
-        ids, probs = self.predictor.predict(texts)
-        out = []
-        for i, p in zip(ids.tolist(), np.asarray(probs, np.float64)):
-            out.append({"label": self.names[i], "probability": float(p[i]),
-                        "probs": {n: float(x) for n, x in zip(self.names, p)}})
-        return out
+    def _predict(self, examples: list) -> list[dict]:
+        """The worker's call: one predictor call for the gathered texts or examples."""
+        decisions, probs = self.predictor.predict(examples)
+        probs = np.asarray(probs, np.float64)
+        return [answer(self.task, self.names, d, p, n_options=option_count(ex))
+                for ex, d, p in zip(examples, decisions, probs)]
 
     def _observe(self, app):
         """Counts every answer (status, path, latency), the app's own 404s and 405s included."""
@@ -244,7 +180,7 @@ class ClassifierApp:
         return self.error(Reject(500, "internal", f"{type(exc).__name__}: {exc}"))
 
     async def page(self, request: Request) -> Response:
-        return HTMLResponse(PAGE)
+        return HTMLResponse(render_page(self.task.inputs.kind))
 
     async def health(self, request: Request) -> Response:
         if not self.batcher.alive:
@@ -278,10 +214,14 @@ class ClassifierApp:
         except TimeoutError:
             return self.error(Reject(504, "compute_timeout", f"no answer within the request timeout of "
                                                              f"{self.limits.request_timeout:g} s"))
+        except DataError as e:  # a text the model cannot take (sliding-window token cap, an empty part)
+            return self.error(Reject(400, "bad_text", str(e)))
         return JSONResponse({"predictions": results})
 
-    def _parse_and_tokenize(self, body: bytes) -> list[str]:
-        texts = parse_texts(body, self.limits)
+    def _parse_and_tokenize(self, body: bytes) -> list:
+        texts = parse_texts(body, self.limits, self.task.inputs.kind)
+        if self.task.inputs.kind != "text":
+            return texts
         encode = self.predictor.encode.__wrapped__
         for i, t in enumerate(texts):
             if len(t) > PRETOKENIZE_CHARS:

@@ -174,8 +174,11 @@ def shard_batch(batch: Batch, mesh: Mesh, *, is_global: bool = True) -> Batch:
         check_batch_rows(global_rows, mesh)
 
     def put(x):
-        x = np.asarray(x)[:, local]
-        return jax.make_array_from_process_local_data(s, x, (x.shape[0], global_rows, *x.shape[2:]))
+        x = np.asarray(x)
+        r = x.shape[1] // rows  # token rows per example: 1, 2 for similarity, N for choice
+        part = local if local.start is None else slice(local.start * r, local.stop * r)
+        x = x[:, part]
+        return jax.make_array_from_process_local_data(s, x, (x.shape[0], global_rows * r, *x.shape[2:]))
 
     return Batch(*(put(x) for x in batch))
 

@@ -103,11 +103,12 @@ class EpochEnd(Hook):
     def after_epoch(self, run, plan):
         prog, st = run.prog, run.state
         task = prog.spec.task
+        key = score_key(task)
         entry = {"epoch": st.epoch + 1, "step": st.step,
-                 "train_acc": _accuracy(task, prog.evaluate(st.trainable, run.train, plan, prog.cfg.eval_iter))}
+                 f"train_{key}": _score(task, prog.evaluate(st.trainable, run.train, plan, prog.cfg.eval_iter))}
         if "validation" in run.data.splits:
             va_loss, logits, y = prog.evaluate(st.trainable, run.data.splits["validation"])
-            entry.update(val_acc=_accuracy(task, (va_loss, logits, y)), val_loss_full=va_loss)
+            entry.update({f"val_{key}": _score(task, (va_loss, logits, y)), "val_loss_full": va_loss})
             if prog.cfg.keep_best and (st.best is None or va_loss < st.best["val_loss"]):
                 st.best = {"val_loss": va_loss, "epoch": st.epoch + 1}
                 run.save_best()
@@ -129,9 +130,18 @@ class Interrupted(TrainingError):
     pass
 
 
-def _accuracy(task, result) -> float | None:
+def score_key(task) -> str:
+    """The epoch entry's key for the task's headline metric: 'acc' (train_acc, val_acc, as before)
+    for accuracy, else the metric's own name (val_micro_f1, val_mse)."""
+    return "acc" if task.primary_metric == "accuracy" else task.primary_metric
+
+
+def _score(task, result) -> float | None:
     _, logits, y = result
-    return float(np.mean(task.predictions(logits) == y)) if len(y) else None
+    if not len(y):
+        return None
+    value = task.score(y, logits)
+    return None if value is None else float(value)
 
 
 def check_losses(pending: list, train_split, state_dir: Path | None) -> float:

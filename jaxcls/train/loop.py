@@ -20,7 +20,8 @@ from flax import nnx
 from jaxcls import data as data_lib
 from jaxcls.config import TrainConfig
 from jaxcls.fileio import atomic_open
-from jaxcls.task import SingleLabel, class_weights
+from jaxcls.errors import ConfigError
+from jaxcls.task import MultiLabel, Regression, SingleLabel, TaskBase, class_weights, pos_weights
 from jaxcls.train import hooks as hooks_lib
 from jaxcls.train import state as state_lib
 from jaxcls.train.batches import Prepared, prepare_data
@@ -36,19 +37,53 @@ class FitResult:
     history: list[dict]
     report: dict
     pad_length: int | None
+    task: TaskBase  # as trained, less training-only settings; multi-label thresholds tuned if asked
 
 
-def task_for(splits: data_lib.DataSplits, cfg: TrainConfig) -> SingleLabel:
-    """The single-label task the data and the loss settings describe."""
+def task_for(splits: data_lib.DataSplits, cfg: TrainConfig, task: TaskBase | None = None) -> TaskBase:
+    """The task to train: `task` (the classifier's; single-label text by default) with the loss
+    settings of `cfg` that apply to it (label smoothing and class weights for single-label,
+    positive weights and a fixed threshold for multi-label, standardised targets for regression).
+    Settings for another task are refused by name rather than ignored."""
     names = tuple(splits.label_names)
-    return SingleLabel(names, label_smoothing=cfg.label_smoothing,
-                       class_weights=class_weights(cfg.class_weights, splits.train.labels, len(names)))
+    task = task or SingleLabel(names)
+    _refuse_foreign(task, cfg)
+    y = splits.train.labels
+    if isinstance(task, SingleLabel):
+        return dataclasses.replace(task, label_smoothing=cfg.label_smoothing,
+                                   class_weights=class_weights(cfg.class_weights, y, len(names)))
+    if isinstance(task, MultiLabel):
+        fixed = task.thresholds if cfg.thresholds == "tune" else (float(cfg.thresholds),) * task.num_outputs
+        return dataclasses.replace(task, pos_weight=pos_weights(cfg.pos_weight, y), thresholds=fixed)
+    if isinstance(task, Regression):
+        return task.standardised(y) if cfg.standardize else dataclasses.replace(task, target_mean=None, target_std=None)
+    return task
+
+
+def _refuse_foreign(task: TaskBase, cfg: TrainConfig) -> None:
+    given = {"class_weights": cfg.class_weights != "none", "label_smoothing": cfg.label_smoothing != 0,
+             "pos_weight": cfg.pos_weight != "none", "thresholds": cfg.thresholds != "0.5",
+             "standardize": cfg.standardize}
+    owner = {"class_weights": SingleLabel, "label_smoothing": SingleLabel, "pos_weight": MultiLabel,
+             "thresholds": MultiLabel, "standardize": Regression}
+    for key, on in given.items():
+        if on and not isinstance(task, owner[key]):
+            raise ConfigError(f"--{key.replace('_', '-')} applies to {owner[key].kind} tasks, not --task {task.name}")
+
+
+def saved_task(task: TaskBase) -> TaskBase:
+    """The trained task less its training-only settings (what classifier.json records)."""
+    if isinstance(task, SingleLabel):
+        return dataclasses.replace(task, label_smoothing=0.0, class_weights=None)
+    if isinstance(task, MultiLabel):
+        return dataclasses.replace(task, pos_weight=None)
+    return task
 
 
 def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, cfg: TrainConfig, *,
         out: Path | None = None, resume: bool = False, progress: bool = True,
         log: Callable[[str], None] = print,
-        on_step: Callable[[dict], None] | None = None) -> FitResult:
+        on_step: Callable[[dict], None] | None = None, task: TaskBase | None = None) -> FitResult:
     """Fine-tune `model` (a GPT2Classifier) in place of its trainable parameters.
 
     `on_step`, if given, sees each step as it is taken (step, epoch, batch index, the bucket group
@@ -58,15 +93,21 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
         from jaxcls.compile_cache import enable_compilation_cache
 
         enable_compilation_cache(cfg.compilation_cache)
-    data = prepare_data(model, encode, splits, cfg, log)
+    task = task_for(splits, cfg, task)
+    if cfg.thresholds == "tune" and splits.validation is None:
+        raise ConfigError("--thresholds tune picks each label's threshold on the validation split, and there is none")
+    data = prepare_data(model, encode, splits, cfg, log, task)
     model.pooling = data.pooling  # the saved classifier predicts the way it was trained
-    prog, state = build_program(model, data, task_for(splits, cfg), cfg, log)
+    prog, state = build_program(model, data, task, cfg, log)
     log = log if prog.main_process else (lambda s: None)
     compile_s = 0.0
     if prog.mesh is None:  # with a mesh, the first step of each shape compiles instead
         compile_s, n_shapes = precompile(prog, data, state, lambda n: _progress(progress, n, "compile"))
         log(f"compiled {n_shapes} step shapes in {compile_s:.1f}s")
-    run = Run(prog, state, data, out, log, state_lib.resumable(cfg, model, splits))
+    settings = state_lib.resumable(cfg, model, splits)
+    if task.name != "single":  # runs saved before tasks existed resume as they were
+        settings["task"] = task.to_json()
+    run = Run(prog, state, data, out, log, settings)
     if resume:
         run.restore()
     if out and prog.main_process:
@@ -195,11 +236,17 @@ def finish(run: Run, splits: data_lib.DataSplits, compile_s: float) -> FitResult
               "pad_length": data.pad_length, "cached_prefix": cache is not None,
               "cache_dtype": cache.dtype if cache else None, "cache_memory": cache.memory if cache else None,
               "label_names": list(splits.label_names)}
-    for name, d in data.splits.items():
-        loss, logits, y = host_prog.evaluate(trainable, d)
-        report["splits"][name] = {"loss": loss, "n": len(d), "truncated": d.truncated,
-                                  **prog.spec.task.report(y, logits)}
-    return FitResult(trainable, frozen, prog.graphdef, st.history, report, data.pad_length)
+    task = saved_task(prog.spec.task)
+    results = {name: host_prog.evaluate(trainable, d) for name, d in data.splits.items()}
+    if isinstance(task, MultiLabel) and cfg.thresholds == "tune":
+        _, logits, y = results["validation"]
+        task = task.with_tuned_thresholds(y, task.probabilities(logits))
+        run.log(f"thresholds tuned on validation for best F1 per label: {list(task.thresholds)}")
+    report["task"] = task.to_json()
+    for name, (loss, logits, y) in results.items():
+        report["splits"][name] = {"loss": loss, "n": len(data.splits[name]), "truncated": data.splits[name].truncated,
+                                  **task.report(y, logits)}
+    return FitResult(trainable, frozen, prog.graphdef, st.history, report, data.pad_length, task)
 
 
 class _Signals:
