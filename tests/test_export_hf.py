@@ -219,11 +219,19 @@ def test_refuses_what_transformers_cannot_compute(tmp_path, change, message):
     assert not (tmp_path / "x").exists()
 
 
-def test_refuses_without_causal_mask_and_a_bias_that_cannot_fold(tmp_path):
-    """Fails if the causal check or the fold's residual check is removed (17 outputs > n_embd 16:
-    no d gives W d = c)."""
+def test_refuses_without_causal_mask_or_pad_id_and_a_bias_that_cannot_fold(tmp_path):
+    """Fails if the causal or vocabulary check or the fold's residual check is removed (17 outputs
+    > n_embd 16: no d gives W d = c)."""
     with pytest.raises(ConfigError, match="causal mask"):
         tiny(causal=False).export_hf(tmp_path / "x", log=quiet)
+    from flax import nnx
+
+    from jaxcls.config import GPT2Config
+    from jaxcls.model import GPT2Classifier
+
+    small = GPT2Classifier(GPT2Config(n_vocab=100, n_ctx=16, n_embd=16, n_head=2, n_layer=1), 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="n_vocab 100 has no id 50256"):
+        Classifier(small, None, ["a", "b"]).export_hf(tmp_path / "x", log=quiet)
     wide = tiny([f"l{i}" for i in range(17)])
     set_head(wide, 4)
     with pytest.raises(ConfigError, match="head bias.*cannot be moved into ln_f"):
