@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 from flax import nnx
 
+from jaxcls.ckpt import export as hf_export
 from jaxcls.ckpt import folder as saved_folder
 from jaxcls.ckpt.load import materialize, read_checkpoint, read_config, resolve_checkpoint_dir
 from jaxcls.ckpt.names import in_checkpoint
@@ -256,10 +257,19 @@ class Classifier:
             "saved": "delta" if delta else "full", "base": self.base if delta else None,
         }, tokenizer_dir=self.tokenizer_dir)
 
+    def export_hf(self, out: str | Path, *, overwrite: bool = False, log=print) -> Path:
+        """A transformers GPT2ForSequenceClassification folder with the same logits (jaxcls.ckpt.export)."""
+        return hf_export.export_hf(out, self.model, self.task, self.label_names, tokenizer_dir=self.tokenizer_dir,
+                                   max_length=self.max_length, overwrite=overwrite, log=log)
+
     @classmethod
     def load(cls, directory: str | Path, *, base: str | Path | None = None) -> "Classifier":
-        """A saved classifier; `base` overrides where its pretrained checkpoint is, when only the
-        trained weights were saved."""
+        """A saved classifier, or a transformers GPT2ForSequenceClassification folder; `base`
+        overrides where its pretrained checkpoint is, when only the trained weights were saved."""
+        if hf_export.is_hf_classifier(directory) and not (Path(directory) / saved_folder.META).exists():
+            got = hf_export.load_hf_classifier(directory)
+            return cls(got.model, tokenizer_from_folder(got.tokenizer_dir), got.label_names, task=got.task,
+                       pad_length=got.pad_length, tokenizer_dir=got.tokenizer_dir)
         saved = saved_folder.load_folder(directory, base=base)
         meta = saved.meta
         task = task_from_json(meta.get("task"), saved.label_names, source=str(Path(directory) / saved_folder.META))

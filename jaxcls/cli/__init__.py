@@ -22,7 +22,7 @@ Fine-tune GPT-2 as a text classifier and use it.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jaxcls.cli import evaluate, predict, serve, tools, train
+    from jaxcls.cli import evaluate, export, predict, serve, tools, train
 
     parser = Parser(prog="jaxcls", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.register_classify(sub)
     evaluate.register(sub)
     serve.register(sub)
+    export.register(sub)
     return parser
 
 
