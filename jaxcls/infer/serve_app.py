@@ -20,6 +20,9 @@ Tokenization there (tiktoken releases the GIL) means one long text cannot stall 
 short ones behind it; the worker gets the ids through the predictor's own `encode` hook, and
 short texts, which tokenize in microseconds, stay in the worker. The per-text character limit
 bounds that work (BPE on a long run of one character grows faster than linearly).
+A one-text request is tokenized at submit whatever its length (tens of microseconds for a short
+one, work the worker then skips), so its item is keyed by the length bucket it pads to and the
+batcher gathers texts of one length into a call (see batcher.py); other requests gather unkeyed.
 
 /metrics uses prometheus_client, the reference client: its text format and histogram rules are
 exact, and a registry per app keeps two servers in one process (tests) apart.
@@ -40,6 +43,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from jaxcls.data import length_buckets
 from jaxcls.errors import DataError
 from jaxcls.infer.answers import INPUT_FIELDS, answer, option_count
 from jaxcls.infer.batcher import Batcher, QueueFull
@@ -201,7 +205,7 @@ class ClassifierApp:
                 texts = await loop.run_in_executor(self.pool, self._parse_and_tokenize, body)
             else:
                 texts = self._parse_and_tokenize(body)
-            future = self.batcher.submit(texts)
+            future = self.batcher.submit(texts, key=self._length_key(texts))
         except Reject as e:
             return self.error(e)
         except QueueFull as e:
@@ -224,10 +228,19 @@ class ClassifierApp:
             return texts
         encode = self.predictor.encode.__wrapped__
         for i, t in enumerate(texts):
-            if len(t) > PRETOKENIZE_CHARS:
+            if len(t) > PRETOKENIZE_CHARS or len(texts) == 1:
                 texts[i] = _Tokenized(t)
                 texts[i].ids = encode(t)
         return texts
+
+    def _length_key(self, texts: list) -> int | None:
+        """The bucket length a one-text request pads to (its gathering key); None for others."""
+        ids = getattr(texts[0], "ids", None) if len(texts) == 1 else None
+        if ids is None:
+            return None
+        p = self.predictor
+        n = min(max(len(ids), 1), p.max_length)  # an empty text runs as one pad token; long ones as max_length
+        return int(length_buckets(np.array([n]), p.bucket_lengths)[0])
 
     async def _read_body(self, request: Request) -> bytes:
         limit, close = self.limits.max_body_bytes, {"Connection": "close"}
