@@ -123,3 +123,23 @@ def test_cancelled_items_are_skipped_and_their_keyed_neighbours_run():
     finish(b, gate, [first, kept])
     assert gone.cancelled() and kept.result() == ["KEPT"]
     assert gate.calls == [["first"], ["kept"]]
+
+
+def test_fill_tops_a_keyed_batch_up_with_smaller_keys_to_its_padded_rows():
+    """With fill(n) (the rows n texts are padded to), a keyed batch takes its own key first, then
+    smaller keys, oldest first, up to fill(n); larger and unkeyed items wait. Planted: _fill taking
+    larger keys too (`item.key == key` for `not item.key < key`) -> the 64 item joins -> fails; room
+    from max_batch_size instead of fill(n) -> 16s past the padded rows join -> fails."""
+    b, gate, first = held(max_batch_size=8, fill=lambda n: 4 if n <= 4 else 8)
+    futures = [b.submit([t], key=k) for t, k in
+               [("s1", 16), ("big", 64), ("none", None), ("m1", 32), ("s2", 16), ("m2", 32), ("s3", 16),
+                ("s4", 16), ("s5", 16)]]
+    results = finish(b, gate, [first] + futures)
+    assert gate.calls == [["first"], ["s1", "s2", "s3", "s4", "s5"], ["big", "m1", "m2"], ["none"]]
+    b, gate, first = held(max_batch_size=8, fill=lambda n: 4 if n <= 4 else 8)
+    futures = [b.submit([t], key=k) for t, k in
+               [("m1", 32), ("big", 64), ("s1", 16), ("none", None), ("m2", 32), ("s2", 16), ("s3", 16),
+                ("s4", 16)]]
+    results = finish(b, gate, [first] + futures)
+    assert gate.calls == [["first"], ["m1", "m2", "s1", "s2"], ["big", "s3", "s4"], ["none"]]
+    assert results[1:] == [["M1"], ["BIG"], ["S1"], ["NONE"], ["M2"], ["S2"], ["S3"], ["S4"]]

@@ -13,6 +13,9 @@ queue, and the others keep their order and wait for a later batch. A model call 
 text to one length instead of to the longest of a random mix. The oldest waiting item always
 leads the next batch, so no item waits behind more than the batches of the items older than it.
 An oldest item with key None gathers as without keys: whatever follows it, in order.
+Keys order items by length. With `fill(n)` (the server's: the rows a call of n texts is padded to
+anyway), a keyed batch that has room left below fill(n) takes items of SMALLER keys too, oldest
+first: padding them to the batch's length costs rows the call would compute as padding anyway.
 
 The queue is bounded by texts, not requests: `submit` raises `QueueFull` when the texts waiting
 (not yet taken by the worker) would pass `max_queue`, so a flood costs the server a 503, not memory.
@@ -57,14 +60,15 @@ class Batcher:
 
     def __init__(self, run: Callable[[list], Sequence], *, max_batch_size: int = 32,
                  max_delay_s: float = 0.002, max_queue: int = 4096,
-                 on_batch: Callable[[int, float], None] | None = None):
+                 on_batch: Callable[[int, float], None] | None = None,
+                 fill: Callable[[int], int] | None = None):
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if not max_delay_s >= 0:
             raise ConfigError(f"max_delay_s must be >= 0, got {max_delay_s}")
         if max_queue < 1:
             raise ConfigError(f"max_queue must be >= 1, got {max_queue}")
-        self.run, self.on_batch = run, on_batch
+        self.run, self.on_batch, self.fill = run, on_batch, fill
         self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
         self.pending = 0  # texts submitted and not yet taken by the worker
         self._items: collections.deque[_Item] = collections.deque()
@@ -128,8 +132,23 @@ class Batcher:
                 if left <= 0 or self._closed:
                     break
                 self._cond.wait(left)
+            if key is not None and self.fill is not None and self.max_delay_s > 0:
+                n = self._fill(batch, n, key)
             self.pending -= n
             return batch
+
+    def _fill(self, batch: list[_Item], n: int, key) -> int:
+        """Queued items of smaller keys join, oldest first, while the batch stays within fill(n)."""
+        room, at = min(self.fill(n), self.max_batch_size), 0
+        while n < room and at < len(self._items):
+            item = self._items[at]
+            if item.key is None or not item.key < key or n + len(item.texts) > room:
+                at += 1
+                continue
+            del self._items[at]
+            batch.append(item)
+            n += len(item.texts)
+        return n
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:

@@ -22,7 +22,8 @@ short texts, which tokenize in microseconds, stay in the worker. The per-text ch
 bounds that work (BPE on a long run of one character grows faster than linearly).
 A one-text request is tokenized at submit whatever its length (tens of microseconds for a short
 one, work the worker then skips), so its item is keyed by the length bucket it pads to and the
-batcher gathers texts of one length into a call (see batcher.py); other requests gather unkeyed.
+batcher gathers texts of one length into a call, topped up with shorter ones to the predictor's
+row bucket (see batcher.py); other requests gather unkeyed.
 
 /metrics uses prometheus_client, the reference client: its text format and histogram rules are
 exact, and a registry per app keeps two servers in one process (tests) apart.
@@ -110,7 +111,7 @@ class ClassifierApp:
         self.metrics = Metrics(limits.max_batch_size)
         self.batcher = Batcher(self._predict, max_batch_size=limits.max_batch_size,
                                max_delay_s=limits.max_batch_delay_ms / 1000, max_queue=limits.max_queue,
-                               on_batch=self.metrics.on_batch)
+                               on_batch=self.metrics.on_batch, fill=self._rows_for)
         self.metrics.queue.set_function(lambda: self.batcher.pending)
         self.metrics.compiles.set_function(lambda: predictor.num_compiles)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="jaxcls-parse")
@@ -232,6 +233,10 @@ class ClassifierApp:
                 texts[i] = _Tokenized(t)
                 texts[i].ids = encode(t)
         return texts
+
+    def _rows_for(self, n: int) -> int:
+        """The rows the predictor pads a call of n one-row texts to (its smallest row bucket >= n)."""
+        return next((r for r in self.predictor.row_buckets if r >= n), n)
 
     def _length_key(self, texts: list) -> int | None:
         """The bucket length a one-text request pads to (its gathering key); None for others."""
