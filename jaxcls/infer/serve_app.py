@@ -18,8 +18,9 @@ The event loop never runs the model: texts go to a `Batcher` (one model thread, 
 batching). It never tokenizes or parses a large body either: those run in a small thread pool.
 Tokenization there (tiktoken releases the GIL) means one long text cannot stall the batch of
 short ones behind it; the worker gets the ids through the predictor's own `encode` hook, and
-short texts, which tokenize in microseconds, stay in the worker. The per-text character limit
-bounds that work (BPE on a long run of one character grows faster than linearly).
+the short texts of a request with several, which tokenize in microseconds, stay in the worker.
+The per-text character limit bounds that work (BPE on a long run of one character grows faster
+than linearly).
 A one-text request is tokenized at submit whatever its length (tens of microseconds for a short
 one, work the worker then skips), so its item is keyed by the length bucket it pads to and the
 batcher gathers texts of one length into a call, topped up with shorter ones to the predictor's
