@@ -337,3 +337,47 @@ def test_sliding_token_cap_is_400_and_spares_the_batch():
         assert status == 400 and out["error"].startswith("text at index 1: more than 100 tokens"), out
         assert results["good"][0] == 200 and len(results["good"][1]["predictions"]) == 2
         assert request(srv, "GET", "/health")[0] == 200
+
+
+def test_one_text_requests_are_keyed_by_length_bucket_and_gathered_per_bucket():
+    """A one-text request is tokenized at submit and keyed by the bucket it pads to; several texts
+    go unkeyed. Concurrent short and long requests then share calls only with their own length,
+    and each gets predict's answer (shorter texts may top up a longer call to the rows it is padded
+    to). Planted: classify submitting with key=None -> one call of all six -> fails; _length_key
+    not capping at max_length -> the long text's key is off -> fails."""
+    enc = encoding_from_files(TOKENIZER_DIR / "vocab.bpe", TOKENIZER_DIR / "encoder.json")
+    clf = Classifier(GPT2Classifier(TINY_SIZES["tiny"], 3, rngs=nnx.Rngs(0)), enc, ["a", "b", "c"])
+    kw = {**KW, "bucket_lengths": (16, 64)}
+    srv = make_server(clf, "127.0.0.1", 0, predictor_kw=kw, max_batch_delay_ms=300)
+    app, p = srv.service, srv.predictor
+    short, long_, over = "see you soon", "word " * 30, "word " * 200
+    for texts, key in [([short], 16), ([long_], 64), ([over], 64), ([""], 16), ([short, short], None)]:
+        parsed = app._parse_and_tokenize(json.dumps({"texts": texts}).encode())
+        assert app._length_key(parsed) == key, texts
+        if key is not None:
+            assert list(parsed[0].ids) == list(enc.encode(texts[0]))
+    calls = []
+    run = app.batcher.run
+    app.batcher.run = lambda examples: calls.append([len(p.encode(t)) for t in examples]) or run(examples)
+    with srv:
+        results = {}
+        texts = [short, long_, "hi", long_ + "more", "ok then", long_ + "words"]
+
+        def post(i):
+            results[i] = request(srv, "POST", "/classify", {"text": texts[i]})
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(len(texts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    want = p.predict(texts)[1]
+    for i, w in enumerate(want):
+        assert results[i][0] == 200
+        np.testing.assert_allclose(list(results[i][1]["predictions"][0]["probs"].values()), w, atol=1e-6)
+    assert sorted(n for call in calls for n in call) == sorted(len(enc.encode(t)) for t in texts)
+    assert len(calls) < len(texts), calls
+    for call in calls:  # the oldest leads; shorter texts only fill rows its own bucket pads to anyway
+        same = sum((n <= 16) == (call[0] <= 16) for n in call)
+        assert all(n <= 16 for n in call) or call[0] > 16, calls
+        assert len(call) == same or len(call) <= app._rows_for(same), calls

@@ -7,6 +7,16 @@ splits the results back to each item's future in order. An item is never split a
 an item larger than `max_batch_size` runs alone (the predictor cuts it into its own batches).
 `max_delay_s=0` turns gathering off: each item runs alone, which is what the benchmark compares.
 
+Gathering is by key. An item may carry a key (the server's: the length bucket its text pads to);
+when the oldest item has one, the batch takes only items with the SAME key, from anywhere in the
+queue, and the others keep their order and wait for a later batch. A model call then pads every
+text to one length instead of to the longest of a random mix. The oldest waiting item always
+leads the next batch, so no item waits behind more than the batches of the items older than it.
+An oldest item with key None gathers as without keys: whatever follows it, in order.
+Keys order items by length. With `fill(n)` (the server's: the rows a call of n texts is padded to
+anyway), a keyed batch that has room left below fill(n) takes items of SMALLER keys too, oldest
+first: padding them to the batch's length costs rows the call would compute as padding anyway.
+
 The queue is bounded by texts, not requests: `submit` raises `QueueFull` when the texts waiting
 (not yet taken by the worker) would pass `max_queue`, so a flood costs the server a 503, not memory.
 A future cancelled while it waits (the client gave up, the compute timeout fired) is skipped.
@@ -37,10 +47,10 @@ class QueueFull(Exception):
 
 
 class _Item:
-    __slots__ = ("texts", "future", "since")
+    __slots__ = ("texts", "key", "future", "since")
 
-    def __init__(self, texts: list):
-        self.texts, self.future, self.since = texts, Future(), time.monotonic()
+    def __init__(self, texts: list, key=None):
+        self.texts, self.key, self.future, self.since = texts, key, Future(), time.monotonic()
 
 
 class Batcher:
@@ -50,14 +60,15 @@ class Batcher:
 
     def __init__(self, run: Callable[[list], Sequence], *, max_batch_size: int = 32,
                  max_delay_s: float = 0.002, max_queue: int = 4096,
-                 on_batch: Callable[[int, float], None] | None = None):
+                 on_batch: Callable[[int, float], None] | None = None,
+                 fill: Callable[[int], int] | None = None):
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if not max_delay_s >= 0:
             raise ConfigError(f"max_delay_s must be >= 0, got {max_delay_s}")
         if max_queue < 1:
             raise ConfigError(f"max_queue must be >= 1, got {max_queue}")
-        self.run, self.on_batch = run, on_batch
+        self.run, self.on_batch, self.fill = run, on_batch, fill
         self.max_batch_size, self.max_delay_s, self.max_queue = max_batch_size, max_delay_s, max_queue
         self.pending = 0  # texts submitted and not yet taken by the worker
         self._items: collections.deque[_Item] = collections.deque()
@@ -66,9 +77,10 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="jaxcls-model-worker", daemon=True)
         self._thread.start()
 
-    def submit(self, texts: list) -> Future:
-        """Queue `texts` (a non-empty list); the future's result is their results, in order."""
-        item = _Item(list(texts))
+    def submit(self, texts: list, key=None) -> Future:
+        """Queue `texts` (a non-empty list); the future's result is their results, in order.
+        Items with the same `key` (hashable; None: any) may share a model call."""
+        item = _Item(list(texts), key)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
@@ -92,28 +104,51 @@ class Batcher:
         return self._thread.is_alive()
 
     def _take(self) -> list[_Item] | None:
-        """The next batch: the oldest item plus whatever arrives before its delay runs out."""
+        """The next batch: the oldest item plus items of its key, queued or arriving before its
+        delay runs out."""
         with self._cond:
             while not self._items:
                 if self._closed:
                     return None
                 self._cond.wait()
-            batch = [self._items.popleft()]
-            n = len(batch[0].texts)
-            deadline = batch[0].since + self.max_delay_s
+            lead = self._items.popleft()
+            batch, n, key = [lead], len(lead.texts), lead.key
+            deadline = lead.since + self.max_delay_s
+            at = 0  # items before this index were looked at and left for a later batch
             while self.max_delay_s > 0 and n < self.max_batch_size:
-                if self._items:
-                    if n + len(self._items[0].texts) > self.max_batch_size:
-                        break
-                    batch.append(self._items.popleft())
-                    n += len(batch[-1].texts)
+                if at < len(self._items):
+                    item = self._items[at]
+                    if key is None:
+                        if n + len(item.texts) > self.max_batch_size:
+                            break
+                    elif item.key != key or n + len(item.texts) > self.max_batch_size:
+                        at += 1
+                        continue
+                    del self._items[at]
+                    batch.append(item)
+                    n += len(item.texts)
                     continue
                 left = deadline - time.monotonic()
                 if left <= 0 or self._closed:
                     break
                 self._cond.wait(left)
+            if key is not None and self.fill is not None and self.max_delay_s > 0:
+                n = self._fill(batch, n, key)
             self.pending -= n
             return batch
+
+    def _fill(self, batch: list[_Item], n: int, key) -> int:
+        """Queued items of smaller keys join, oldest first, while the batch stays within fill(n)."""
+        room, at = min(self.fill(n), self.max_batch_size), 0
+        while n < room and at < len(self._items):
+            item = self._items[at]
+            if item.key is None or not item.key < key or n + len(item.texts) > room:
+                at += 1
+                continue
+            del self._items[at]
+            batch.append(item)
+            n += len(item.texts)
+        return n
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:

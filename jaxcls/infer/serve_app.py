@@ -18,8 +18,13 @@ The event loop never runs the model: texts go to a `Batcher` (one model thread, 
 batching). It never tokenizes or parses a large body either: those run in a small thread pool.
 Tokenization there (tiktoken releases the GIL) means one long text cannot stall the batch of
 short ones behind it; the worker gets the ids through the predictor's own `encode` hook, and
-short texts, which tokenize in microseconds, stay in the worker. The per-text character limit
-bounds that work (BPE on a long run of one character grows faster than linearly).
+the short texts of a request with several, which tokenize in microseconds, stay in the worker.
+The per-text character limit bounds that work (BPE on a long run of one character grows faster
+than linearly).
+A one-text request is tokenized at submit whatever its length (tens of microseconds for a short
+one, work the worker then skips), so its item is keyed by the length bucket it pads to and the
+batcher gathers texts of one length into a call, topped up with shorter ones to the predictor's
+row bucket (see batcher.py); other requests gather unkeyed.
 
 /metrics uses prometheus_client, the reference client: its text format and histogram rules are
 exact, and a registry per app keeps two servers in one process (tests) apart.
@@ -40,6 +45,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from jaxcls.data import length_buckets
 from jaxcls.errors import DataError
 from jaxcls.infer.answers import INPUT_FIELDS, answer, option_count
 from jaxcls.infer.batcher import Batcher, QueueFull
@@ -106,7 +112,7 @@ class ClassifierApp:
         self.metrics = Metrics(limits.max_batch_size)
         self.batcher = Batcher(self._predict, max_batch_size=limits.max_batch_size,
                                max_delay_s=limits.max_batch_delay_ms / 1000, max_queue=limits.max_queue,
-                               on_batch=self.metrics.on_batch)
+                               on_batch=self.metrics.on_batch, fill=self._rows_for)
         self.metrics.queue.set_function(lambda: self.batcher.pending)
         self.metrics.compiles.set_function(lambda: predictor.num_compiles)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="jaxcls-parse")
@@ -201,7 +207,7 @@ class ClassifierApp:
                 texts = await loop.run_in_executor(self.pool, self._parse_and_tokenize, body)
             else:
                 texts = self._parse_and_tokenize(body)
-            future = self.batcher.submit(texts)
+            future = self.batcher.submit(texts, key=self._length_key(texts))
         except Reject as e:
             return self.error(e)
         except QueueFull as e:
@@ -224,10 +230,23 @@ class ClassifierApp:
             return texts
         encode = self.predictor.encode.__wrapped__
         for i, t in enumerate(texts):
-            if len(t) > PRETOKENIZE_CHARS:
+            if len(t) > PRETOKENIZE_CHARS or len(texts) == 1:
                 texts[i] = _Tokenized(t)
                 texts[i].ids = encode(t)
         return texts
+
+    def _rows_for(self, n: int) -> int:
+        """The rows the predictor pads a call of n one-row texts to (its smallest row bucket >= n)."""
+        return next((r for r in self.predictor.row_buckets if r >= n), n)
+
+    def _length_key(self, texts: list) -> int | None:
+        """The bucket length a one-text request pads to (its gathering key); None for others."""
+        ids = getattr(texts[0], "ids", None) if len(texts) == 1 else None
+        if ids is None:
+            return None
+        p = self.predictor
+        n = min(max(len(ids), 1), p.max_length)  # an empty text runs as one pad token; long ones as max_length
+        return int(length_buckets(np.array([n]), p.bucket_lengths)[0])
 
     async def _read_body(self, request: Request) -> bytes:
         limit, close = self.limits.max_body_bytes, {"Connection": "close"}
