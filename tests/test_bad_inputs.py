@@ -41,7 +41,7 @@ def _labelled_csv(path, extra_rows):
 def test_classify_texts_of_a_million_spaces(model_dir, tmp_path, capsys):
     """Fails if a whole whitespace run reaches tiktoken, which panics (planted both defences away:
     `_LONG_RUN = re.compile("(?!)")` in tokenizer.py and `self.encode(text)` for first_tokens in
-    Predictor._encode: a PanicException escapes main)."""
+    Predictor.token_ids: a PanicException escapes main)."""
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["ok", *HUGE_WS, "win" + HUGE_WS[0] + "now"]))
     out = tmp_path / "out.jsonl"
@@ -52,7 +52,7 @@ def test_classify_texts_of_a_million_spaces(model_dir, tmp_path, capsys):
 
 def test_sliding_refuses_a_text_past_the_token_cap_naming_it(model_dir, tmp_path, capsys):
     """Fails if --long sliding reads a text of any length (planted: the `ids.size > limit` check
-    in Predictor._encode removed: 300k windows' worth are classified and written)."""
+    in Predictor.token_ids removed: 300k windows' worth are classified and written)."""
     src = tmp_path / "in.txt"
     src.write_text("fine\n\nalso fine\n" + "x " * 300_000 + "\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"

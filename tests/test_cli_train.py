@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import FIXTURE, SMS, TOKENIZER_DIR, requires_shared
+from conftest import FIXTURE, SMS, TOKENIZER_DIR, requires_shared, write_sms_csv
 from jaxcls.classifier import Classifier
 from jaxcls.cli import main
 from jaxcls.data import load_sms_spam
@@ -209,24 +209,13 @@ def test_book_rows_only_the_script_trains_run_on_the_tiny_fixture(tmp_path, caps
         assert f"| {row} | {book.ROWS[int(row)][0]} | {accs[0]}% / {accs[1]}% / {accs[2]}% |" in table
 
 
-def _small_csv(tmp_path, n=60):
-    with open(SMS, encoding="utf-8", errors="replace") as f:
-        rows = [line.rstrip("\n").split("\t", 1) for line in f][:n]
-    path = tmp_path / "sms.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["label", "text"])
-        w.writerows(rows)
-    return path
-
-
 def test_distributed_flag_joins_the_detected_job(tmp_path):
     """--distributed reaches jax.distributed.initialize() with no arguments; with no cluster to
     detect here it stops with a message saying what to pass instead."""
     import subprocess
 
     r = subprocess.run([sys.executable, "-m", "jaxcls", "train", "--distributed", "--checkpoint", "tiny",
-                        "--weights", "random", "--data", str(_small_csv(tmp_path)), "--out", str(tmp_path / "o")],
+                        "--weights", "random", "--data", str(write_sms_csv(tmp_path / "sms.csv", 60)), "--out", str(tmp_path / "o")],
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "pass --coordinator HOST:PORT" in r.stderr, r.stderr[-1000:]
     assert not (tmp_path / "o").exists()

@@ -355,7 +355,7 @@ def test_one_text_requests_are_keyed_by_length_bucket_and_gathered_per_bucket():
         parsed = app._parse_and_tokenize(json.dumps({"texts": texts}).encode())
         assert app._length_key(parsed) == key, texts
         if key is not None:
-            assert list(parsed[0].ids) == list(enc.encode(texts[0]))
+            assert list(parsed[0].ids) == list(enc.encode(texts[0]))[: p.max_length + 1]  # bounded at submit
     calls = []
     run = app.batcher.run
     app.batcher.run = lambda examples: calls.append([len(p.encode(t)) for t in examples]) or run(examples)
@@ -381,3 +381,27 @@ def test_one_text_requests_are_keyed_by_length_bucket_and_gathered_per_bucket():
         same = sum((n <= 16) == (call[0] <= 16) for n in call)
         assert all(n <= 16 for n in call) or call[0] > 16, calls
         assert len(call) == same or len(call) <= app._rows_for(same), calls
+
+
+def test_a_one_text_request_is_tokenized_once_off_the_model_thread(server, monkeypatch):
+    """The ids computed at submit (bounded, by Predictor.token_ids) are the ones the worker runs:
+    the model thread encodes nothing. A 295-character text is long enough that the bounded
+    encoder reads it in prefixes. Fails if the predictor ignores `text.ids` (planted:
+    `ids = None` in token_ids) or the app stops attaching them (planted: no `_Tokenized`)."""
+    import threading
+
+    calls = []
+    encode = server.predictor.encode
+
+    def recording(text):
+        calls.append(threading.current_thread().name)
+        return encode(text)
+
+    monkeypatch.setattr(server.predictor, "encode", recording)
+    text = "word " * 59
+    status, out = request(server, "POST", "/classify", {"text": text})
+    assert status == 200
+    assert calls and "jaxcls-model-worker" not in calls, calls
+    monkeypatch.setattr(server.predictor, "encode", encode)
+    np.testing.assert_allclose(list(out["predictions"][0]["probs"].values()),
+                               server.predictor.predict([text])[1][0], atol=1e-6)

@@ -238,9 +238,11 @@ class Predictor:
             starts.append(n - L)
         return [ids[s : s + L] for s in starts]
 
-    def _encode(self, i: int, text: str) -> np.ndarray:
+    def token_ids(self, text: str, i: int = 0) -> np.ndarray:
         """The tokens a text needs, never more: max_length + 1 (enough to see it is long) when
-        truncating, at most `max_text_tokens` for windows."""
+        truncating, at most `max_text_tokens` for windows; `text.ids` if a server set them at submit."""
+        if (ids := getattr(text, "ids", None)) is not None:
+            return ids
         limit = self.max_length if self.long == "truncate" else self.max_text_tokens
         ids = np.asarray(first_tokens(self.encode, text, limit + 1), dtype=np.int32).reshape(-1)
         if self.long == "sliding" and ids.size > limit:
@@ -254,7 +256,7 @@ class Predictor:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"text at index {i} is {type(text).__name__}, not str")
-            ids = self._encode(i, text)
+            ids = self.token_ids(text, i)
             if ids.size == 0:
                 ids = np.array([self.pad_id], np.int32)
                 self.stats.empty += 1

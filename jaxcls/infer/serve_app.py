@@ -17,7 +17,8 @@ text field counts: a pair is two texts, a choice example its context, question a
 The event loop never runs the model: texts go to a `Batcher` (one model thread, dynamic
 batching). It never tokenizes or parses a large body either: those run in a small thread pool.
 Tokenization there (tiktoken releases the GIL) means one long text cannot stall the batch of
-short ones behind it; the worker gets the ids through the predictor's own `encode` hook, and
+short ones behind it; the texts carry the ids `Predictor.token_ids` gave them (bounded, as the
+worker would compute them), so the worker does not encode them again, and
 the short texts of a request with several, which tokenize in microseconds, stay in the worker.
 The per-text character limit bounds that work (BPE on a long run of one character grows faster
 than linearly).
@@ -59,18 +60,9 @@ PATHS = ("/", "/index.html", "/classify", "/health", "/info", "/metrics")
 
 
 class _Tokenized(str):
-    """A text with its token ids, computed in the pool; `_encode_hook` hands them to the predictor."""
+    """A text with the ids `Predictor.token_ids` gave it at submit; the predictor reuses them."""
 
     ids: np.ndarray
-
-
-def _encode_hook(encode):
-    def hooked(text):
-        ids = getattr(text, "ids", None)
-        return encode(text) if ids is None else ids
-
-    hooked.__wrapped__ = encode
-    return hooked
 
 
 class Metrics:
@@ -107,8 +99,6 @@ class ClassifierApp:
         self.classifier, self.predictor, self.limits = classifier, predictor, limits.check()
         self.task = predictor.task
         self.names = list(classifier.label_names)
-        if not hasattr(predictor.encode, "__wrapped__"):
-            predictor.encode = _encode_hook(predictor.encode)
         self.metrics = Metrics(limits.max_batch_size)
         self.batcher = Batcher(self._predict, max_batch_size=limits.max_batch_size,
                                max_delay_s=limits.max_batch_delay_ms / 1000, max_queue=limits.max_queue,
@@ -228,11 +218,10 @@ class ClassifierApp:
         texts = parse_texts(body, self.limits, self.task.inputs.kind)
         if self.task.inputs.kind != "text":
             return texts
-        encode = self.predictor.encode.__wrapped__
         for i, t in enumerate(texts):
             if len(t) > PRETOKENIZE_CHARS or len(texts) == 1:
                 texts[i] = _Tokenized(t)
-                texts[i].ids = encode(t)
+                texts[i].ids = self.predictor.token_ids(t, i)
         return texts
 
     def _rows_for(self, n: int) -> int:
