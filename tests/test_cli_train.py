@@ -294,12 +294,22 @@ def test_a_flag_of_another_subcommand_gets_a_hint(argv, hint, capsys):
     assert err.count("\n") == 1 and err.startswith(f"jaxcls {argv[0]}: error: {wrong} ") and hint in err, err
 
 
+def test_abbreviated_flags_are_refused(capsys):
+    """`--epoch 3` is not taken for `--epochs 3`: a prefix would change meaning the day another flag
+    shares it. Fails with argparse's default allow_abbrev=True (planted)."""
+    from jaxcls.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["train", "--data", "sms", "--epoch", "3"])
+    assert e.value.code == 2 and "--epoch" in capsys.readouterr().err
+
+
 def _documented_commands():
-    """Every `jaxcls ...` command line in the fenced blocks of README.md and docs/predict.md."""
+    """Every `jaxcls ...` command line in the fenced blocks of README.md and docs/*.md."""
     import re
     import shlex
 
-    for doc in (ROOT / "README.md", ROOT / "docs" / "predict.md"):
+    for doc in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))):
         fenced, lines = False, []
         for line in doc.read_text(encoding="utf-8").splitlines():
             if line.startswith("```"):
@@ -313,12 +323,12 @@ def _documented_commands():
             m = re.match(r"\s*(?:\$ )?(?:.*\| )?(?:\.venv/bin/)?jaxcls (.*)", line)
             if m:
                 words = shlex.split(m.group(1), comments=True)
-                cut = min((words.index(s) for s in ("&&", "|", ">") if s in words), default=len(words))
+                cut = min((words.index(s) for s in ("&&", "|", ">", "...") if s in words), default=len(words))
                 yield f"{doc.name}: jaxcls {m.group(1)}", words[:cut]
 
 
 def test_documented_commands_parse():
-    """Each command README.md and docs/predict.md show still parses. Fails if a documented flag is renamed
+    """Each command README.md and docs/ show still parses. Fails if a documented flag is renamed
     or removed (planted: eval's --json renamed --as-json)."""
     from jaxcls.cli import build_parser
 

@@ -29,8 +29,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
+    """No abbreviated flags: `--epoch` for `--epochs` would silently change meaning the day a
+    second flag starts with the same letters."""
+
     def __init__(self, *args, **kw):
         kw.setdefault("formatter_class", HelpFormatter)
+        kw.setdefault("allow_abbrev", False)
         super().__init__(*args, **kw)
 
 
