@@ -22,11 +22,30 @@ def block_matmuls(cfg, batch: int, seq_len: int) -> dict[str, int]:
     }
 
 
+# The linears each LoRA style adapts (jaxcls/lora.py, docs/lora.md); the book's qkv adapter is
+# three pairs, one per column block (query, key, value), the others one pair.
+LORA_BLOCK_TARGETS = {"book": ("qkv", "attn_out", "mlp_fc", "mlp_out"), "peft": ("qkv",),
+                      "legacy": ("qkv", "attn_out", "mlp_fc", "mlp_out")}
+
+
+def _lora_style(cfg) -> str:
+    return _get(cfg, "lora_style", "book") or "book"
+
+
+def _qkv_pairs(cfg) -> int:
+    return 3 if _lora_style(cfg) == "book" else 1
+
+
 def _lora_matmuls(cfg, batch: int, seq_len: int) -> dict[str, int]:
     """Forward FLOPs of the LoRA adapters, per block, keyed by the Linear they adapt."""
     C, r, BT = int(_get(cfg, "n_embd")), int(_get(cfg, "lora_rank", 0) or 0), batch * seq_len
     shapes = {"qkv": (C, 3 * C), "attn_out": (C, C), "mlp_fc": (C, 4 * C), "mlp_out": (4 * C, C)}
-    return {k: 2 * BT * r * (n_in + n_out) for k, (n_in, n_out) in shapes.items()} if r else {}
+    if not r:
+        return {}
+    out = {k: 2 * BT * r * (n_in + n_out) for k, (n_in, n_out) in shapes.items()
+           if k in LORA_BLOCK_TARGETS[_lora_style(cfg)]}
+    out["qkv"] += 2 * BT * r * C * (_qkv_pairs(cfg) - 1)  # each further pair reads x again
+    return out
 
 
 def last_block_matmuls(cfg, batch: int, seq_len: int) -> dict[str, int]:
@@ -50,8 +69,12 @@ def _last_lora_matmuls(cfg, batch: int, seq_len: int) -> dict[str, int]:
     if not r:
         return {}
     B, T = int(batch), int(seq_len)
-    return {"qkv": 2 * B * T * r * (C + 2 * C) + 2 * B * r * (C + C),
-            "attn_out": 2 * B * r * 2 * C, "mlp_fc": 2 * B * r * 5 * C, "mlp_out": 2 * B * r * 5 * C}
+    if _qkv_pairs(cfg) == 3:  # separate key and value pairs at every position, the query's at one
+        qkv = 2 * (2 * B * T * r * 2 * C) + 2 * B * r * 2 * C
+    else:
+        qkv = 2 * B * T * r * (C + 2 * C) + 2 * B * r * (C + C)
+    out = {"qkv": qkv, "attn_out": 2 * B * r * 2 * C, "mlp_fc": 2 * B * r * 5 * C, "mlp_out": 2 * B * r * 5 * C}
+    return {k: v for k, v in out.items() if k in LORA_BLOCK_TARGETS[_lora_style(cfg)]}
 
 
 def _block_tables(cfg, batch, seq_len, n_layer, single_token: bool):
@@ -114,6 +137,9 @@ def train_step_flops(cfg, batch: int, seq_len: int, trainable_preset: str, num_c
     start = first if cached_prefix else 0
     head = head_flops(cfg, batch, num_classes)
     total = head + (2 * head if first < n_layer else head)  # head: fwd + dW (+ dX if blocks below)
+    if lora and _lora_style(cfg) == "book":  # the head is frozen (no dW) and adapted: the
+        r = int(_get(cfg, "lora_rank"))  # adapter's forward, dW of both factors and dX of both
+        total += -head + 3 * 2 * int(batch) * r * (int(_get(cfg, "n_embd")) + int(num_classes))
     for i in range(start, n_layer):
         mm, lm = tables[i]
         fwd = sum(mm.values()) + sum(lm.values())
@@ -132,8 +158,12 @@ def train_step_flops(cfg, batch: int, seq_len: int, trainable_preset: str, num_c
             bwd += 2 * sum(lm.values())
             if not needs_input_grad:
                 C, r = int(_get(cfg, "n_embd")), int(_get(cfg, "lora_rank"))
-                rows = batch * seq_len + (batch if i == n_layer - 1 and single_token else 0)
-                bwd -= 2 * rows * C * r  # dX of the qkv adapter's first factor
+                pooled = i == n_layer - 1 and single_token  # the query's first factor runs at one row
+                if _qkv_pairs(cfg) == 3:  # the book's: key and value pairs, then the query's
+                    rows = 2 * batch * seq_len + (batch if pooled else batch * seq_len)
+                else:
+                    rows = batch * seq_len + (batch if pooled else 0)
+                bwd -= 2 * rows * C * r  # dX of the qkv adapters' first factors
         total += bwd
     return int(total)
 

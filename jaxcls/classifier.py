@@ -16,6 +16,7 @@ from jaxcls.ckpt.names import in_checkpoint
 from jaxcls.config import DataSpec, ModelSpec, TrainConfig, preset
 from jaxcls.data import DataSplits, TextDataset, label_ids
 from jaxcls.errors import ConfigError
+from jaxcls import model as model_lib
 from jaxcls.model import GPT2Classifier, path_str
 from jaxcls.task import SingleLabel, task_from_json
 from jaxcls.tokenizer import encode, tokenizer_dir_for, tokenizer_from_folder
@@ -50,13 +51,15 @@ class Classifier:
     def from_pretrained(cls, path_or_name: str | Path, num_classes: int | None = None, *,
                         label_names: Sequence[str] | None = None, trainable: str = "last_block",
                         pooling: str = "last_real", weights: str = "pretrained", seed: int = 123,
-                        lora_rank: int = 16, lora_alpha: float = 16.0, dtype: str = "float32",
+                        lora_rank: int = 16, lora_alpha: float = 16.0, lora_style: str = "book",
+                        dtype: str = "float32",
                         causal: bool = True, dropout: float = 0.0, tokenizer: str | Path | None = None,
                         verify: bool = False, task=None) -> "Classifier":
         """GPT-2 from a checkpoint folder or size name with a new `num_classes` head; `weights=
         'random'` keeps only the shape (also the 'tiny' and 'mini' presets, which have no files).
         `task` (jaxcls.task, e.g. `make_task("multilabel", names)`) sets the head's width and the
-        label names; the default is single-label text over `label_names`."""
+        label names; the default is single-label text over `label_names`. With `trainable='lora'`,
+        `lora_style` 'book' or 'peft' picks whose adapters are added (docs/lora.md)."""
         if task is not None:
             label_names = task.label_names
         if label_names is None:
@@ -64,8 +67,10 @@ class Classifier:
                 raise ConfigError("from_pretrained needs num_classes or label_names")
             label_names = [str(i) for i in range(num_classes)]
         num_classes = task.head_width if task is not None else len(label_names)
+        ModelSpec(lora_style=lora_style)  # a named error for an unknown style
         overrides = dict(dtype=dtype, causal=causal, dropout=dropout,
-                         lora_rank=lora_rank if trainable == "lora" else 0, lora_alpha=lora_alpha)
+                         lora_rank=lora_rank if trainable == "lora" else 0, lora_alpha=lora_alpha,
+                         lora_style=lora_style)
 
         def make(config):
             return lambda: GPT2Classifier(config, num_classes, pooling=pooling, rngs=nnx.Rngs(seed))
@@ -150,7 +155,7 @@ class Classifier:
         c = self.model.config
         built = dict(dtype=c.dtype, causal=c.causal, dropout=c.dropout)
         if c.lora_rank:
-            built.update(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)
+            built.update(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha, lora_style=c.lora_style)
         return built
 
     def _dataset(self, d, split) -> TextDataset | None:
@@ -237,21 +242,33 @@ class Classifier:
         return self.task.report(data.labels, self.predictor(batch_size=batch_size).logits(examples))
 
     # ---- files ----
-    def save(self, directory: str | Path, *, full: bool = False) -> Path:
+    def save(self, directory: str | Path, *, full: bool = False, merge_lora: bool = False) -> Path:
         """Weights (only the trained subtree unless `full` or there is no base checkpoint), the
-        settings, label names and tokenizer files, in jaxcls.ckpt.folder's format."""
-        params = list(nnx.to_flat_state(nnx.state(self.model, nnx.Param)))
+        settings, label names and tokenizer files, in jaxcls.ckpt.folder's format. `merge_lora`
+        folds the LoRA adapters into the kernels and saves every weight of the plain model that
+        results (the same logits; loads and serves as any classifier without adapters)."""
+        model, merged = self.model, None
+        if merge_lora:
+            c = model.config
+            if not c.lora_rank:
+                raise ConfigError("Classifier.save: merge_lora=True, but this classifier has no LoRA adapters "
+                                  "(it was not built with trainable='lora', or they are merged already)")
+            model, full = model_lib.merge_lora(model), True  # merged kernels are not the base's
+            merged = {"rank": c.lora_rank, "alpha": c.lora_alpha, "style": c.lora_style}
+        params = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
         delta = not full and self.base is not None
         if delta:
-            keep = freeze.is_trainable(freeze.trainable_pattern(self.trainable, self.model.config.n_layer))
+            c = model.config
+            keep = freeze.is_trainable(freeze.trainable_pattern(self.trainable, c.n_layer, c.lora_style))
             params = [(p, v) for p, v in params if keep(p, None) or not in_checkpoint(p)]
             if "sha256" not in self.base:
                 sha = saved_folder.base_sha256(Path(self.base["path"]), self.base["layout"])
                 self.base = {**self.base, "sha256": sha}
         flat = {path_str(p): np.asarray(v.get_value()) for p, v in params}
+        extra = {"lora_merged": merged} if merged else {}
         return saved_folder.save_folder(directory, flat, {
-            "config": dataclasses.asdict(self.model.config),
-            "num_classes": self.model.num_classes, "label_names": list(self.label_names),
+            "config": dataclasses.asdict(model.config), **extra,
+            "num_classes": model.num_classes, "label_names": list(self.label_names),
             "task": self.task.to_json(),
             "pooling": self.pooling, "pad_length": self.pad_length, "trainable": self.trainable,
             "saved": "delta" if delta else "full", "base": self.base if delta else None,

@@ -11,6 +11,8 @@ from jaxcls.errors import CheckpointError, ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 POOLINGS = ("last_real", "last", "first", "mean")
+LORA_STYLES = ("book", "peft")  # what --lora-style offers; docs/lora.md
+LEGACY_LORA = "legacy"  # the single fused adapter of folders saved before lora_style existed (load only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +30,7 @@ class GPT2Config:
     ln_epsilon: float = 1e-5
     lora_rank: int = 0
     lora_alpha: float = 16.0
+    lora_style: str = "book"
 
     def __post_init__(self):
         for field in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):
@@ -42,6 +45,8 @@ class GPT2Config:
             raise ConfigError(f"GPT2Config.dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise ConfigError(f"GPT2Config.lora_rank must be a non-negative integer, got {self.lora_rank!r}")
+        if self.lora_style not in (*LORA_STYLES, LEGACY_LORA):
+            raise ConfigError(f"GPT2Config.lora_style must be one of {LORA_STYLES}, got {self.lora_style!r}")
         if not (isinstance(self.ln_epsilon, float) and math.isfinite(self.ln_epsilon) and self.ln_epsilon > 0):
             raise ConfigError(f"GPT2Config.ln_epsilon must be a finite positive float, got {self.ln_epsilon!r}")
         if self.dtype not in DTYPES:
@@ -155,6 +160,7 @@ class ModelSpec:
     pooling: str = "last_real"
     lora_rank: int = 16  # adapters are added only with trainable 'lora'
     lora_alpha: float = 16.0
+    lora_style: str = "book"  # book (appendix E) | peft (Hugging Face PEFT's GPT-2 defaults); docs/lora.md
     causal: bool = True
     dropout: float = 0.0
     dtype: str = "float32"
@@ -164,6 +170,7 @@ class ModelSpec:
         _need(self, self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         _need(self, self.pooling in POOLINGS, "pooling", f"must be one of {POOLINGS}")
         _need(self, isinstance(self.lora_rank, int) and self.lora_rank > 0, "lora_rank", "must be a positive integer")
+        _need(self, self.lora_style in LORA_STYLES, "lora_style", f"must be one of {LORA_STYLES}")
 
     def replace(self, **changes) -> "ModelSpec":
         return dataclasses.replace(self, **changes)

@@ -12,6 +12,7 @@ from flax import nnx
 
 from jaxcls.config import POOLINGS, GPT2Config
 from jaxcls.errors import ConfigError
+from jaxcls.lora import LoRAHead, adapter_update, init_adapter, lora_parts, lora_scale, merged_lora_params
 
 EMBED_STREAM = 1 << 20  # dropout key stream of the embeddings; blocks use their index
 
@@ -47,20 +48,17 @@ def fold(key, i: int):
 
 
 class Linear(nnx.Module):
-    """GPT-2's Conv1D: kernel stored [in, out] as both checkpoints store it, plus an optional LoRA
-    adapter. As in the book (appendix E) the low-rank update is scaled by alpha, not alpha / rank."""
+    """GPT-2's Conv1D: kernel stored [in, out] as both checkpoints store it, plus a LoRA adapter of
+    `lora_pairs` pairs when the config has a rank (modules pass `lora_parts(config, role)`)."""
 
     def __init__(self, n_in: int, n_out: int, *, config: GPT2Config, std: float = 0.02,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, lora_pairs: int = 1):
         self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (n_in, n_out), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((n_out,), jnp.float32))
         self.dtype = compute_dtype(config)
-        self.lora_alpha = float(config.lora_alpha)
-        if config.lora_rank:
-            bound = 1.0 / math.sqrt(n_in)  # torch's kaiming_uniform_(a=sqrt(5)), as the book's LoRALayer
-            self.lora_a = nnx.Param(jax.random.uniform(
-                rngs.params(), (n_in, config.lora_rank), jnp.float32, -bound, bound))
-            self.lora_b = nnx.Param(jnp.zeros((config.lora_rank, n_out), jnp.float32))
+        self.lora_scale = lora_scale(config)
+        if config.lora_rank and lora_pairs:
+            self.lora_a, self.lora_b = init_adapter(config, n_in, n_out, lora_pairs, rngs.params())
         else:
             self.lora_a = self.lora_b = None
 
@@ -69,8 +67,8 @@ class Linear(nnx.Module):
         x = x.astype(self.dtype)
         y = x @ self.kernel[:, cols].astype(self.dtype) + self.bias[cols].astype(self.dtype)
         if self.lora_a is not None:
-            low = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[:, cols].astype(self.dtype)
-            y = y + self.lora_alpha * low
+            low = adapter_update(x, self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype), cols)
+            y = y + self.lora_scale * low
         return y
 
 
@@ -78,8 +76,10 @@ class Attention(nnx.Module):
     def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
         self.config = config
         proj_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2's scaled init of residual projections
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, config=config, rngs=rngs)
-        self.c_proj = Linear(config.n_embd, config.n_embd, config=config, std=proj_std, rngs=rngs)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, config=config, rngs=rngs,
+                             lora_pairs=lora_parts(config, "attn.c_attn"))
+        self.c_proj = Linear(config.n_embd, config.n_embd, config=config, std=proj_std, rngs=rngs,
+                             lora_pairs=lora_parts(config, "attn.c_proj"))
 
     def __call__(self, x, mask, dropout_key=None):
         B, T, C = x.shape
@@ -107,8 +107,10 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
         proj_std = 0.02 / math.sqrt(2 * config.n_layer)
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, config=config, rngs=rngs)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd, config=config, std=proj_std, rngs=rngs)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, config=config, rngs=rngs,
+                           lora_pairs=lora_parts(config, "mlp.c_fc"))
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, config=config, std=proj_std, rngs=rngs,
+                             lora_pairs=lora_parts(config, "mlp.c_proj"))
 
     def __call__(self, x):
         return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))
@@ -252,7 +254,10 @@ class GPT2Classifier(GPT2):
         super().__init__(config, rngs=rngs)
         self.pooling = pooling
         self.num_classes = num_classes
-        self.head = nnx.Linear(config.n_embd, num_classes, rngs=rngs)
+        if lora_parts(config, "head"):
+            self.head = LoRAHead(config.n_embd, num_classes, config=config, rngs=rngs)
+        else:
+            self.head = nnx.Linear(config.n_embd, num_classes, rngs=rngs)
 
     def uses_padding_mask(self) -> bool:
         """The book's literal `last` pooling reads a padding position, so it runs unmasked as the
@@ -296,3 +301,17 @@ class GPT2Classifier(GPT2):
     def __call__(self, token_ids, lengths=None, *, dropout_key=None):
         """token_ids (B, T), lengths (B,) -> float32 logits (B, num_classes), one row per text."""
         return self.head(self.features(token_ids, lengths, dropout_key=dropout_key))
+
+
+def merge_lora(model: GPT2Classifier) -> GPT2Classifier:
+    """The same classifier without adapters (lora_rank 0), its kernels holding the merged update:
+    the same logits, at a plain model's cost."""
+    if not model.config.lora_rank:
+        return model
+    params = merged_lora_params(model)
+    plain = GPT2Config()
+    config = model.config.replace(lora_rank=0, lora_alpha=plain.lora_alpha, lora_style=plain.lora_style)
+    graphdef, abstract = nnx.split(nnx.eval_shape(
+        lambda: GPT2Classifier(config, model.num_classes, pooling=model.pooling, rngs=nnx.Rngs(0))))
+    leaves = [(p, v.replace(jnp.asarray(params[p], v.get_value().dtype))) for p, v in nnx.to_flat_state(abstract)]
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))

@@ -13,7 +13,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "jaxcls"
 
 # layer -> layers it must never import
-CORE = ("config", "model", "tokenizer", "errors", "fileio", "metrics", "task", "shared_prefix",
+CORE = ("config", "model", "lora", "tokenizer", "errors", "fileio", "metrics", "task", "shared_prefix",
         "download", "compile_cache", "generate")
 FORBIDDEN = {
     "core": {"ckpt", "data", "train", "infer", "cli", "classifier"},

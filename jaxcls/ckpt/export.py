@@ -35,6 +35,7 @@ from jaxcls.ckpt.load import check_plausible, match_tensors, materialize, param_
 from jaxcls.errors import CheckpointError, ConfigError
 from jaxcls import fileio
 from jaxcls.fileio import read_json
+from jaxcls.lora import merged_lora_params
 from jaxcls.model import GPT2Classifier
 from jaxcls.task import MultiLabel, Regression, SingleLabel, TaskBase, task_from_json
 from jaxcls.tokenizer import PAD_ID, tokenizer_dir_for, tokenizer_files
@@ -66,24 +67,6 @@ def refusal(model: GPT2Classifier, task: TaskBase) -> str | None:
         return (f"n_vocab {c.n_vocab} has no id {PAD_ID} (<|endoftext|>), which the GPT-2 tokenizer "
                 "pads with")
     return None
-
-
-def merged_params(model: GPT2Classifier) -> dict[tuple, np.ndarray]:
-    """Flax path -> float32 array, LoRA adapters merged into their kernels (kernel + alpha * A B,
-    the update model.Linear adds) and dropped."""
-    flat = {p: np.asarray(v.get_value(), np.float32)
-            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    alpha = float(model.config.lora_alpha)
-    out = {}
-    for path, arr in flat.items():
-        if path[-1] in names.ADAPTER_LEAVES:
-            continue
-        a = flat.get((*path[:-1], "lora_a"))
-        if path[-1] == "kernel" and a is not None:
-            b = flat[(*path[:-1], "lora_b")]
-            arr = (arr.astype(np.float64) + alpha * (a.astype(np.float64) @ b.astype(np.float64))).astype(np.float32)
-        out[path] = arr
-    return out
 
 
 def fold_regression(task: TaskBase, kernel: np.ndarray, bias: np.ndarray):
@@ -148,7 +131,7 @@ def tokenizer_settings(max_length: int) -> tuple[dict, dict]:
 
 def export_tensors(model: GPT2Classifier, task: TaskBase, log: Callable[[str], None]) -> dict[str, np.ndarray]:
     """HF name -> float32 array of the whole classifier, the head's bias folded into ln_f's."""
-    params = merged_params(model)
+    params = merged_lora_params(model)
     kernel, bias = fold_regression(task, params.pop(("head", "kernel")).astype(np.float64),
                                    params.pop(("head", "bias")).astype(np.float64))
     weight = kernel.T  # transformers' Linear stores (out, in)

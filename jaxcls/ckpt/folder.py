@@ -15,8 +15,8 @@ from flax import nnx
 import jaxcls.download as fetch
 from jaxcls.ckpt import hf, openai
 from jaxcls.ckpt.load import match_tensors, materialize, param_shapes, read_checkpoint
-from jaxcls.config import GPT2Config
-from jaxcls.errors import CheckpointError
+from jaxcls.config import LEGACY_LORA, GPT2Config
+from jaxcls.errors import CheckpointError, ConfigError
 from jaxcls.fileio import atomic_write_bytes, atomic_write_json, read_json, sha256_files
 from jaxcls.model import GPT2Classifier, path_str
 from jaxcls.tokenizer import tokenizer_files
@@ -28,7 +28,7 @@ HASH_CACHE = "base-sha256.json"
 RACY_NS = 2_000_000_000
 """A file modified this close to its hashing could change again within one tick of a coarse
 filesystem clock without a new mtime; its hash is not remembered."""
-CONFIG_SWITCHES = ("dtype", "causal", "dropout", "lora_rank", "lora_alpha")
+CONFIG_SWITCHES = ("dtype", "causal", "dropout", "lora_rank", "lora_alpha", "lora_style")
 
 
 def base_weight_files(folder: Path, layout: str) -> list[Path]:
@@ -105,9 +105,14 @@ def _read_meta(directory: Path) -> tuple[dict, GPT2Config]:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{file}: not a jaxcls classifier (format {meta.get('format')!r})")
     try:
-        config = GPT2Config(**meta["config"])
-    except (KeyError, TypeError) as e:
+        fields = dict(meta["config"])
+        if fields.get("lora_rank") and "lora_style" not in fields:
+            fields["lora_style"] = LEGACY_LORA  # saved before styles existed: one adapter per linear
+        config = GPT2Config(**fields)
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{file}: missing or malformed field ({e})") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: {e}") from None
     absent = [k for k in ("num_classes", "label_names", "pooling", "saved") if k not in meta]
     if meta.get("saved") == "delta":
         ref = meta.get("base")

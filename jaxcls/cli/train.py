@@ -12,6 +12,7 @@ from pathlib import Path
 
 from jaxcls.cli import offline
 from jaxcls.config import DataSpec, ModelSpec, TrainConfig
+from jaxcls.errors import ConfigError
 
 SPECS = (DataSpec, ModelSpec, TrainConfig)
 
@@ -49,7 +50,11 @@ GROUPS: dict[str, dict[str, str]] = {
         "trainable": "head (book: last_layer) | last_block | last_two_blocks | last_k_blocks:K | all | "
                      "lora | a regex over parameter paths",
         "lora_rank": "LoRA rank, with --trainable lora",
-        "lora_alpha": "LoRA alpha, with --trainable lora (the update is scaled by alpha, as in the book)",
+        "lora_alpha": "LoRA alpha, with --trainable lora (book: the update is scaled by alpha; peft: by "
+                      "alpha / rank)",
+        "lora_style": "with --trainable lora: book (appendix E: separate query/key/value adapters, adapters "
+                      "on every linear and the frozen head) | peft (Hugging Face PEFT's GPT-2 default: one "
+                      "adapter on c_attn, the head trained fully); docs/lora.md",
         "causal": "causal attention mask; --no-causal attends over all real tokens",
         "dropout": "dropout rate while training (disables the frozen-prefix cache)",
         "dtype": "compute dtype: float32 | bfloat16 | float16 (parameters, optimizer state and loss "
@@ -125,6 +130,9 @@ def register(sub) -> None:
                                        "(classifier.json, weights, metrics, curves, state/, best/), never other "
                                        "files (without it, or --resume, a used --out is refused)")
     groups["output"].add_argument("--quiet", action="store_true", help="no progress bars, log or summary")
+    groups["output"].add_argument("--merge-lora", action="store_true",
+                                  help="with --trainable lora: save the classifier with its adapters merged "
+                                       "into the weights (every weight saved; serves as fast as a plain one)")
     wrong_flag(p, "--model", MODEL_HINT)
     wrong_flag(p, "--output", OUTPUT_NOT_OUT)
     multi = groups["devices and hosts (see docs/scaling.md)"]
@@ -163,6 +171,9 @@ def cmd_train(args) -> int:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     data, model, cfg = (spec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(spec)}) for spec in SPECS)
     model, cfg = offline.choose_model(args, model, cfg)
+    if args.merge_lora and cfg.trainable != "lora":
+        raise ConfigError(f"--merge-lora merges LoRA adapters, which --trainable {cfg.trainable} does not add; "
+                          "use it with --trainable lora")
     out = Path(cfg.out or f"runs/{Path(data.data).stem}")
     cfg = cfg.replace(out=str(out))
     from jaxcls.train.distributed import is_main_process
@@ -190,7 +201,7 @@ def cmd_train(args) -> int:
     report["wall_time_total_s"] = time.perf_counter() - t0
     report["config"] = config
     report["data_sha256"] = data_hashes(data)
-    clf.save(out, full=cfg.save_full)
+    clf.save(out, full=cfg.save_full, merge_lora=args.merge_lora)
     from jaxcls.fileio import atomic_write_json
 
     atomic_write_json(out / "metrics.json", report)

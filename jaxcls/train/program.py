@@ -90,7 +90,8 @@ def build_program(model, data: Prepared, task, cfg: TrainConfig,
                   log: Callable[[str], None] = print) -> tuple[Program, LoopState]:
     """-> the program and the loop state at step 0 (trainable parameters, optimizer state)."""
     n_layer = model.config.n_layer
-    graphdef, trainable, frozen = freeze.split_trainable(model, freeze.trainable_pattern(cfg.trainable, n_layer))
+    pattern = freeze.trainable_pattern(cfg.trainable, n_layer, model.config.lora_style)
+    graphdef, trainable, frozen = freeze.split_trainable(model, pattern)
     mesh, p_sh, trainable, frozen = _place_on_mesh(trainable, frozen, cfg, log)
     main_process = mesh is None or jax.process_index() == 0
     log = log if main_process else (lambda s: None)
