@@ -13,7 +13,7 @@ from jaxcls.ckpt import export as hf_export
 from jaxcls.ckpt import folder as saved_folder
 from jaxcls.ckpt.load import materialize, read_checkpoint, read_config, resolve_checkpoint_dir
 from jaxcls.ckpt.names import in_checkpoint
-from jaxcls.config import DataSpec, ModelSpec, TrainConfig, preset
+from jaxcls.config import DataSpec, GPT2Config, ModelSpec, TrainConfig, preset
 from jaxcls.data import DataSplits, TextDataset, label_ids
 from jaxcls.errors import ConfigError
 from jaxcls import model as model_lib
@@ -52,6 +52,7 @@ class Classifier:
                         label_names: Sequence[str] | None = None, trainable: str = "last_block",
                         pooling: str = "last_real", weights: str = "pretrained", seed: int = 123,
                         lora_rank: int = 16, lora_alpha: float = 16.0, lora_style: str = "book",
+                        adapter_size: int = 64, head: str = "linear", head_dropout: float = 0.1,
                         dtype: str = "float32",
                         causal: bool = True, dropout: float = 0.0, tokenizer: str | Path | None = None,
                         verify: bool = False, task=None) -> "Classifier":
@@ -59,7 +60,9 @@ class Classifier:
         'random'` keeps only the shape (also the 'tiny' and 'mini' presets, which have no files).
         `task` (jaxcls.task, e.g. `make_task("multilabel", names)`) sets the head's width and the
         label names; the default is single-label text over `label_names`. With `trainable='lora'`,
-        `lora_style` 'book' or 'peft' picks whose adapters are added (docs/lora.md)."""
+        `lora_style` 'book' or 'peft' picks whose adapters are added (docs/lora.md); with
+        `trainable='adapters'`, bottleneck adapters of `adapter_size` are. `head` is 'linear' or
+        'mlp:HIDDEN' (dropout `head_dropout` while training)."""
         if task is not None:
             label_names = task.label_names
         if label_names is None:
@@ -67,10 +70,12 @@ class Classifier:
                 raise ConfigError("from_pretrained needs num_classes or label_names")
             label_names = [str(i) for i in range(num_classes)]
         num_classes = task.head_width if task is not None else len(label_names)
-        ModelSpec(lora_style=lora_style)  # a named error for an unknown style
+        ModelSpec(lora_style=lora_style, adapter_size=adapter_size, head=head, head_dropout=head_dropout)
         overrides = dict(dtype=dtype, causal=causal, dropout=dropout,
                          lora_rank=lora_rank if trainable == "lora" else 0, lora_alpha=lora_alpha,
-                         lora_style=lora_style)
+                         lora_style=lora_style, adapter_size=adapter_size if trainable == "adapters" else 0,
+                         head=head, head_dropout=head_dropout)
+        GPT2Config(**overrides)  # switches that clash (an MLP head with the book's LoRA), named here
 
         def make(config):
             return lambda: GPT2Classifier(config, num_classes, pooling=pooling, rngs=nnx.Rngs(seed))
@@ -147,13 +152,18 @@ class Classifier:
         if cfg.trainable == "lora" and self.model.config.lora_rank == 0:
             raise ConfigError("Classifier.fit: trainable='lora' needs LoRA adapters, which the model was built "
                               "without; pass trainable='lora' to Classifier.from_pretrained")
+        if cfg.trainable == "adapters" and self.model.config.adapter_size == 0:
+            raise ConfigError("Classifier.fit: trainable='adapters' needs bottleneck adapters, which the model was "
+                              "built without; pass trainable='adapters' to Classifier.from_pretrained")
         return cfg, pooling
 
     def _built_with(self) -> dict:
         """The model-construction settings this classifier's model has (checkpoint and weights are
         not recorded: they cannot be compared, only refused)."""
         c = self.model.config
-        built = dict(dtype=c.dtype, causal=c.causal, dropout=c.dropout)
+        built = dict(dtype=c.dtype, causal=c.causal, dropout=c.dropout, head=c.head, head_dropout=c.head_dropout)
+        if c.adapter_size:
+            built.update(adapter_size=c.adapter_size)
         if c.lora_rank:
             built.update(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha, lora_style=c.lora_style)
         return built
@@ -250,6 +260,10 @@ class Classifier:
         model, merged = self.model, None
         if merge_lora:
             c = model.config
+            if c.adapter_size:
+                raise ConfigError("Classifier.save: merge_lora=True, but this classifier has bottleneck adapters, "
+                                  "which cannot be merged into the weights (a GELU sits between their two "
+                                  "projections); save it without merging")
             if not c.lora_rank:
                 raise ConfigError("Classifier.save: merge_lora=True, but this classifier has no LoRA adapters "
                                   "(it was not built with trainable='lora', or they are merged already)")

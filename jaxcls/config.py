@@ -15,6 +15,16 @@ LORA_STYLES = ("book", "peft")  # what --lora-style offers; docs/lora.md
 LEGACY_LORA = "legacy"  # the single fused adapter of folders saved before lora_style existed (load only)
 
 
+def head_hidden(head: str, where: str = "head") -> int | None:
+    """'linear' -> None; 'mlp:256' -> 256; anything else a ConfigError naming `where`."""
+    if head == "linear":
+        return None
+    kind, _, width = str(head).partition(":")
+    if kind == "mlp" and width.isdigit() and int(width) > 0:
+        return int(width)
+    raise ConfigError(f"{where}: {head!r} is not a head; choose linear or mlp:HIDDEN (e.g. mlp:256)")
+
+
 @dataclasses.dataclass(frozen=True)
 class GPT2Config:
     """GPT-2's shape (OpenAI's hparams names) plus the switches the book's experiments need."""
@@ -31,6 +41,9 @@ class GPT2Config:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_style: str = "book"
+    adapter_size: int = 0  # bottleneck adapters in every block (0: none); model.Adapter
+    head: str = "linear"  # or "mlp:HIDDEN": the classifier's head (model.MLPHead)
+    head_dropout: float = 0.1  # an MLP head's dropout, in training only
 
     def __post_init__(self):
         for field in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):
@@ -47,6 +60,14 @@ class GPT2Config:
             raise ConfigError(f"GPT2Config.lora_rank must be a non-negative integer, got {self.lora_rank!r}")
         if self.lora_style not in (*LORA_STYLES, LEGACY_LORA):
             raise ConfigError(f"GPT2Config.lora_style must be one of {LORA_STYLES}, got {self.lora_style!r}")
+        if not isinstance(self.adapter_size, int) or isinstance(self.adapter_size, bool) or self.adapter_size < 0:
+            raise ConfigError(f"GPT2Config.adapter_size must be a non-negative integer, got {self.adapter_size!r}")
+        head_hidden(self.head, "GPT2Config.head")
+        if not (isinstance(self.head_dropout, (int, float)) and 0.0 <= self.head_dropout < 1.0):
+            raise ConfigError(f"GPT2Config.head_dropout must be in [0, 1), got {self.head_dropout!r}")
+        if self.head != "linear" and self.lora_rank and self.lora_style == "book":
+            raise ConfigError(f"head {self.head!r} with the book's LoRA style: the book freezes a linear head "
+                              "and adapts it; use --lora-style peft (the head trained fully) or --head linear")
         if not (isinstance(self.ln_epsilon, float) and math.isfinite(self.ln_epsilon) and self.ln_epsilon > 0):
             raise ConfigError(f"GPT2Config.ln_epsilon must be a finite positive float, got {self.ln_epsilon!r}")
         if self.dtype not in DTYPES:
@@ -161,6 +182,9 @@ class ModelSpec:
     lora_rank: int = 16  # adapters are added only with trainable 'lora'
     lora_alpha: float = 16.0
     lora_style: str = "book"  # book (appendix E) | peft (Hugging Face PEFT's GPT-2 defaults); docs/lora.md
+    adapter_size: int = 64  # bottleneck width; adapters are added only with trainable 'adapters'
+    head: str = "linear"  # or "mlp:HIDDEN"
+    head_dropout: float = 0.1  # an MLP head's dropout while training
     causal: bool = True
     dropout: float = 0.0
     dtype: str = "float32"
@@ -171,6 +195,10 @@ class ModelSpec:
         _need(self, self.pooling in POOLINGS, "pooling", f"must be one of {POOLINGS}")
         _need(self, isinstance(self.lora_rank, int) and self.lora_rank > 0, "lora_rank", "must be a positive integer")
         _need(self, self.lora_style in LORA_STYLES, "lora_style", f"must be one of {LORA_STYLES}")
+        _need(self, isinstance(self.adapter_size, int) and self.adapter_size > 0, "adapter_size",
+              "must be a positive integer")
+        head_hidden(self.head, "ModelSpec.head")
+        _need(self, 0.0 <= self.head_dropout < 1.0, "head_dropout", "must be in [0, 1)")
 
     def replace(self, **changes) -> "ModelSpec":
         return dataclasses.replace(self, **changes)

@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxcls.config import POOLINGS, GPT2Config
+from jaxcls.config import POOLINGS, GPT2Config, head_hidden
 from jaxcls.errors import ConfigError
 from jaxcls.lora import LoRAHead, adapter_update, init_adapter, lora_parts, lora_scale, merged_lora_params
 
 EMBED_STREAM = 1 << 20  # dropout key stream of the embeddings; blocks use their index
+HEAD_STREAM = 1 << 23  # an MLP head's dropout (shared_prefix.py has 1 << 21 and 1 << 22)
 
 
 def path_str(path: Iterable) -> str:
@@ -47,12 +48,27 @@ def fold(key, i: int):
     return None if key is None else jax.random.fold_in(key, i)
 
 
+class Bottleneck(nnx.Module):
+    """A bottleneck adapter (Houlsby et al., 2019): h -> h + up(gelu(down(h))), n_embd -> size ->
+    n_embd. `up` starts at zero, so the adapter starts as the identity and the model as the
+    pretrained one; `down` starts as nnx.Linear's default (LeCun normal). GELU is GPT-2's tanh form."""
+
+    def __init__(self, n_embd: int, size: int, *, config: GPT2Config, rngs: nnx.Rngs):
+        dtype = compute_dtype(config)
+        self.down = nnx.Linear(n_embd, size, dtype=dtype, rngs=rngs)
+        self.up = nnx.Linear(size, n_embd, dtype=dtype, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+    def __call__(self, h):
+        return h + self.up(jax.nn.gelu(self.down(h), approximate=True))
+
+
 class Linear(nnx.Module):
     """GPT-2's Conv1D: kernel stored [in, out] as both checkpoints store it, plus a LoRA adapter of
-    `lora_pairs` pairs when the config has a rank (modules pass `lora_parts(config, role)`)."""
+    `lora_pairs` pairs when the config has a rank (modules pass `lora_parts(config, role)`), and a
+    bottleneck adapter on its output when `adapter` (the sublayers' output projections ask for one)."""
 
     def __init__(self, n_in: int, n_out: int, *, config: GPT2Config, std: float = 0.02,
-                 rngs: nnx.Rngs, lora_pairs: int = 1):
+                 rngs: nnx.Rngs, lora_pairs: int = 1, adapter: bool = False):
         self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (n_in, n_out), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((n_out,), jnp.float32))
         self.dtype = compute_dtype(config)
@@ -61,6 +77,8 @@ class Linear(nnx.Module):
             self.lora_a, self.lora_b = init_adapter(config, n_in, n_out, lora_pairs, rngs.params())
         else:
             self.lora_a = self.lora_b = None
+        size = config.adapter_size if adapter else 0
+        self.adapter = Bottleneck(n_out, size, config=config, rngs=rngs) if size else None
 
     def __call__(self, x, cols: slice = slice(None)):
         """x @ kernel + bias, or only the output columns `cols` of it (the query part of c_attn)."""
@@ -69,7 +87,7 @@ class Linear(nnx.Module):
         if self.lora_a is not None:
             low = adapter_update(x, self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype), cols)
             y = y + self.lora_scale * low
-        return y
+        return y if self.adapter is None else self.adapter(y)
 
 
 class Attention(nnx.Module):
@@ -79,7 +97,7 @@ class Attention(nnx.Module):
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd, config=config, rngs=rngs,
                              lora_pairs=lora_parts(config, "attn.c_attn"))
         self.c_proj = Linear(config.n_embd, config.n_embd, config=config, std=proj_std, rngs=rngs,
-                             lora_pairs=lora_parts(config, "attn.c_proj"))
+                             lora_pairs=lora_parts(config, "attn.c_proj"), adapter=True)
 
     def __call__(self, x, mask, dropout_key=None):
         B, T, C = x.shape
@@ -110,7 +128,7 @@ class MLP(nnx.Module):
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd, config=config, rngs=rngs,
                            lora_pairs=lora_parts(config, "mlp.c_fc"))
         self.c_proj = Linear(4 * config.n_embd, config.n_embd, config=config, std=proj_std, rngs=rngs,
-                             lora_pairs=lora_parts(config, "mlp.c_proj"))
+                             lora_pairs=lora_parts(config, "mlp.c_proj"), adapter=True)
 
     def __call__(self, x):
         return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))
@@ -122,7 +140,9 @@ def layer_norm(config: GPT2Config, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 class Block(nnx.Module):
-    """Pre-LayerNorm transformer block."""
+    """Pre-LayerNorm transformer block. With bottleneck adapters (config.adapter_size), each
+    sublayer's output projection carries one, so the block computes x + adapter(sublayer(x)) twice
+    (Houlsby placement: before the residual add and its dropout)."""
 
     def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
         self.dropout_rate = config.dropout
@@ -241,6 +261,19 @@ def pool(hidden, lengths, pooling: str):
     raise ConfigError(f"unknown pooling {pooling!r}; choose from {POOLINGS}")
 
 
+class MLPHead(nnx.Module):
+    """Linear(n_embd, hidden), ReLU, dropout, Linear(hidden, classes): the feature-extraction
+    recipe's head (--head mlp:HIDDEN). Dropout runs only when given a key, i.e. in training."""
+
+    def __init__(self, n_in: int, hidden: int, n_out: int, *, rate: float, rngs: nnx.Rngs):
+        self.hidden = nnx.Linear(n_in, hidden, rngs=rngs)
+        self.out = nnx.Linear(hidden, n_out, rngs=rngs)
+        self.rate = rate
+
+    def __call__(self, x, dropout_key=None):
+        return self.out(dropout(jax.nn.relu(self.hidden(x)), self.rate, dropout_key))
+
+
 class GPT2Classifier(GPT2):
     """GPT-2 with its LM head replaced by `head` (n_embd -> num_classes) on a pooled token.
     `num_classes` is the task's head width (jaxcls.task: 1 for multiple choice, whose rows are
@@ -254,10 +287,20 @@ class GPT2Classifier(GPT2):
         super().__init__(config, rngs=rngs)
         self.pooling = pooling
         self.num_classes = num_classes
-        if lora_parts(config, "head"):
+        hidden = head_hidden(config.head)
+        if hidden:
+            self.head = MLPHead(config.n_embd, hidden, num_classes, rate=config.head_dropout, rngs=rngs)
+        elif lora_parts(config, "head"):
             self.head = LoRAHead(config.n_embd, num_classes, config=config, rngs=rngs)
         else:
             self.head = nnx.Linear(config.n_embd, num_classes, rngs=rngs)
+
+    def head_fn(self, dropout_key=None):
+        """The head as tasks call it (features -> logits): an MLP head's dropout is on when a key
+        is given, drawn from the step's key on its own stream."""
+        if dropout_key is None or not isinstance(self.head, MLPHead):
+            return self.head
+        return lambda features: self.head(features, fold(dropout_key, HEAD_STREAM))
 
     def uses_padding_mask(self) -> bool:
         """The book's literal `last` pooling reads a padding position, so it runs unmasked as the
@@ -296,11 +339,11 @@ class GPT2Classifier(GPT2):
 
     def suffix(self, x, lengths, start: int, dropout_key=None):
         """`suffix_features` and the head: x (B, T, C) -> float32 logits (B, classes)."""
-        return self.head(self.suffix_features(x, lengths, start, dropout_key))
+        return self.head_fn(dropout_key)(self.suffix_features(x, lengths, start, dropout_key))
 
     def __call__(self, token_ids, lengths=None, *, dropout_key=None):
         """token_ids (B, T), lengths (B,) -> float32 logits (B, num_classes), one row per text."""
-        return self.head(self.features(token_ids, lengths, dropout_key=dropout_key))
+        return self.head_fn(dropout_key)(self.features(token_ids, lengths, dropout_key=dropout_key))
 
 
 def merge_lora(model: GPT2Classifier) -> GPT2Classifier:

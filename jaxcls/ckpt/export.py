@@ -12,7 +12,8 @@ between the models and are rewritten exactly:
   weight and bias, so the exported logits are the predicted values.
 
 LoRA adapters are merged into their kernels. What transformers' class cannot compute (pooling
-other than the last real token, no causal mask, two rows per example, multiple choice) is refused.
+other than the last real token, no causal mask, two rows per example, multiple choice, an MLP head,
+bottleneck adapters) is refused.
 
 Import reads such a folder (ours or any transformers one) through the same strict matcher as a
 GPT-2 checkpoint: every tensor named, of its shape; `score.weight` becomes the head, with a zero
@@ -58,6 +59,12 @@ def refusal(model: GPT2Classifier, task: TaskBase) -> str | None:
     if task.inputs.kind == "similarity":
         return ("a similarity classifier sums the features of both orders of the pair before the head; "
                 "GPT2ForSequenceClassification reads one row")
+    if c.head != "linear":
+        return (f"the head is an MLP ({c.head}); GPT2ForSequenceClassification's score is one linear layer, "
+                "and the ReLU between the MLP's layers keeps them from being folded into one")
+    if c.adapter_size:
+        return (f"the model has bottleneck adapters (adapter_size {c.adapter_size}); GPT2Model has no place for "
+                "them, and the GELU inside each keeps it from being folded into the weights")
     if model.pooling != "last_real":
         return (f"pooling {model.pooling!r}: GPT2ForSequenceClassification reads the last non-padding "
                 "token of each row, which is jaxcls's 'last_real' pooling; retrain with --pooling last_real")

@@ -25,8 +25,8 @@ ADAPTER_LEAVES = ("lora_a", "lora_b")
 
 
 def in_checkpoint(path: Path) -> bool:
-    """Parameters a GPT-2 checkpoint holds; the classifier head and LoRA adapters are new."""
-    return path[0] in CHECKPOINT_MODULES and path[-1] not in ADAPTER_LEAVES
+    """Parameters a GPT-2 checkpoint holds; the classifier head, LoRA and bottleneck adapters are new."""
+    return path[0] in CHECKPOINT_MODULES and path[-1] not in ADAPTER_LEAVES and "adapter" not in path
 
 
 def to_openai(path: Path) -> str:

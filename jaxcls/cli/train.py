@@ -48,13 +48,18 @@ GROUPS: dict[str, dict[str, str]] = {
         "pooling": "token(s) the head reads: last_real (the last non-padding token) | last (the book: "
                    "the last padded position) | first | mean (over real tokens)",
         "trainable": "head (book: last_layer) | last_block | last_two_blocks | last_k_blocks:K | all | "
-                     "lora | a regex over parameter paths",
+                     "lora | adapters (bottleneck adapters and the head) | a regex over parameter paths",
         "lora_rank": "LoRA rank, with --trainable lora",
         "lora_alpha": "LoRA alpha, with --trainable lora (book: the update is scaled by alpha; peft: by "
                       "alpha / rank)",
         "lora_style": "with --trainable lora: book (appendix E: separate query/key/value adapters, adapters "
                       "on every linear and the frozen head) | peft (Hugging Face PEFT's GPT-2 default: one "
                       "adapter on c_attn, the head trained fully); docs/lora.md",
+        "adapter_size": "bottleneck width of each adapter, with --trainable adapters (two per block: after "
+                        "the attention and after the MLP; docs/lora.md)",
+        "head": "the classification head: linear (the book) | mlp:HIDDEN (Linear, ReLU, dropout, Linear; "
+                "e.g. mlp:256, usually with --trainable head)",
+        "head_dropout": "dropout between an MLP head's two layers while training",
         "causal": "causal attention mask; --no-causal attends over all real tokens",
         "dropout": "dropout rate while training (disables the frozen-prefix cache)",
         "dtype": "compute dtype: float32 | bfloat16 | float16 (parameters, optimizer state and loss "
@@ -171,6 +176,9 @@ def cmd_train(args) -> int:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     data, model, cfg = (spec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(spec)}) for spec in SPECS)
     model, cfg = offline.choose_model(args, model, cfg)
+    if args.merge_lora and cfg.trainable == "adapters":
+        raise ConfigError("--merge-lora: bottleneck adapters cannot be folded into the weights (a GELU sits "
+                          "between their two projections); train without --merge-lora")
     if args.merge_lora and cfg.trainable != "lora":
         raise ConfigError(f"--merge-lora merges LoRA adapters, which --trainable {cfg.trainable} does not add; "
                           "use it with --trainable lora")

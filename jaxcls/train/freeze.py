@@ -12,13 +12,14 @@ from jaxcls.errors import ConfigError
 from jaxcls.lora import LORA_TARGETS
 from jaxcls.model import path_str
 
-PRESETS = ("head", "last_layer", "last_block", "last_two_blocks", "last_k_blocks:K", "all", "lora")
+PRESETS = ("head", "last_layer", "last_block", "last_two_blocks", "last_k_blocks:K", "all", "lora", "adapters")
 
 
 def trainable_pattern(trainable: str, n_layer: int, lora_style: str = "book") -> str:
     """A preset name -> the regex over parameter paths ('h/11/attn/c_attn/kernel') it means;
     anything else is taken as a regex already. 'lora' trains the adapters, and the head too
-    unless the style puts an adapter on it (the book freezes the new head and adapts it)."""
+    unless the style puts an adapter on it (the book freezes the new head and adapts it);
+    'adapters' trains the bottleneck adapters and the head."""
     if trainable in ("head", "last_layer"):  # "last_layer" is the book's name for the new head
         return r"head/.*"
     if trainable == "last_block":
@@ -38,6 +39,8 @@ def trainable_pattern(trainable: str, n_layer: int, lora_style: str = "book") ->
         return r".*"
     if trainable == "lora":
         return r"(.*/)?lora_[ab]" + ("" if "head" in LORA_TARGETS[lora_style] else r"|head/.*")
+    if trainable == "adapters":
+        return r"(.*/)?adapter/.*|head/.*"
     try:
         re.compile(trainable)
     except re.error as e:

@@ -54,7 +54,7 @@ def row_features(model, inputs, lengths, spec: StepSpec, dropout_key=None):
 def forward(model, inputs, lengths, spec: StepSpec, dropout_key=None):
     """Logits (B, outputs) of the B examples whose rows the batch holds."""
     features = row_features(model, inputs, lengths, spec, dropout_key)
-    return spec.task.logits_from_features(model.head, features, lengths)
+    return spec.task.logits_from_features(model.head_fn(dropout_key), features, lengths)
 
 
 def frozen_features(model, token_ids, lengths, spec: StepSpec):
