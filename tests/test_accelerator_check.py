@@ -8,15 +8,18 @@ import pytest
 from conftest import SMS, TOKENIZER_DIR, requires_shared
 from benchmarks import accelerator_check, system
 
-SECTIONS = ["throughput", "sms", "imdb", "fsdp", "serve", "compile"]
+# Left out here, to keep the suite cheap: `tests` (pytest inside pytest), `sms` (benchmarks.e2e's
+# run_e2e, a whole fit) and `serve` (benchmarks.serve_load, smoke-tested in test_benchmark.py);
+# `python -m benchmarks.accelerator_check --smoke` runs all seven (about 70 s of CPU).
+SECTIONS = ["throughput", "imdb", "fsdp", "compile"]
 
 
 @requires_shared
-def test_smoke_run_writes_every_section(tmp_path, monkeypatch):
-    """The `tests` section (pytest on the device) is left out here: it would run pytest inside
-    pytest; `accelerator_check --smoke` runs it. Never asserts a speed. Fails if a section's error
-    is swallowed (planted: `record["sections"][name] = {"result": None}` in run's except branch),
-    or if the report leaves out the throughput table (planted: its block removed from markdown)."""
+@pytest.mark.slow
+def test_smoke_run_writes_its_sections(tmp_path, monkeypatch):
+    """Never asserts a speed. Fails if a section is dropped from the run (planted: the "compile"
+    entry removed from run's sections), or if the report leaves out the throughput table
+    (planted: its block removed from markdown)."""
     pytest.importorskip("uvicorn", reason="the serve extra is not installed")
     monkeypatch.setattr(system, "DEFAULT_SMS", SMS)
     monkeypatch.setattr(system, "DEFAULT_TOKENIZER", TOKENIZER_DIR)
@@ -28,8 +31,7 @@ def test_smoke_run_writes_every_section(tmp_path, monkeypatch):
     assert list(s) == SECTIONS and record["smoke"] and record["device_count"] >= 1
     assert {(r["dtype"], r["trainable"]) for r in s["throughput"]} == {("float32", "last_block"), ("bfloat16", "all")}
     assert all(r["tokens_per_s"] > 0 for r in s["throughput"])
-    assert s["sms"]["steps"] == 1 and s["imdb"]["cache_mib"] > 0 and s["imdb"]["uncached_epoch_s"] > 0
+    assert s["imdb"]["cache_mib"] > 0 and s["imdb"]["uncached_epoch_s"] > 0
     assert s["fsdp"]["trainable_params"] > 0 and s["compile"]["cache_files"] > 0
-    assert all(r["errors"] == 0 for r in s["serve"]["rows"])
     report = (tmp_path / "accelerator_check.md").read_text()
     assert "## Train-step throughput" in report and "| tiny | bfloat16 | all |" in report and "FAILED" not in report
