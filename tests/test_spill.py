@@ -49,11 +49,14 @@ def test_spilled_cache_trains_bit_for_bit_like_the_in_memory_cache(tmp_path, dty
 @requires_shared
 def test_spill_file_is_kept_when_asked_and_dead_runs_files_are_removed(tmp_path):
     """Fails if a run does not clear a dead run's temporary spill (planted: remove_dead_spills
-    call dropped from _open_spill), or deletes a live process's one."""
-    dead = tmp_path / ".tmp-prefix-cache-999999999-abc123.bin"
-    live = tmp_path / f".tmp-prefix-cache-{os.getppid()}-abc123.bin"
-    dead.write_bytes(b"half")
-    live.write_bytes(b"busy")
+    call dropped from _open_spill), or deletes a live process's or another host's one."""
+    from jaxcls.train.prefix_cache import _host
+
+    dead = tmp_path / f".tmp-prefix-cache-{_host()}-999999999-abc123.bin"
+    live = tmp_path / f".tmp-prefix-cache-{_host()}-{os.getppid()}-abc123.bin"
+    elsewhere = tmp_path / ".tmp-prefix-cache-otherhost-999999999-abc123.bin"  # another host's, on a shared disk
+    for path in (dead, live, elsewhere):
+        path.write_bytes(b"part")
     result = train(CFG.replace(epochs=1, cache_budget_mb=0, cache_dir=str(tmp_path), keep_cache=True))
     assert result.report["cache_memory"] == "disk"
     import json
@@ -61,7 +64,8 @@ def test_spill_file_is_kept_when_asked_and_dead_runs_files_are_removed(tmp_path)
     manifest = json.loads((tmp_path / "prefix-cache.json").read_text())
     kept = tmp_path / manifest["file"]
     assert kept.stat().st_size == manifest["bytes"] > 0 and manifest["dtype"] == "float32"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, kept.name, "prefix-cache.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live.name, elsewhere.name, kept.name, "prefix-cache.json"])
     assert remove_dead_spills(tmp_path) == []
 
 

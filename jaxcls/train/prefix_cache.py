@@ -11,6 +11,7 @@ import os
 import queue
 import re
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -73,7 +74,8 @@ def build(model, graphdef, trainable, frozen, data: Prepared, spec: StepSpec, st
                                         out=spill.views.pop(0) if spill else None)
     where = "disk" if spill else _place(data, need, cfg, multi_device, log)
     log(f"frozen prefix cached ({'pooled features' if cached_spec.pooled else f'blocks 0..{start - 1}'}, "
-        f"{need / 2**20:.0f} MiB {store.name} in {where} memory) in {time.perf_counter() - t0:.1f}s")
+        f"{need / 2**20:.0f} MiB {store.name} in "
+        f"{'a memory-mapped file' if spill else where + ' memory'}) in {time.perf_counter() - t0:.1f}s")
     if spill:
         spill.flush()
     return cached_spec, CacheInfo(store.name, where, need / 2**20, spill)
@@ -135,21 +137,25 @@ def _device_free_bytes() -> int | None:
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
 
-_SPILL_TMP = re.compile(r"\.tmp-prefix-cache-(\d+)-[0-9a-f]+\.bin")
+_SPILL_TMP = re.compile(r"\.tmp-prefix-cache-(.+)-(\d+)-[0-9a-f]+\.bin")
 
 
 def remove_dead_spills(folder: Path) -> list[Path]:
-    """Spilled caches of runs that no longer run (the PID in the name): a killed run's file is
-    only ever named as temporary, so no later run reads it, and the next one in the folder
-    removes it. A live process's file stays."""
+    """Spilled caches of runs on this host that no longer run (the host and PID in the name): a
+    killed run's file is only ever named as temporary, so no later run reads it, and the next one
+    in the folder removes it. A live process's file stays, and so does another host's."""
     removed = []
     for path in folder.glob(".tmp-prefix-cache-*.bin"):
         m = _SPILL_TMP.fullmatch(path.name)
-        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+        if m is None or m.group(1) != _host() or int(m.group(2)) == os.getpid() or _alive(int(m.group(2))):
             continue
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 
 
 def _open_spill(data: Prepared, pooled: bool, n_embd: int, store, need: int, cfg: TrainConfig):
@@ -182,7 +188,7 @@ class Spill:
     def __init__(self, folder: Path, shapes: list[tuple[int, ...]], dtype: np.dtype, *, keep: bool):
         self.folder, self.keep, self.shapes, self.dtype = folder, keep, shapes, dtype
         self.id = uuid.uuid4().hex[:12]
-        self.path = folder / f".tmp-prefix-cache-{os.getpid()}-{self.id}.bin"
+        self.path = folder / f".tmp-prefix-cache-{_host()}-{os.getpid()}-{self.id}.bin"
         total = sum(int(np.prod(s)) for s in shapes)
         self._map = np.memmap(self.path, dtype=dtype, mode="w+", shape=(max(total, 1),))
         self._cleanup = weakref.finalize(self, _unlink, self.path)  # an error or exit mid-run
