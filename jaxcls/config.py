@@ -241,6 +241,8 @@ class TrainConfig:
     cache_budget_mb: int = 4096
     cache_dtype: str = "auto"  # cached states stored as: auto (the compute dtype) | float32 | bfloat16
     cache_memory: str = "host"  # where cached states live: host | device (single device)
+    cache_dir: str | None = None  # where a cache over the budget spills (default: the run folder)
+    keep_cache: bool = False  # keep a spilled cache's file after the run
     data_parallel: bool = False  # split each batch over all devices (and processes)
     fsdp: bool = False  # also shard large parameters and optimizer state over the devices
     compilation_cache: str | None = None  # folder for JAX's persistent compilation cache

@@ -19,10 +19,11 @@ SPECS = (DataSpec, ModelSpec, TrainConfig)
 # Every field of SPECS, by --help group; a field left out here fails test_every_option_has_help_text_and_its_default.
 GROUPS: dict[str, dict[str, str]] = {
     "data": {
-        "data": "sms-spam (the book's data set, downloaded on first use), or a CSV/TSV/JSONL file of "
+        "data": "sms-spam (the book's data set, downloaded on first use), imdb (the book's bonus IMDB "
+                "reviews, 35,000/5,000/10,000), or a CSV/TSV/JSONL file of "
                 "texts and labels, split 70/10/20 by --seed unless --validation/--test are given",
-        "data_path": "--data sms-spam only: a local SMSSpamCollection, its zip or folder "
-                     "(default: downloaded into the cache)",
+        "data_path": "--data sms-spam or imdb only: a local SMSSpamCollection, its zip or folder; or "
+                     "aclImdb_v1.tar.gz or its folder (default: downloaded into the cache)",
         "validation": "a validation file; with --validation or --test, --data is used whole for "
                       "training (default: the seeded split of --data)",
         "test": "a test file, scored once at the end (default: the seeded split of --data)",
@@ -88,11 +89,14 @@ GROUPS: dict[str, dict[str, str]] = {
                     "buckets (each batch from one length bucket: least padding) | global (the book's "
                     "shuffle, each batch padded to the bucket of its longest text)",
         "cache": "reuse frozen-prefix activations across epochs (exact; never for lora/all/dropout)",
-        "cache_budget_mb": "host memory (MiB) the frozen-prefix cache may take; over it, training runs uncached",
+        "cache_budget_mb": "host memory (MiB) the frozen-prefix cache may take; over it, the cache spills to a "
+                           "memory-mapped file in --cache-dir (or the run folder)",
         "cache_dtype": "cached states stored as auto (the compute dtype) | float32 (exact) | bfloat16 "
                        "(half the memory)",
         "cache_memory": "host | device: keep cached states in device memory (one device), so batches are "
                         "built there",
+        "cache_dir": "folder for a frozen-prefix cache over --cache-budget-mb (default: the run folder, --out)",
+        "keep_cache": "keep a spilled cache's file (prefix-cache-*.bin, described by prefix-cache.json) after the run",
         "compilation_cache": "keep compiled programs in this folder so the next run starts faster "
                              "(a folder only you can write; default: off)",
     },

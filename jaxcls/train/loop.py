@@ -238,6 +238,7 @@ def finish(run: Run, splits: data_lib.DataSplits, compile_s: float) -> FitResult
               "label_names": list(splits.label_names)}
     task = saved_task(prog.spec.task)
     results = {name: host_prog.evaluate(trainable, d) for name, d in data.splits.items()}
+    prog.close()
     if isinstance(task, MultiLabel) and cfg.thresholds == "tune":
         _, logits, y = results["validation"]
         task = task.with_tuned_thresholds(y, task.probabilities(logits))

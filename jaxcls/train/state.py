@@ -21,7 +21,7 @@ _TMP_STEP = re.compile(r"\.tmp-step-\d{9}-(\d+)")
 # Settings a resumed run may change: where saves go, how often, how the cache and devices are
 # arranged. And the two that only say when to stop, which a finished run may raise to go on.
 NOT_RESUMABLE = ("out", "save_every", "cache", "cache_budget_mb", "cache_dtype", "cache_memory",
-                 "data_parallel", "fsdp")
+                 "cache_dir", "keep_cache", "data_parallel", "fsdp")
 EXTENDABLE = ("epochs", "max_steps")
 
 
