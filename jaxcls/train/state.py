@@ -113,6 +113,8 @@ def prepare_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
     overwriting (then delete only jaxcls's own run files), and prove the folder is writable."""
     if resume and overwrite:
         raise ConfigError(f"--out {out}: --resume and --overwrite exclude each other")
+    if resume:
+        refuse_legacy(out / "state")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, not a folder")
     found = [name for name in RUN_MARKERS if (out / name).exists()]

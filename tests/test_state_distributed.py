@@ -1,0 +1,47 @@
+"""Train state across processes: two CPU processes joined by jax.distributed on 127.0.0.1, one
+device each, save an FSDP-split tree with StateStore and restore it at the same shardings. Each
+process writes its own shards (orbax's `ocdbt.process_N` folders) and nothing is gathered."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from test_distributed import _env, _free_port
+
+HERE = Path(__file__).resolve().parent
+TIMEOUT_S = 120
+
+
+def test_two_processes_save_their_own_shards_and_restore_equal_state(tmp_path):
+    """Fails if the state is gathered to one process before saving (planted: Run-style
+    `dist.to_host` of the tree and a save of the host copy by process 0 only: no
+    ocdbt.process_1, and the restored arrays are not split) or restored elsewhere than the
+    targets' shardings (planted: StandardRestore() without targets: the shards differ)."""
+    addr, folder = f"127.0.0.1:{_free_port()}", tmp_path / "state"
+    procs = [subprocess.Popen([sys.executable, str(HERE / "_state_check.py"), addr, "2", str(i), str(folder),
+                               str(tmp_path / f"p{i}.json")], env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    reports = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+    for r in reports:
+        assert r["process_count"] == 2 and all(r["same"]) and len(r["same"]) >= 6, r
+        assert r["wte_spec"] == "PartitionSpec('data', None)" and r["wte_local_rows"] == [32], r
+        assert not r["fully_addressable"], r
+        assert r["meta"] == {"step": 3, "process": 0}, r  # the JSON item is written once, by process 0
+    step = folder / "step_000000003"
+    for item in ("trainable", "opt_state"):
+        written = sorted(p.name for p in (step / item).glob("ocdbt.process_*"))
+        assert written == ["ocdbt.process_0", "ocdbt.process_1"], (item, written)
+        for name in written:
+            assert any(f.is_file() for f in (step / item / name).rglob("*")), (item, name)
