@@ -52,7 +52,7 @@ def main(argv):
 
     leaves = zip(jax.tree.leaves((trainable, opt)), jax.tree.leaves((got["trainable"], got["opt_state"])))
     report = {"process_count": jax.process_count(), "meta": meta, "same": [same(a, b) for a, b in leaves],
-              "wte_spec": str(got["trainable"]["wte"].sharding.spec),
+              "wte_spec": [str(a) for a in got["trainable"]["wte"].sharding.spec],
               "wte_local_rows": [s.data.shape[0] for s in got["trainable"]["wte"].addressable_shards],
               "fully_addressable": got["trainable"]["wte"].is_fully_addressable}
     out.write_text(json.dumps(report))

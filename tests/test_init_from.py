@@ -21,7 +21,7 @@ STILL = ("--lr", "1e-30", "--weight-decay", "0")
 def _train(tmp, out, *extra, model=("--checkpoint", "tiny", "--weights", "random", "--tokenizer", str(TOKENIZER_DIR)),
            data=None):
     return main(["train", *model, "--data", str(data or tmp / "data.csv"), "--epochs", "1", "--batch-size", "4",
-                 "--max-steps", "2", "--save-every", "2", "--out", str(out), "--quiet",
+                 "--max-steps", "2", "--save-every", "2", "--padding", "longest", "--no-cache", "--out", str(out), "--quiet",
                  "--compilation-cache", str(tmp / "xla"), *extra])
 
 

@@ -424,6 +424,8 @@ def test_a_half_written_save_is_never_picked_and_is_removed(tmp_path):
 
 
 def test_only_a_half_written_save_means_nothing_saved(tmp_path):
+    """Fails if restore reads on when no save is complete (planted: its `if step is None` return
+    removed: orbax's restore of step None raises)."""
     (tmp_path / "step_000000001.orbax-checkpoint-tmp").mkdir()
     assert trainstate.saved_steps(tmp_path) == []
     store = trainstate.StateStore(tmp_path)

@@ -9,12 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from test_distributed import _env, _free_port
 
 HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 120
 
 
+@pytest.mark.slow  # two interpreters importing JAX and orbax: about 20 s on two busy cores
 def test_two_processes_save_their_own_shards_and_restore_equal_state(tmp_path):
     """Fails if the state is gathered to one process before saving (planted: Run-style
     `dist.to_host` of the tree and a save of the host copy by process 0 only: no
@@ -36,7 +39,7 @@ def test_two_processes_save_their_own_shards_and_restore_equal_state(tmp_path):
     reports = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
     for r in reports:
         assert r["process_count"] == 2 and all(r["same"]) and len(r["same"]) >= 6, r
-        assert r["wte_spec"] == "PartitionSpec('data', None)" and r["wte_local_rows"] == [32], r
+        assert r["wte_spec"] == ["data", "None"] and r["wte_local_rows"] == [32], r
         assert not r["fully_addressable"], r
         assert r["meta"] == {"step": 3, "process": 0}, r  # the JSON item is written once, by process 0
     step = folder / "step_000000003"
