@@ -5,8 +5,9 @@ JAX does):
 
 Every process builds the same FSDP-placed trainable tree and Adam state on a one-axis mesh over the
 devices of all processes, saves it with StateStore (each process writing the shards its devices
-hold), then opens the folder again and restores into zero-filled targets at the same shardings.
-It reports, per leaf, whether its own shards came back equal, and where they live.
+hold), then opens the folder again and restores into zero-filled targets at the same shardings,
+and at whole copies on every device. It reports, per leaf, whether its own shards came back
+equal, where they live, and whether the whole copies equal the gathered originals.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def main(argv):
     zeros = jax.tree.map(lambda x: jax.jit(jnp.zeros_like, out_shardings=x.sharding)(x), (trainable, opt))
     got = store.load(store.latest(), {"trainable": zeros[0], "opt_state": zeros[1]})
     meta = store.meta(3)
+    # a resumed run may arrange its devices otherwise (--fsdp is not a resumable setting): whole copies
+    whole = jax.tree.map(lambda x: jax.jit(jnp.zeros_like, out_shardings=dist.replicated(mesh))(x), (trainable, opt))
+    moved = store.load(3, {"trainable": whole[0], "opt_state": whole[1]})
     store.close()
 
     def same(a, b):
@@ -51,7 +55,12 @@ def main(argv):
             for x, y in zip(a.addressable_shards, b.addressable_shards))
 
     leaves = zip(jax.tree.leaves((trainable, opt)), jax.tree.leaves((got["trainable"], got["opt_state"])))
-    report = {"process_count": jax.process_count(), "meta": meta, "same": [same(a, b) for a, b in leaves],
+    from jax.experimental import multihost_utils
+
+    gathered = [np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in jax.tree.leaves((trainable, opt))]
+    replicated = [x.is_fully_replicated and np.array_equal(np.asarray(x.addressable_data(0)), g)
+                  for x, g in zip(jax.tree.leaves((moved["trainable"], moved["opt_state"])), gathered)]
+    report = {"process_count": jax.process_count(), "replicated": replicated, "meta": meta, "same": [same(a, b) for a, b in leaves],
               "wte_spec": [str(a) for a in got["trainable"]["wte"].sharding.spec],
               "wte_local_rows": [s.data.shape[0] for s in got["trainable"]["wte"].addressable_shards],
               "fully_addressable": got["trainable"]["wte"].is_fully_addressable}

@@ -45,8 +45,8 @@ def _test_loss(folder):
 
 
 def test_init_from_a_jaxcls_folder_takes_its_weights_and_a_fresh_optimizer(first):
-    """Fails if the weights are not the folder's (planted: init_from returning
-    Classifier.from_spec(...) of the default model: other weights, another test loss)."""
+    """Fails if the weights are not the folder's (planted: init_from building a fresh model,
+    `Classifier.from_spec(ModelSpec(checkpoint="tiny", weights="random"), ...)`, not loading it)."""
     import orbax.checkpoint as ocp
 
     out = first / "B"

@@ -1,5 +1,6 @@
 """Train state across processes: two CPU processes joined by jax.distributed on 127.0.0.1, one
-device each, save an FSDP-split tree with StateStore and restore it at the same shardings. Each
+device each, save an FSDP-split tree with StateStore and restore it at the same shardings and
+as whole copies. Each
 process writes its own shards (orbax's `ocdbt.process_N` folders) and nothing is gathered."""
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ TIMEOUT_S = 120
 
 @pytest.mark.slow  # two interpreters importing JAX and orbax: about 20 s on two busy cores
 def test_two_processes_save_their_own_shards_and_restore_equal_state(tmp_path):
-    """Fails if the state is gathered to one process before saving (planted: Run-style
-    `dist.to_host` of the tree and a save of the host copy by process 0 only: no
-    ocdbt.process_1, and the restored arrays are not split) or restored elsewhere than the
-    targets' shardings (planted: StandardRestore() without targets: the shards differ)."""
+    """Fails if the state is gathered before saving (planted: StateStore.save saving
+    `process_allgather` numpy copies: no ocdbt.process_1) or restored elsewhere than the
+    targets' shardings (planted: the sharding left out of StateStore's abstract targets: orbax
+    restores the saved FSDP split, not the whole copies asked for)."""
     addr, folder = f"127.0.0.1:{_free_port()}", tmp_path / "state"
     procs = [subprocess.Popen([sys.executable, str(HERE / "_state_check.py"), addr, "2", str(i), str(folder),
                                str(tmp_path / f"p{i}.json")], env=_env(), stdout=subprocess.PIPE,
@@ -39,6 +40,7 @@ def test_two_processes_save_their_own_shards_and_restore_equal_state(tmp_path):
     reports = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
     for r in reports:
         assert r["process_count"] == 2 and all(r["same"]) and len(r["same"]) >= 6, r
+        assert r["replicated"] == [True] * len(r["same"]), r  # restored whole where the targets were whole
         assert r["wte_spec"] == ["data", "None"] and r["wte_local_rows"] == [32], r
         assert not r["fully_addressable"], r
         assert r["meta"] == {"step": 3, "process": 0}, r  # the JSON item is written once, by process 0
