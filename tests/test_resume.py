@@ -466,6 +466,20 @@ def test_a_save_behind_the_newest_is_refused(tmp_path):
     assert trainstate.saved_steps(tmp_path) == [60]
 
 
+def test_fit_without_resume_refuses_a_folder_holding_saves(tmp_path):
+    """Orbax keeps the highest steps, so a new run's saves must not land beside another run's:
+    fit refuses before any work. Fails if that check is dropped from fit (the None model is then
+    used and fails otherwise)."""
+    from jaxcls.config import TrainConfig
+    from jaxcls.errors import ConfigError
+    from jaxcls.train import fit
+
+    _save(tmp_path / "state", 8)
+    with pytest.raises(ConfigError, match=r"state: holds saves of another run \(up to step 8\); resume it"):
+        fit(None, None, None, TrainConfig(), out=tmp_path)
+    assert trainstate.saved_steps(tmp_path / "state") == [8]
+
+
 def test_saves_are_written_in_the_background(tmp_path):
     """`save` returns while the write goes on; `wait` finishes it. Fails if saves are synchronous
     (planted: asynchronous=False as StateStore's default)."""

@@ -89,6 +89,9 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
     `on_step`, if given, sees each step as it is taken (step, epoch, batch index, the bucket group
     or None for a mixed batch, the example indices and the padded length): what ran, not what the
     config asked for."""
+    if out and not resume and (saved := state_lib.saved_steps(Path(out) / "state")):
+        raise ConfigError(f"{Path(out) / 'state'}: holds saves of another run (up to step {saved[-1]}); "
+                          "resume it, or train into a new folder")
     if cfg.compilation_cache:
         from jaxcls.compile_cache import enable_compilation_cache
 
@@ -118,9 +121,6 @@ def _run(run: Run, splits, resume: bool, progress: bool, on_step, compile_s: flo
     prog = run.prog
     if resume:
         run.restore()
-    elif run.store is not None and run.store.latest() is not None:
-        raise ConfigError(f"{run.state_dir}: holds saves of another run (up to step {run.store.latest()}); "
-                          "resume it, or train into a new folder")
     if run.out and prog.main_process:
         _rewrite_jsonl(run.out / "metrics.jsonl", run.state.history)
     bar = _progress(progress and prog.main_process, prog.total_steps)

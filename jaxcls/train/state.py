@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxcls.errors import CheckpointError, ConfigError
