@@ -480,6 +480,23 @@ def test_fit_without_resume_refuses_a_folder_holding_saves(tmp_path):
     assert trainstate.saved_steps(tmp_path / "state") == [8]
 
 
+def test_replace_overwrites_a_save_of_the_same_step(tmp_path):
+    """The keep-best save of an epoch taken again after a resume (killed between that save and the
+    state save) replaces the one there; without `replace` the same step is an error. Fails if
+    replace deletes nothing (planted: its loop removed: orbax refuses the existing step)."""
+    _save(tmp_path, 14)
+    store = trainstate.StateStore(tmp_path, keep=1)
+    try:
+        with pytest.raises(CheckpointError, match="a save of step 14 was not made: it holds step 14"):
+            store.save(14, _tree(7), {"step": 14})
+        store.save(14, _tree(7), {"step": 14, "again": True}, replace=True)
+        store.wait()
+        assert np.array_equal(store.load(14, _tree(0))["trainable"]["w"], np.full(3, 7, np.float32))
+        assert store.meta(14)["again"]
+    finally:
+        store.close()
+
+
 def test_saves_are_written_in_the_background(tmp_path):
     """`save` returns while the write goes on; `wait` finishes it. Fails if saves are synchronous
     (planted: asynchronous=False as StateStore's default)."""

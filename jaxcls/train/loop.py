@@ -214,7 +214,8 @@ class Run:
 
     def save_best(self) -> None:
         if self.out:
-            self.best_store().save(self.state.step, {"trainable": self.state.trainable}, {"best": self.state.best})
+            self.best_store().save(self.state.step, {"trainable": self.state.trainable}, {"best": self.state.best},
+                                   replace=True)
 
     def load_best(self):
         """The trainable parameters of the best epoch, placed like the current ones."""

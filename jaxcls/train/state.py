@@ -63,8 +63,15 @@ class StateStore:
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, arrays: dict, meta: dict) -> None:
-        """`arrays`: item name -> pytree of jax.Arrays, saved as sharded; `meta`: JSON."""
+    def save(self, step: int, arrays: dict, meta: dict, *, replace: bool = False) -> None:
+        """`arrays`: item name -> pytree of jax.Arrays, saved as sharded; `meta`: JSON. `replace`
+        first deletes saves of this step or later (the keep-best save of an epoch that a resumed
+        run takes again)."""
+        if replace:
+            self.wait()
+            for old in self.manager.all_steps():
+                if old >= step:
+                    self.manager.delete(old)
         items = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
         if not self.manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta))):
             raise CheckpointError(f"{self.folder}: a save of step {step} was not made: it holds step "
