@@ -127,6 +127,10 @@ def register(sub) -> None:
         _add_fields(p, spec, where)
     groups["model"].add_argument("--tokenizer", default=None,
                                  help="folder with encoder.json + vocab.bpe (default: the checkpoint's)")
+    groups["model"].add_argument("--init-from", default=None, metavar="DIR",
+                                 help="start from a saved classifier (a jaxcls folder, or a transformers "
+                                      "GPT2ForSequenceClassification folder): its weights, labels and model "
+                                      "settings, with a fresh optimizer (default: a new head on --checkpoint)")
     offline.add_flag(groups["model"])
     groups["output"].add_argument("--resume", action="store_true", help="continue from the last save in --out")
     groups["output"].add_argument("--overwrite", action="store_true",
@@ -174,7 +178,8 @@ def cmd_train(args) -> int:
 
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     data, model, cfg = (spec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(spec)}) for spec in SPECS)
-    model, cfg = offline.choose_model(args, model, cfg)
+    if not args.init_from:  # with --init-from no checkpoint is read
+        model, cfg = offline.choose_model(args, model, cfg)
     if args.merge_lora and cfg.trainable != "lora":
         raise ConfigError(f"--merge-lora merges LoRA adapters, which --trainable {cfg.trainable} does not add; "
                           "use it with --trainable lora")
@@ -186,6 +191,8 @@ def cmd_train(args) -> int:
     if is_main_process():  # the one process that writes into --out
         prepare_run_folder(out, resume=args.resume, overwrite=args.overwrite)
     config = {**dataclasses.asdict(data), **dataclasses.asdict(model), **dataclasses.asdict(cfg)}
+    if args.init_from:
+        config["init_from"] = str(Path(args.init_from).resolve())
     steps = finished_run(out, config) if args.resume else None
     if steps is not None:
         print(f"{out}: already complete ({steps} steps, as its metrics.json records); nothing to do. "
@@ -196,8 +203,11 @@ def cmd_train(args) -> int:
     splits = load_spec(data, seed=cfg.seed, progress=not args.quiet)
     log(f"data: train {len(splits.train)}, validation {len(splits.validation or ())}, "
         f"test {len(splits.test or ())}; labels {list(splits.label_names)}")
-    clf = Classifier.from_spec(model, splits.label_names, trainable=cfg.trainable, seed=cfg.seed,
-                               tokenizer=args.tokenizer, task=task_of(data, splits))
+    if args.init_from:
+        clf = init_from(args, model, splits, log)
+    else:
+        clf = Classifier.from_spec(model, splits.label_names, trainable=cfg.trainable, seed=cfg.seed,
+                                   tokenizer=args.tokenizer, task=task_of(data, splits))
     offline.log_copies(data, clf, log)
     report = clf.fit(splits, train_config=cfg, out=out, resume=args.resume, progress=not args.quiet, log=log)
     if not is_main_process():
@@ -214,6 +224,28 @@ def cmd_train(args) -> int:
         print_summary(report)
         print(f"saved to {out}")
     return 0
+
+
+def init_from(args, model: ModelSpec, splits, log):
+    """The classifier saved in --init-from, to train further on data with the same labels. Flags
+    that would build another model are refused rather than ignored; it is saved whole, since
+    weights it trained earlier may now be frozen and a delta would drop them."""
+    from jaxcls.classifier import Classifier
+    from jaxcls.errors import ConfigError
+
+    folder = args.init_from
+    given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(ModelSpec)
+             if getattr(model, f.name) != f.default] + ["--tokenizer"] * bool(args.tokenizer)
+    if given:
+        raise ConfigError(f"--init-from {folder}: the model, its settings and tokenizer come from that folder; "
+                          f"drop {', '.join(given)}")
+    clf = Classifier.load(folder)
+    if set(clf.label_names) != set(splits.label_names):
+        raise ConfigError(f"--init-from {folder}: its labels {list(clf.label_names)} are not the data's "
+                          f"{list(splits.label_names)}; train a new head without --init-from, or relabel the data")
+    clf.base = None
+    log(f"init from {folder}: {len(clf.label_names)} labels, a fresh optimizer")
+    return clf
 
 
 def task_of(data: DataSpec, splits):
