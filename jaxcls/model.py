@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcls.config import POOLINGS, GPT2Config
+from jaxcls.cpu_gemm import matmul
 from jaxcls.errors import ConfigError
 
 EMBED_STREAM = 1 << 20  # dropout key stream of the embeddings; blocks use their index
@@ -67,7 +68,7 @@ class Linear(nnx.Module):
     def __call__(self, x, cols: slice = slice(None)):
         """x @ kernel + bias, or only the output columns `cols` of it (the query part of c_attn)."""
         x = x.astype(self.dtype)
-        y = x @ self.kernel[:, cols].astype(self.dtype) + self.bias[cols].astype(self.dtype)
+        y = matmul(x, self.kernel[:, cols].astype(self.dtype)) + self.bias[cols].astype(self.dtype)
         if self.lora_a is not None:
             low = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[:, cols].astype(self.dtype)
             y = y + self.lora_alpha * low
