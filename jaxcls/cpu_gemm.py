@@ -167,7 +167,8 @@ def _gemm(a, b, trans_a: bool, trans_b: bool):
     _registered()
     m = a.shape[1] if trans_a else a.shape[0]
     n = b.shape[0] if trans_b else b.shape[1]
-    call = jax.ffi.ffi_call(_target(trans_a, trans_b), jax.ShapeDtypeStruct((m, n), jnp.float32))
+    call = jax.ffi.ffi_call(_target(trans_a, trans_b), jax.ShapeDtypeStruct((m, n), jnp.float32),
+                            vmap_method="sequential")
     return call(a, b)
 
 

@@ -52,8 +52,9 @@ GROUPS: dict[str, dict[str, str]] = {
         "lora_alpha": "LoRA alpha, with --trainable lora (the update is scaled by alpha, as in the book)",
         "causal": "causal attention mask; --no-causal attends over all real tokens",
         "dropout": "dropout rate while training (disables the frozen-prefix cache)",
-        "dtype": "compute dtype: float32 | bfloat16 | float16 (parameters, optimizer state and loss "
-                 "stay float32)",
+        "dtype": "compute dtype: auto (bfloat16 where the device runs it faster: GPU, TPU, a CPU with AMX "
+                 "and jaxcls[amx]; else float32) | float32 | bfloat16 | float16 (parameters, optimizer "
+                 "state and loss stay float32)",
     },
     "training loop": {
         "epochs": "passes over the training split",
@@ -116,6 +117,7 @@ def register(sub) -> None:
     where = {name: groups[title] for title, fields in GROUPS.items() for name in fields}
     for spec in SPECS:
         _add_fields(p, spec, where)
+    p.set_defaults(dtype="auto")
     groups["model"].add_argument("--tokenizer", default=None,
                                  help="folder with encoder.json + vocab.bpe (default: the checkpoint's)")
     offline.add_flag(groups["model"])
@@ -163,6 +165,10 @@ def cmd_train(args) -> int:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     data, model, cfg = (spec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(spec)}) for spec in SPECS)
     model, cfg = offline.choose_model(args, model, cfg)
+    from jaxcls.cpu_gemm import decide_dtype
+
+    used, why = decide_dtype(model.dtype)
+    model = model.replace(dtype=used)
     out = Path(cfg.out or f"runs/{Path(data.data).stem}")
     cfg = cfg.replace(out=str(out))
     from jaxcls.train.distributed import is_main_process
@@ -177,6 +183,7 @@ def cmd_train(args) -> int:
               "Resume with a larger --epochs or --max-steps to train further", flush=True)
         return 0
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    log(f"dtype: {used} ({why})")
     t0 = time.perf_counter()
     splits = load_spec(data, seed=cfg.seed, progress=not args.quiet)
     log(f"data: train {len(splits.train)}, validation {len(splits.validation or ())}, "
@@ -189,6 +196,7 @@ def cmd_train(args) -> int:
         return 0  # process 0 writes the classifier and the metrics
     report["wall_time_total_s"] = time.perf_counter() - t0
     report["config"] = config
+    report["dtype"] = {"requested": args.dtype, "used": used, "why": why}
     report["data_sha256"] = data_hashes(data)
     clf.save(out, full=cfg.save_full)
     from jaxcls.fileio import atomic_write_json
