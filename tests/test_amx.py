@@ -61,9 +61,8 @@ def _close(got, want, rel=2e-2):
 
 @needs_mkl
 def test_mkl_product_and_gradients_match_xla_bfloat16():
-    """Fails if the GEMM or either backward product is wrong (planted: the handler passes lda=a.dims[0],
-    or _bwd computes dW as X^T X's shape-compatible dY^T... e.g. dx from _gemm(g2, w, False, True) with
-    trans flags swapped)."""
+    """Fails if the GEMM or a backward product is wrong (planted: the handler passes lda=a.dims[0];
+    and, separately, _bwd's dW as dY^T-shaped garbage: `_gemm(x2, g2, True, False) * 0`)."""
     x, w = _operands()
 
     def loss(mm):
@@ -82,8 +81,8 @@ def test_mkl_product_and_gradients_match_xla_bfloat16():
 
 @needs_mkl
 def test_model_on_mkl_matches_xla(monkeypatch):
-    """Fails if model.Linear's product on MKL differs from XLA's (planted: Linear passes the kernel
-    unsliced, `matmul(x, self.kernel[...])`, so the query-only path reads the wrong columns)."""
+    """Fails if model.Linear's product does not reach MKL or differs from XLA's (planted: Linear's
+    call site back to `x @ self.kernel[:, cols]...`)."""
     monkeypatch.setattr(cpu_gemm, "host_flags", lambda: frozenset({"amx_bf16"}))
     model = GPT2Classifier(preset("tiny").replace(dtype="bfloat16"), 2, rngs=nnx.Rngs(0))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 1000, (2, 9)), jnp.int32)
