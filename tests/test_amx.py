@@ -93,7 +93,7 @@ def test_model_on_mkl_matches_xla(monkeypatch):
 
     def run():
         logits = jax.jit(lambda m: m(ids, lengths))(model)
-        return logits, nnx.grad(loss)(model)["h"][0]["mlp"]["c_fc"]["kernel"].get_value()
+        return logits, nnx.jit(nnx.grad(loss))(model)["h"][0]["mlp"]["c_fc"]["kernel"].get_value()
 
     (mkl_logits, mkl_grad), calls = run(), _ffi_calls(lambda: model(ids, lengths))
     monkeypatch.setenv("JAXCLS_CPU_GEMM", "0")
