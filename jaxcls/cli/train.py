@@ -58,8 +58,9 @@ GROUPS: dict[str, dict[str, str]] = {
                       "adapter on c_attn, the head trained fully); docs/lora.md",
         "causal": "causal attention mask; --no-causal attends over all real tokens",
         "dropout": "dropout rate while training (disables the frozen-prefix cache)",
-        "dtype": "compute dtype: float32 | bfloat16 | float16 (parameters, optimizer state and loss "
-                 "stay float32)",
+        "dtype": "compute dtype: auto (bfloat16 where the device runs it faster: GPU, TPU, a CPU with AMX "
+                 "and jaxcls[amx]; else float32) | float32 | bfloat16 | float16 (parameters, optimizer "
+                 "state and loss stay float32)",
     },
     "training loop": {
         "epochs": "passes over the training split",
@@ -125,6 +126,7 @@ def register(sub) -> None:
     where = {name: groups[title] for title, fields in GROUPS.items() for name in fields}
     for spec in SPECS:
         _add_fields(p, spec, where)
+    p.set_defaults(dtype="auto")
     groups["model"].add_argument("--tokenizer", default=None,
                                  help="folder with encoder.json + vocab.bpe (default: the checkpoint's)")
     groups["model"].add_argument("--init-from", default=None, metavar="DIR",
@@ -183,6 +185,10 @@ def cmd_train(args) -> int:
     if args.merge_lora and cfg.trainable != "lora":
         raise ConfigError(f"--merge-lora merges LoRA adapters, which --trainable {cfg.trainable} does not add; "
                           "use it with --trainable lora")
+    from jaxcls.cpu_gemm import decide_dtype
+
+    used, why = decide_dtype(model.dtype)
+    model = model.replace(dtype=used)
     out = Path(cfg.out or f"runs/{Path(data.data).stem}")
     cfg = cfg.replace(out=str(out))
     from jaxcls.train.distributed import is_main_process
@@ -199,6 +205,7 @@ def cmd_train(args) -> int:
               "Resume with a larger --epochs or --max-steps to train further", flush=True)
         return 0
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    log(f"dtype: {used} ({why})")
     t0 = time.perf_counter()
     splits = load_spec(data, seed=cfg.seed, progress=not args.quiet)
     log(f"data: train {len(splits.train)}, validation {len(splits.validation or ())}, "
@@ -214,6 +221,7 @@ def cmd_train(args) -> int:
         return 0  # process 0 writes the classifier and the metrics
     report["wall_time_total_s"] = time.perf_counter() - t0
     report["config"] = config
+    report["dtype"] = {"requested": args.dtype, "used": used, "why": why}
     report["data_sha256"] = data_hashes(data)
     clf.save(out, full=cfg.save_full, merge_lora=args.merge_lora)
     from jaxcls.fileio import atomic_write_json
