@@ -107,7 +107,18 @@ class _CallFrame(ctypes.Structure):
                 ("stage", ctypes.c_int), ("args", _List), ("rets", _List)]  # attrs and future unused
 
 
+class _Api(ctypes.Structure):  # the head of XLA_FFI_Api, up to XLA_FFI_Error_Create
+    _fields_ = [("struct_size", ctypes.c_size_t), ("ext", _P), ("api_version", _Version), ("internal", _P),
+                ("error_create", _P)]
+
+
+class _ErrorArgs(ctypes.Structure):  # XLA_FFI_Error_Create_Args
+    _fields_ = [("struct_size", ctypes.c_size_t), ("ext", _P), ("message", ctypes.c_char_p), ("errc", ctypes.c_int)]
+
+
 _HANDLER = ctypes.CFUNCTYPE(_P, ctypes.POINTER(_CallFrame))
+_ERROR_CREATE = ctypes.CFUNCTYPE(_P, ctypes.POINTER(_ErrorArgs))
+_ERRC_INTERNAL = 13
 _EXECUTE, _METADATA, _API_VERSION = 3, 1, (0, 3)
 
 
@@ -124,18 +135,29 @@ def _answer_metadata(frame) -> bool:
     return False
 
 
+def _error(frame, message: str):
+    """An XLA_FFI_Error made by XLA's own API, so a failure in the callback fails the computation
+    (a ctypes callback that raises would otherwise return success over an unwritten buffer)."""
+    create = _ERROR_CREATE(ctypes.cast(frame.api, ctypes.POINTER(_Api)).contents.error_create)
+    args = _ErrorArgs(ctypes.sizeof(_ErrorArgs), None, message.encode("utf-8", "replace"), _ERRC_INTERNAL)
+    return create(ctypes.byref(args))
+
+
 def _handler(trans_a: bool, trans_b: bool):
     """An XLA FFI handler computing C = op(A) @ op(B) (A, B bfloat16 2-D; C float32) on MKL."""
     def handle(frame_ptr):
         frame = frame_ptr.contents
-        if _answer_metadata(frame) or frame.stage != _EXECUTE:
+        try:
+            if _answer_metadata(frame) or frame.stage != _EXECUTE:
+                return None
+            a, b, c = frame.args.items[0].contents, frame.args.items[1].contents, frame.rets.items[0].contents
+            m, n = c.dims[0], c.dims[1]
+            k = a.dims[0] if trans_a else a.dims[1]
+            load_mkl()(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS, m, n, k,
+                       1.0, a.data, a.dims[1], b.data, b.dims[1], 0.0, c.data, n)
             return None
-        a, b, c = frame.args.items[0].contents, frame.args.items[1].contents, frame.rets.items[0].contents
-        m, n = c.dims[0], c.dims[1]
-        k = a.dims[0] if trans_a else a.dims[1]
-        load_mkl()(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS, m, n, k,
-                   1.0, a.data, a.dims[1], b.data, b.dims[1], 0.0, c.data, n)
-        return None
+        except Exception as e:  # noqa: BLE001 - any failure must reach XLA as an error, not as success
+            return _error(frame, f"jaxcls MKL GEMM {_target(trans_a, trans_b)}: {type(e).__name__}: {e}")
 
     return _HANDLER(handle)
 

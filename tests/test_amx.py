@@ -53,6 +53,19 @@ def test_float32_and_switched_off_take_xla(monkeypatch):
     assert _ffi_calls(cpu_gemm.matmul, x, w) == 0
 
 
+def test_a_failure_inside_the_callback_fails_the_computation(monkeypatch):
+    """A GEMM that raises must surface as an XLA error naming it, never as a result read from an
+    unwritten buffer. Needs no MKL: the GEMM is a stand-in. Fails if the handler lets ctypes swallow
+    the exception (planted: the `except` returning None)."""
+    def broken(*args):
+        raise RuntimeError("stand-in GEMM failed")
+
+    monkeypatch.setattr(cpu_gemm, "load_mkl", lambda: broken)
+    x, w = _operands(lead=())
+    with pytest.raises(Exception, match="jaxcls MKL GEMM .*stand-in GEMM failed"):
+        jax.block_until_ready(jax.jit(lambda a, b: cpu_gemm._gemm(a, b, False, False))(x, w))
+
+
 def _close(got, want, rel=2e-2):
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert got.shape == want.shape and got.dtype == want.dtype
