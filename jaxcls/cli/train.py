@@ -89,7 +89,8 @@ GROUPS: dict[str, dict[str, str]] = {
         "cache_memory": "host | device: keep cached states in device memory (one device), so batches are "
                         "built there",
         "compilation_cache": "keep compiled programs in this folder so the next run starts faster "
-                             "(a folder only you can write; default: off)",
+                             "(a folder only you can write; default: $JAXCLS_HOME/compilation-cache, "
+                             "at most 2 GiB, least recently used programs evicted first)",
     },
     "output": {
         "out": "run folder: the saved classifier (pass it to classify/eval/serve as --model), metrics, "
@@ -107,7 +108,7 @@ OUTPUT_NOT_OUT = "names classify's predictions file; train's run folder is --out
 
 
 def register(sub) -> None:
-    from jaxcls.cli.common import MODEL_HINT, wrong_flag
+    from jaxcls.cli.common import MODEL_HINT, compilation_cache_options, wrong_flag
 
     p = sub.add_parser("train", help="fine-tune GPT-2 as a classifier",
                        description="Fine-tune a pretrained GPT-2 (--checkpoint) as a classifier and save it\n"
@@ -119,6 +120,7 @@ def register(sub) -> None:
     groups["model"].add_argument("--tokenizer", default=None,
                                  help="folder with encoder.json + vocab.bpe (default: the checkpoint's)")
     offline.add_flag(groups["model"])
+    compilation_cache_options(where["compilation_cache"], folder_flag=False)
     groups["output"].add_argument("--resume", action="store_true", help="continue from the last save in --out")
     groups["output"].add_argument("--overwrite", action="store_true",
                                   help="replace the run already in --out: deletes only jaxcls's own run files "
@@ -161,6 +163,9 @@ def cmd_train(args) -> int:
         from jaxcls.train import distributed
 
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from jaxcls.cli.common import use_compilation_cache
+
+    use_compilation_cache(args)  # the default folder stays out of the recorded config
     data, model, cfg = (spec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(spec)}) for spec in SPECS)
     model, cfg = offline.choose_model(args, model, cfg)
     out = Path(cfg.out or f"runs/{Path(data.data).stem}")
