@@ -35,6 +35,8 @@ def enable_compilation_cache(path: str | Path, *, min_compile_time_secs: float =
 
     path = Path(path).expanduser().resolve()
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if max_mb is not None:
+        _adopt_entries(path)
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_compilation_cache_max_size", -1 if max_mb is None else int(max_mb * 2**20))
@@ -42,6 +44,21 @@ def enable_compilation_cache(path: str | Path, *, min_compile_time_secs: float =
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     compilation_cache.reset_cache()  # JAX decides once whether the cache is on; ask again
     return path
+
+
+def _adopt_entries(path: Path) -> None:
+    """Give an access time to every entry written while the cache was unbounded (JAX writes one
+    only with a bound, and its eviction fails on an entry without one): the file's own mtime.
+    The `-cache`/`-atime` names are JAX's (jax/_src/lru_cache.py)."""
+    from jaxcls.fileio import atomic_write_bytes
+
+    for entry in path.glob("*-cache"):
+        atime = entry.with_name(entry.name[: -len("-cache")] + "-atime")
+        if not atime.exists():
+            try:
+                atomic_write_bytes(atime, entry.stat().st_mtime_ns.to_bytes(8, "little"))
+            except OSError:
+                pass  # gone meanwhile (another process evicted it): nothing to adopt
 
 
 def disable_compilation_cache() -> None:
