@@ -43,8 +43,9 @@ def test_peer_configs_cover_what_users_pick():
 def test_throughput_quick_compares_with_the_fastest_peer(tmp_path):
     """`benchmarks.throughput --size tiny --quick --peers --no-peer-compile`: every eager peer
     configuration trains and infers, the record names the quickest per measurement, and the report
-    says so and names the CPU's matrix features. Fails if the fastest peer is taken from float32
-    rows only (planted: `tp.fastest(out["train"][:2])` in run_peers) or if the report drops the line."""
+    says so and names the CPU's matrix features. Fails if the bfloat16 peers are dropped (planted:
+    `bf16=False` in run_peers' peer_configs call) or the slowest is called fastest (planted: `max`
+    for `min` in torch_peers.fastest)."""
     md = tmp_path / "r.md"
     args = throughput.parse_args(["--size", "tiny", "--quick", "--seq-len", "16", "--peers", "--no-peer-compile",
                                   "--no-cached", "--results", str(tmp_path / "r.jsonl"), "--markdown", str(md)])
