@@ -108,7 +108,7 @@ def test_second_process_loads_every_program_from_the_cache(tmp_path):
     assert _entries(shared) == written
 
     _run(*classify, "--no-compilation-cache", home=tmp_path / "home-off")
-    assert not (tmp_path / "home-off").exists()
+    assert not (tmp_path / "home-off" / "compilation-cache").exists()
 
 
 def test_size_bound_evicts_least_recently_used(tmp_path):
