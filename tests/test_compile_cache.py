@@ -142,3 +142,23 @@ def test_size_bound_evicts_least_recently_used(tmp_path):
         assert kept - before and 1 <= len(kept) <= 2, [p.name for p in kept]  # the newest kept, most evicted
     finally:
         disable_compilation_cache()
+
+
+def test_bad_cache_flags_are_one_line_errors_before_any_work(tmp_path, capsys):
+    """A --compilation-cache that is a file, or given with --no-compilation-cache, stops `train`
+    with status 2 and one line naming the flag, before any run folder is made. Fails if a file is
+    handed on to JAX (planted: the is_dir check removed from use_compilation_cache: mkdir's
+    FileExistsError escapes as a traceback)."""
+    from jaxcls.cli import main
+
+    afile = tmp_path / "cache-file"
+    afile.write_text("not a folder")
+    base = ["train", "--checkpoint", "tiny", "--weights", "random", "--data", "sms-spam", "--out", str(tmp_path / "run")]
+    for extra, message in ((["--compilation-cache", str(afile)], f"--compilation-cache {afile}: a file, not a folder"),
+                           (["--compilation-cache", str(tmp_path / "c"), "--no-compilation-cache"],
+                            "--compilation-cache DIR and --no-compilation-cache contradict each other")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()
+    assert afile.read_text() == "not a folder"
