@@ -162,3 +162,30 @@ def test_bad_cache_flags_are_one_line_errors_before_any_work(tmp_path, capsys):
         assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()
     assert afile.read_text() == "not a folder"
+
+
+def test_default_folder_that_cannot_be_made_turns_the_cache_off_with_a_line(tmp_path, monkeypatch, capsys):
+    """$JAXCLS_HOME being a file makes the default cache folder impossible: the command goes on
+    without the cache and says so in one line on stderr, while the same folder named by the flag is
+    a ConfigError. Fails if the OSError escapes (planted: the try/except around
+    enable_compilation_cache in use_compilation_cache removed)."""
+    import argparse
+
+    import jax
+    import pytest
+
+    from jaxcls.cli.common import use_compilation_cache
+    from jaxcls.errors import ConfigError
+
+    home = tmp_path / "home-file"
+    home.write_text("")
+    monkeypatch.setenv("JAXCLS_HOME", str(home))
+    try:
+        use_compilation_cache(argparse.Namespace(compilation_cache=None, no_compilation_cache=False))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"jaxcls: compilation cache off: cannot make {home}"), err
+        assert jax.config.jax_enable_compilation_cache is False
+        with pytest.raises(ConfigError, match="--compilation-cache .*cannot use it"):
+            use_compilation_cache(argparse.Namespace(compilation_cache=str(home / "c"), no_compilation_cache=False))
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)

@@ -97,10 +97,17 @@ def use_compilation_cache(args) -> None:
     if args.no_compilation_cache:
         disable_compilation_cache()
         return
+    if args.compilation_cache and Path(args.compilation_cache).exists() and not Path(args.compilation_cache).is_dir():
+        raise ConfigError(f"--compilation-cache {args.compilation_cache}: a file, not a folder")
     folder = args.compilation_cache or default_cache_dir()
-    if Path(folder).exists() and not Path(folder).is_dir():
-        raise ConfigError(f"--compilation-cache {folder}: a file, not a folder")
-    enable_compilation_cache(folder)
+    try:
+        enable_compilation_cache(folder)
+    except OSError as e:  # a folder that cannot be made: the flag's is an error, the default's only slows
+        if args.compilation_cache:
+            raise ConfigError(f"--compilation-cache {folder}: cannot use it ({e.strerror or e})") from None
+        disable_compilation_cache()
+        print(f"jaxcls: compilation cache off: cannot make {folder} ({e.strerror or e}); set $JAXCLS_HOME "
+              "or --compilation-cache DIR", file=sys.stderr)
 
 
 def check_model_folder(model: str) -> None:
