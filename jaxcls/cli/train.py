@@ -99,7 +99,8 @@ GROUPS: dict[str, dict[str, str]] = {
         "cache_dir": "folder for a frozen-prefix cache over --cache-budget-mb (default: the run folder, --out)",
         "keep_cache": "keep a spilled cache's file (prefix-cache-*.bin, described by prefix-cache.json) after the run",
         "compilation_cache": "keep compiled programs in this folder so the next run starts faster "
-                             "(a folder only you can write; default: off)",
+                             "(a folder only you can write; default: $JAXCLS_HOME/compilation-cache, "
+                             "at most 2 GiB, least recently used programs evicted first)",
     },
     "output": {
         "out": "run folder: the saved classifier (pass it to classify/eval/serve as --model), metrics, "
@@ -117,7 +118,7 @@ OUTPUT_NOT_OUT = "names classify's predictions file; train's run folder is --out
 
 
 def register(sub) -> None:
-    from jaxcls.cli.common import MODEL_HINT, wrong_flag
+    from jaxcls.cli.common import MODEL_HINT, compilation_cache_options, wrong_flag
 
     p = sub.add_parser("train", help="fine-tune GPT-2 as a classifier",
                        description="Fine-tune a pretrained GPT-2 (--checkpoint) as a classifier and save it\n"
@@ -134,6 +135,7 @@ def register(sub) -> None:
                                       "GPT2ForSequenceClassification folder): its weights, labels and model "
                                       "settings, with a fresh optimizer (default: a new head on --checkpoint)")
     offline.add_flag(groups["model"])
+    compilation_cache_options(where["compilation_cache"], folder_flag=False)
     groups["output"].add_argument("--resume", action="store_true", help="continue from the last save in --out")
     groups["output"].add_argument("--overwrite", action="store_true",
                                   help="replace the run already in --out: deletes only jaxcls's own run files "
@@ -179,6 +181,9 @@ def cmd_train(args) -> int:
         from jaxcls.train import distributed
 
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from jaxcls.cli.common import use_compilation_cache
+
+    use_compilation_cache(args)  # the default folder stays out of the recorded config
     data, model, cfg = (spec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(spec)}) for spec in SPECS)
     if not args.init_from:  # with --init-from no checkpoint is read
         model, cfg = offline.choose_model(args, model, cfg)
