@@ -84,15 +84,22 @@ def test_e2e_estimates_every_peer_and_marks_the_fastest():
     assert est[1]["total_s"] == pytest.approx(650 * 0.4 + 0.2 * (180 + 188))
 
 
-def test_ab_train_step_quick_runs_every_eager_peer(tmp_path):
+def test_ab_train_step_quick_runs_every_eager_peer(tmp_path, monkeypatch):
     """`benchmarks.ab_train_step --size tiny --seq-len 16 --quick --no-compile`: one round of jaxcls
-    and the four eager peer configurations, the speed-up over the quickest of them recorded. Fails
-    if the bfloat16 peers are left out (planted: `bf16=False` in ab_train_step's peer_configs call)."""
+    (float32, and bfloat16 as `--dtype auto` is made to pick here) and the four eager peer
+    configurations, each jaxcls configuration's speed-up over the quickest peer recorded. Fails if the
+    bfloat16 peers are left out (planted: `bf16=False` in ab_train_step's peer_configs call), or if
+    the auto-dtype jaxcls row is (planted: the `systems[f"jaxcls-{auto}"]` line removed)."""
+    import jaxcls.cpu_gemm
+
+    monkeypatch.setattr(jaxcls.cpu_gemm, "decide_dtype", lambda requested: ("bfloat16", "test"))
     results = tmp_path / "r.jsonl"
     record = ab_train_step.main(["--size", "tiny", "--seq-len", "16", "--quick", "--no-compile",
                                  "--results", str(results)])
     assert json.loads(results.read_text())["kind"] == "ab_train_step"
-    assert list(record["runs"]) == ["jaxcls", *EAGER] and record["rounds"] == 1 and record["failed"] == {}
+    ours = ["jaxcls", "jaxcls-bfloat16"]
+    assert list(record["runs"]) == [*ours, *EAGER] and record["rounds"] == 1 and record["failed"] == {}
     quickest = min(EAGER, key=lambda k: record["step_time_s"][k]["median"])
     assert record["fastest_peer"] == quickest
     assert record["jaxcls_speedup_vs_fastest_peer"] == record["jaxcls_speedup"][quickest]
+    assert list(record["speedup_vs_fastest_peer"]) == ours
