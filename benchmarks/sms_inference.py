@@ -62,7 +62,7 @@ def prepare_jaxcls(cfg, texts, encode, batch: int) -> tuple[dict, callable]:
     pred.logits(texts)
     first = time.perf_counter() - t0
     pred._run = run
-    row = {"system": f"jaxcls Predictor, batch {batch}", "first_call_s": first, "compiles": pred.num_compiles,
+    row = {"system": f"jaxcls Predictor, batch {batch}" + ("" if cfg.dtype == "float32" else f", {cfg.dtype}"), "first_call_s": first, "compiles": pred.num_compiles,
            "tokens_run": sum(b * t for b, t in shapes), "flops": sum(forward_flops(cfg, b, t) for b, t in shapes)}
     return row, lambda: pred.logits(texts)
 
@@ -147,6 +147,8 @@ def main(argv=None) -> dict:
     p.add_argument("--no-bf16", action="store_true", help="skip the bfloat16-autocast peer rows")
     p.add_argument("--quick", action="store_true", help="a smoke run: one round, no padded-to-120 rows, "
                                                         "a 128^3 probe")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
+                   help="jaxcls's compute dtype (auto: as `jaxcls train --dtype auto` decides on this machine)")
     p.add_argument("--results", default=str(system.RESULTS))
     args = p.parse_args(argv)
     if args.quick:
@@ -159,7 +161,9 @@ def main(argv=None) -> dict:
 
     threads = args.threads or usable_cores()
     info = system_info(threads, torch=True)  # the load before the run
-    cfg = preset(args.size)
+    from jaxcls.cpu_gemm import decide_dtype
+
+    cfg = preset(args.size).replace(dtype=decide_dtype(args.dtype)[0])
     texts, encode = texts_and_encoder()
     peak = matmul_peak("float32", args.probe_n)["flops_per_s"]
     systems = [prepare_jaxcls(cfg, texts, encode, args.batch)]
@@ -185,7 +189,7 @@ def main(argv=None) -> dict:
     for r in peers:  # per round: the peer's time over jaxcls's (batch `args.batch`) in that round
         r["jaxcls_speedup"] = spread([t / b for t, b in zip(r["times_s"], base["times_s"])])
     fastest = min(peers, key=lambda r: r["seconds"]) if peers else None
-    print(f"SMS test set, {len(texts)} texts ({tokens} tokens in distinct texts), {args.size}, jaxcls in float32, "
+    print(f"SMS test set, {len(texts)} texts ({tokens} tokens in distinct texts), {args.size}, jaxcls in {cfg.dtype}, "
           f"{threads} threads, {info['cpu_kind']}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}, "
           f"load average {info['load_average']}; matmul probe {peak / 1e9:.0f} GFLOP/s; "
           f"{args.repeats} interleaved rounds\n")
@@ -208,7 +212,7 @@ def main(argv=None) -> dict:
           "machine can be faster than " + ", ".join(f"{r['seconds'] / bound_s:.1f}x {r['system']}"
                                                     for r in peers if r.get("dtype") == "float32") + " (bfloat16 peers do other arithmetic: no bound).")
     record = {"kind": "sms_inference", "command": "python -m benchmarks.sms_inference "
-              + " ".join(sys.argv[1:] if argv is None else argv), "size": args.size, "batch": args.batch,
+              + " ".join(sys.argv[1:] if argv is None else argv), "size": args.size, "batch": args.batch, "jaxcls_dtype": cfg.dtype,
               "threads": threads, "rounds": args.repeats, "date": time.strftime("%Y-%m-%d"),
               "system_info": info, "peak_flops_per_s": peak,
               "least_work": {"tokens": tokens, "flops": flops, "seconds_at_peak": bound_s}, "rows": rows,
