@@ -20,7 +20,10 @@ import jax
 import jax.numpy as jnp
 
 TARGET = "jaxcls_mkl_gemm_bf16"
-FAST_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo names of the units MKL's bf16 GEMM uses
+FAST_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# Narrower models lose: each MKL call is a Python callback, and at the `mini` preset's width (128)
+# bfloat16 on MKL trained 1.5-2.3x slower than float32 on XLA (docs/benchmarks.md); gpt2-small won.
+MIN_MKL_WIDTH = 768  # /proc/cpuinfo names of the units MKL's bf16 GEMM uses
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
 
@@ -224,10 +227,11 @@ def matmul(x, w):
 
 
 def decide_dtype(requested: str, platform: str | None = None, flags: frozenset[str] | None = None,
-                 mkl: bool | None = None) -> tuple[str, str]:
+                 mkl: bool | None = None, width: int | None = None) -> tuple[str, str]:
     """(the compute dtype to use, why): `requested` itself unless it is 'auto'; then bfloat16 where
     the device computes it faster than float32 (GPU, TPU, a CPU with bfloat16 units when MKL's GEMM
-    is installed), float32 elsewhere."""
+    is installed and the model, `width` = n_embd where known, is as wide as gpt2-small), float32
+    elsewhere."""
     if requested != "auto":
         return requested, "requested"
     platform = jax.default_backend() if platform is None else platform
@@ -243,4 +247,7 @@ def decide_dtype(requested: str, platform: str | None = None, flags: frozenset[s
     if not (load_mkl() is not None if mkl is None else mkl):
         return "float32", (f"cpu with {'+'.join(units)}, but MKL is not installed (pip install 'jaxcls[amx]'); "
                            "XLA's own bfloat16 matmul is slower than float32")
+    if width is not None and width < MIN_MKL_WIDTH:
+        return "float32", (f"cpu with {'+'.join(units)} and MKL, but at width {width} (under {MIN_MKL_WIDTH}) "
+                           "MKL's per-call overhead outweighs its speed")
     return "bfloat16", f"cpu with {'+'.join(units)}: bfloat16 matmuls on MKL's GEMM"

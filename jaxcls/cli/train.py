@@ -173,6 +173,24 @@ def _add_fields(p, spec, where: dict) -> None:
                            help=HELP.get(f.name))
 
 
+def _model_width(model) -> int | None:
+    """n_embd of the model to train, from its size name or its folder's config file (no tensor is
+    read); None where neither says (a Hub name not yet resolved)."""
+    from jaxcls.config import preset
+    from jaxcls.errors import JaxclsError
+
+    try:
+        return preset(model.checkpoint).n_embd
+    except JaxclsError:
+        pass
+    try:
+        from jaxcls.ckpt.load import read_config
+
+        return read_config(Path(model.checkpoint))[0].n_embd
+    except (JaxclsError, OSError):
+        return None
+
+
 def cmd_train(args) -> int:
     from jaxcls.classifier import Classifier
     from jaxcls.data import load_spec
@@ -192,7 +210,7 @@ def cmd_train(args) -> int:
                           "use it with --trainable lora")
     from jaxcls.cpu_gemm import decide_dtype
 
-    used, why = decide_dtype(model.dtype)
+    used, why = decide_dtype(model.dtype, width=_model_width(model) if model.dtype == "auto" else None)
     model = model.replace(dtype=used)
     out = Path(cfg.out or f"runs/{Path(data.data).stem}")
     cfg = cfg.replace(out=str(out))
