@@ -1,14 +1,17 @@
-"""Interleaved A/B of the fixed-shape train step (gpt2-small, last_block, batch 8 x 120, float32):
-jaxcls, the book's eager PyTorch model, transformers' GPT2ForSequenceClassification and the book's
-model under torch.compile take turns, round after round (the order rotating), so that a shared
-machine's drifting load hits all of them alike.
+"""Interleaved A/B of the fixed-shape train step (gpt2-small, last_block, batch 8 x 120): jaxcls
+(float32, and in bfloat16 where `--dtype auto` picks it: MKL's GEMM on a CPU with AMX or AVX512-BF16)
+and every PyTorch peer configuration (the book's model and transformers'
+GPT2ForSequenceClassification, eager and under torch.compile, in float32 and under bfloat16 CPU
+autocast) take turns, round after round (the order rotating), so that a shared machine's drifting
+load hits all of them alike.
 
     .venv-bench/bin/python -m benchmarks.ab_train_step --rounds 5 --steps 5    # from the repo root
+    .venv-bench/bin/python -m benchmarks.ab_train_step --size tiny --seq-len 16 --quick   # smoke
 
 Each round times `--steps` steps of each system after a warm-up and keeps their median. The record
 (appended to benchmarks/results.jsonl) has every step time, each system's median over rounds with
-min and max, and jaxcls's speed-up over each peer and over the fastest peer: per round (peer's
-round median / jaxcls's) and the median and range of those."""
+min and max, and each jaxcls configuration's speed-up over each peer and over the fastest peer: per
+round (peer's round median / jaxcls's) and the median and range of those."""
 
 import argparse
 import sys
@@ -26,9 +29,15 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bfloat16-autocast peers")
+    p.add_argument("--no-jaxcls-auto", action="store_true",
+                   help="jaxcls in float32 only (by default also in the dtype --dtype auto picks, when not float32)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: one round of one step each")
     p.add_argument("--results", default=str(system.RESULTS))
     args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps = 1, 1
     from benchmarks import measure
     from benchmarks import torch_peers as peers
     from benchmarks.peers import peer_config
@@ -38,40 +47,56 @@ def main(argv=None) -> dict:
     cfg = measure.model_config(args.size)
     pc = peer_config(cfg)
     shape = dict(trainable="last_block", batch=args.batch, seq_len=args.seq_len, steps=args.steps, warmup=1)
-    systems = {"jaxcls": lambda: measure.measure_train(cfg, **shape),
-               "pytorch-book-eager": lambda: peers.measure_train("book", pc, threads=threads, **shape),
-               "hf-transformers": lambda: peers.measure_train("hf", pc, threads=threads, **shape)}
-    if not args.no_compile:
-        systems["pytorch-book-compile"] = lambda: peers.measure_train("book", pc, threads=threads,
-                                                                      compile=True, **shape)
+    systems = {"jaxcls": lambda: measure.measure_train(cfg, **shape)}
+    from jaxcls.cpu_gemm import decide_dtype
+
+    auto, why = decide_dtype("auto")
+    if auto != "float32" and not args.no_jaxcls_auto:
+        systems[f"jaxcls-{auto}"] = lambda: measure.measure_train(cfg.replace(dtype=auto), **shape)
+    ours = list(systems)
+    for c in peers.peer_configs(compile=not args.no_compile, bf16=not args.no_bf16):
+        systems[c.system] = (lambda c=c: peers.measure_train(c.impl, pc, threads=threads, compile=c.compile,
+                                                              dtype=c.dtype, **shape))
     names = list(systems)
     runs = {k: [] for k in names}
+    failed = {}
     for rnd in range(args.rounds):
         order = names[rnd % len(names):] + names[:rnd % len(names)]
         for name in order:
+            if name in failed:
+                continue
             r = systems[name]()
-            if "error" in r:
-                raise SystemExit(f"{name}: {r['error']}")
+            if "error" in r:  # a compile or bfloat16 configuration this machine cannot run
+                failed[name] = r["error"]
+                print(f"{name} failed, left out: {r['error']}", file=sys.stderr, flush=True)
+                continue
             runs[name].append({"round": rnd, "step_time_s_median": r["step_time_s_median"],
                                "step_times_s": r["step_times_s"]})
-        print(f"round {rnd}: " + ", ".join(f"{k} {v[-1]['step_time_s_median']:.3f}s" for k, v in runs.items()),
+        print(f"round {rnd}: " + ", ".join(f"{k} {v[-1]['step_time_s_median']:.3f}s" for k, v in runs.items() if v),
               flush=True)
+    runs = {k: v for k, v in runs.items() if k not in failed}
+    names = [k for k in names if k not in failed]
     med = {k: [r["step_time_s_median"] for r in v] for k, v in runs.items()}
     summary = {k: system.spread(v) for k, v in med.items()}
-    peer_names = [k for k in names if k != "jaxcls"]
+    peer_names = [k for k in names if k not in ours]
     fastest = min(peer_names, key=lambda k: summary[k]["median"])
-    speedup = {k: system.spread([p / j for p, j in zip(med[k], med["jaxcls"])]) for k in peer_names}
+    speedups = {o: {k: system.spread([p / j for p, j in zip(med[k], med[o])]) for k in peer_names}
+                for o in ours if o in med}
+    speedup = speedups["jaxcls"]
     record = {"kind": "ab_train_step", "command": f"{COMMAND} {' '.join(sys.argv[1:] if argv is None else argv)}",
-              "size": args.size, "dtype": "float32", **shape, "rounds": args.rounds, "threads": threads,
+              "size": args.size, "dtype": "float32", **shape, "failed": failed, "rounds": args.rounds, "threads": threads,
               "system_info": info, "runs": runs, "step_time_s": summary,
               "jaxcls_speedup": speedup, "fastest_peer": fastest,
-              "jaxcls_speedup_vs_fastest_peer": speedup[fastest]}
+              "jaxcls_speedup_vs_fastest_peer": speedup[fastest], "dtype_auto": {"used": auto, "why": why},
+              "speedup_vs_fastest_peer": {o: sp[fastest] for o, sp in speedups.items()}}
     system.append_record(args.results, record)
+    print(f"CPU: {info['cpu_kind']}")
     print(f"median step over {args.rounds} rounds (min-max): " + "; ".join(
         f"{k} {s['median']:.3f}s ({s['min']:.3f}-{s['max']:.3f})" for k, s in summary.items()))
-    print("jaxcls speed-up per round, median (min-max): " + "; ".join(
-        f"vs {k} {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})" for k, s in speedup.items())
-          + f"; fastest peer: {fastest}")
+    for o, sp in speedups.items():
+        print(f"{o} speed-up per round, median (min-max): " + "; ".join(
+            f"vs {k} {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})" for k, s in sp.items())
+              + f"; fastest peer: {fastest}")
     return record
 
 

@@ -72,3 +72,19 @@ def book_e2e_estimate(train_step_s: float, infer_batch8_s: float | None) -> dict
         est["total_s"] = est["train_loop_s"] + est["final_eval_s"]
     return est
 
+
+
+def peer_estimates(peers: dict) -> list[dict]:
+    """The book's loop estimated for every peer configuration whose train step and batch-8
+    inference both ran; the quickest is marked `fastest`."""
+    out = []
+    for r in peers.get("train", []):
+        if "step_time_s_median" not in r:
+            continue
+        i8 = next((x["step_time_s_median"] for x in peers.get("infer", [])
+                   if x.get("system") == r["system"] and x.get("batch") == 8 and "step_time_s_median" in x), None)
+        if i8 is not None:
+            out.append({"system": r["system"], **book_e2e_estimate(r["step_time_s_median"], i8)})
+    if out:
+        min(out, key=lambda e: e["total_s"])["fastest"] = True
+    return out

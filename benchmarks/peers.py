@@ -20,9 +20,20 @@ def peer_config(cfg) -> dict:
             "n_layer": cfg.n_layer, "drop_rate": 0.0, "qkv_bias": True}
 
 
+def _guarded(c, call, **extra) -> dict:
+    """A peer measurement, or its one-line failure (a configuration this machine cannot run)."""
+    try:
+        return call()
+    except Exception as e:  # noqa: BLE001
+        return {"system": c.system, **extra, "error": f"{type(e).__name__}: {e}"[:300]}
+
+
 def run_peers(cfg, *, trainable: str, batch: int, seq_len: int, steps: int, warmup: int,
               infer_batches: list[int], infer_steps: int, threads: int, compile: bool = True,
-              log=print) -> dict:
+              bf16: bool = True, log=print) -> dict:
+    """Every peer configuration (float32 and bfloat16 autocast, eager and torch.compile) trained
+    and run for inference at the same shapes as jaxcls; `fastest` names the quickest one that ran,
+    for training and per inference batch size."""
     tp, why = import_peers()
     if tp is None:
         return {"skipped": why}
@@ -30,29 +41,28 @@ def run_peers(cfg, *, trainable: str, batch: int, seq_len: int, steps: int, warm
         return {"skipped": f"peers support trainable in {tp.TRAINABLE_PRESETS}, not {trainable!r}"}
     pc = peer_config(cfg)
     out = {"info": tp.torch_info(), "train": [], "infer": []}
-    variants = [("book", False), ("hf", False)] + ([("book", True)] if compile else [])
-    for impl, comp in variants:
-        log(f"peer train: {impl}{' + torch.compile' if comp else ''}")
-        try:
-            r = tp.measure_train(impl, pc, trainable=trainable, batch=batch, seq_len=seq_len,
-                                 steps=steps, warmup=warmup, threads=threads, compile=comp)
-        except Exception as e:  # noqa: BLE001
-            r = {"system": tp._system(impl, comp), "error": f"{type(e).__name__}: {e}"[:300]}
+    for c in tp.peer_configs(compile=compile, bf16=bf16):
+        log(f"peer train: {c.system}")
+        r = _guarded(c, lambda: tp.measure_train(c.impl, pc, trainable=trainable, batch=batch, seq_len=seq_len,
+                                                     steps=steps, warmup=warmup, threads=threads,
+                                                     compile=c.compile, dtype=c.dtype))
         if "step_time_s_median" in r:
             # the peers run their last block at every position (no single-token shortcut)
             r["flops_per_step"] = train_step_flops(cfg, batch, seq_len, trainable, single_token=False)
             r["achieved_flops_per_s"] = r["flops_per_step"] / r["step_time_s_median"]
         out["train"].append(r)
-        if "error" in r and comp:
-            continue  # compile does not work here: no inference either
+        if "error" in r and (c.compile or c.dtype != "float32"):
+            continue  # this configuration does not run here: no inference either
         for b in infer_batches:
-            log(f"peer infer: {impl}{' + torch.compile' if comp else ''} batch {b}")
-            try:
-                ri = tp.measure_infer(impl, pc, batch=b, seq_len=seq_len, steps=infer_steps, warmup=1,
-                                      threads=threads, compile=comp)
-            except Exception as e:  # noqa: BLE001
-                ri = {"system": tp._system(impl, comp), "batch": b, "error": f"{type(e).__name__}: {e}"[:300]}
+            log(f"peer infer: {c.system} batch {b}")
+            ri = _guarded(c, lambda: tp.measure_infer(c.impl, pc, batch=b, seq_len=seq_len, steps=infer_steps,
+                                                          warmup=1, threads=threads, compile=c.compile,
+                                                          dtype=c.dtype), batch=b)
             ri.setdefault("batch", b)
             out["infer"].append(ri)
+    best = tp.fastest(out["train"])
+    out["fastest"] = {"train": best["system"] if best else None, "infer": {}}
+    for b in infer_batches:
+        best = tp.fastest([r for r in out["infer"] if r.get("batch") == b])
+        out["fastest"]["infer"][str(b)] = best["system"] if best else None
     return out
-

@@ -51,6 +51,7 @@ def markdown(record: dict) -> str:
                      f"{_fmt(ach / 1e9 if ach else None, 1)} | {_fmt(100 * mfu if mfu else None, 1)}% | "
                      f"{_fmt(r['examples_per_s'] / base)}x | {_fmt(r.get('peak_rss_mb'), 0)} |")
     lines.append("")
+    lines += _fastest_train(record["train"], peers.get("train", []))
     lines.append("For peers, the first-step column is torch's warm-up time (all warm-up steps, "
                  "torch.compile included); for jaxcls it is lower+compile plus the first call.")
     if record.get("infer"):
@@ -76,6 +77,7 @@ def markdown(record: dict) -> str:
         comp = ", ".join(f"batch {r['batch']}: {r['compile_s']:.1f}" for r in record["infer"])
         lines.append("")
         lines.append(f"jaxcls predictor compile (s): {comp}.")
+        lines += _fastest_infer(record["infer"], peers.get("infer", []))
     e2e = record.get("e2e") or []
     if e2e:
         lines += ["", "## End to end: the book's run (5 epochs, batch 8, eval every 50 steps), random init", "",
@@ -83,7 +85,8 @@ def markdown(record: dict) -> str:
                   "|---|---|---:|---:|---:|---:|"]
         for r in e2e:
             if r.get("estimate"):
-                lines.append(f"| {r['system']} | ESTIMATE from steady-state step times | {r['steps']} | "
+                fast = " (the fastest peer)" if r.get("fastest") else ""
+                lines.append(f"| {r['system']}{fast} | ESTIMATE from steady-state step times | {r['steps']} | "
                              f"{_fmt(r.get('train_loop_s'), 0)} | {_fmt(r.get('total_s'), 0)} | not run |")
             else:
                 acc = r.get("test_accuracy")
@@ -94,6 +97,31 @@ def markdown(record: dict) -> str:
             lines.append(f"Test accuracy, default minus uncached: "
                          f"{100 * record['e2e_accuracy_difference']:+.1f} points (same seed, random init).")
     return "\n".join(lines) + "\n"
+
+
+def _quickest(rows: list[dict]) -> dict | None:
+    ok = [r for r in rows if "error" not in r and r.get("step_time_s_median")]
+    return min(ok, key=lambda r: r["step_time_s_median"]) if ok else None
+
+
+def _fastest_train(ours: dict, peers: list[dict]) -> list[str]:
+    """The line that compares jaxcls with the quickest peer configuration, whatever its dtype."""
+    best = _quickest(peers)
+    if best is None:
+        return []
+    ratio = best["step_time_s_median"] / ours["step_time_s_median"]
+    return [f"Fastest peer configuration (training): {best['system']}, {best['step_time_s_median']:.3f} s/step; "
+            f"jaxcls ({ours.get('dtype', 'float32')}) runs {ratio:.2f}x its speed.", ""]
+
+
+def _fastest_infer(ours: list[dict], peers: list[dict]) -> list[str]:
+    lines = []
+    for r in ours:
+        best = _quickest([p for p in peers if p.get("batch") == r["batch"]])
+        if best is not None:
+            lines.append(f"Fastest peer configuration (inference, batch {r['batch']}): {best['system']}; "
+                         f"jaxcls runs {r['examples_per_s'] / best['examples_per_s']:.2f}x its speed.")
+    return [""] + lines if lines else []
 
 
 def plot(record: dict, path: str) -> str | None:

@@ -6,8 +6,11 @@
 - Hugging Face GPT2ForSequenceClassification, three ways: on the book's test loader (every text
   padded to the longest training text, 120 tokens, batch 8: chapter 6's `SpamDataset`); batches in
   file order padded to their own longest text (a DataLoader with dynamic padding); and, its best
-  case, texts sorted by length first (what `group_by_length` aims at);
-- the book's own GPTModel on the book's test loader (padded to 120).
+  case, texts sorted by length first (what `group_by_length` aims at); the last two also under
+  `torch.autocast("cpu", dtype=torch.bfloat16)`, several times faster on CPUs with AMX;
+- the book's own GPTModel on the book's test loader (padded to 120), in float32 and bfloat16.
+
+torch.compile is left out here: the batches have many shapes, each a recompile.
 
     .venv-bench/bin/python -m benchmarks.sms_inference --size gpt2-small    # from the repo root
 
@@ -59,14 +62,15 @@ def prepare_jaxcls(cfg, texts, encode, batch: int) -> tuple[dict, callable]:
     pred.logits(texts)
     first = time.perf_counter() - t0
     pred._run = run
-    row = {"system": f"jaxcls Predictor, batch {batch}", "first_call_s": first, "compiles": pred.num_compiles,
+    row = {"system": f"jaxcls Predictor, batch {batch}" + ("" if cfg.dtype == "float32" else f", {cfg.dtype}"), "first_call_s": first, "compiles": pred.num_compiles,
            "tokens_run": sum(b * t for b, t in shapes), "flops": sum(forward_flops(cfg, b, t) for b, t in shapes)}
     return row, lambda: pred.logits(texts)
 
 
-def prepare_torch(impl: str, cfg, texts, encode, batch: int, threads: int, *,
-                  fixed: int | None = None, sort: bool = False) -> tuple[dict, callable]:
-    """(row, run) for a PyTorch peer fed as described by `fixed` (pad every text to it) or `sort`."""
+def prepare_torch(impl: str, cfg, texts, encode, batch: int, threads: int, *, fixed: int | None = None,
+                  sort: bool = False, dtype: str = "float32") -> tuple[dict, callable]:
+    """(row, run) for a PyTorch peer fed as described by `fixed` (pad every text to it) or `sort`,
+    computing in `dtype` (bfloat16: CPU autocast)."""
     import torch
 
     from benchmarks import torch_peers as tp
@@ -89,7 +93,7 @@ def prepare_torch(impl: str, cfg, texts, encode, batch: int, threads: int, *,
         batches.append((ids, mask))
 
     def run(some=None):
-        with torch.inference_mode():
+        with torch.inference_mode(), tp.autocast(dtype):
             for ids, mask in batches[:some]:
                 if impl == "hf":
                     model(input_ids=ids, attention_mask=mask).logits
@@ -101,7 +105,8 @@ def prepare_torch(impl: str, cfg, texts, encode, batch: int, threads: int, *,
            "sorted by length, each batch padded to its longest" if sort else
            "file order, each batch padded to its longest")
     name = ("HF GPT2ForSequenceClassification" if impl == "hf" else "book GPTModel") + f", {how}, batch {batch}"
-    row = {"system": name, "tokens_run": sum(ids.numel() for ids, _ in batches),
+    name += ", bf16 autocast" if dtype == "bfloat16" else ""
+    row = {"system": name, "dtype": dtype, "tokens_run": sum(ids.numel() for ids, _ in batches),
            "flops": sum(forward_flops(cfg, ids.shape[0], ids.shape[1], single_token=False) for ids, _ in batches)}
     return row, run
 
@@ -139,8 +144,15 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--probe-n", type=int, default=4096, help="matmul size of the peak probe")
     p.add_argument("--no-book", action="store_true", help="skip the two padded-to-120 rows (the slowest)")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bfloat16-autocast peer rows")
+    p.add_argument("--quick", action="store_true", help="a smoke run: one round, no padded-to-120 rows, "
+                                                        "a 128^3 probe")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
+                   help="jaxcls's compute dtype (auto: as `jaxcls train --dtype auto` decides on this machine)")
     p.add_argument("--results", default=str(system.RESULTS))
     args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.no_book, args.probe_n = 1, True, 128
 
     import jax
 
@@ -149,19 +161,22 @@ def main(argv=None) -> dict:
 
     threads = args.threads or usable_cores()
     info = system_info(threads, torch=True)  # the load before the run
-    cfg = preset(args.size)
+    from jaxcls.cpu_gemm import decide_dtype
+
+    cfg = preset(args.size).replace(dtype=decide_dtype(args.dtype)[0])
     texts, encode = texts_and_encoder()
     peak = matmul_peak("float32", args.probe_n)["flops_per_s"]
     systems = [prepare_jaxcls(cfg, texts, encode, args.batch)]
     if args.batch != 32:
         systems.append(prepare_jaxcls(cfg, texts, encode, 32))
     try:
-        kw = dict(texts=texts, encode=encode, batch=args.batch, threads=threads)
-        systems.append(prepare_torch("hf", cfg, **kw))
-        systems.append(prepare_torch("hf", cfg, sort=True, **kw))
-        if not args.no_book:
-            systems.append(prepare_torch("hf", cfg, fixed=BOOK_PAD, **kw))
-            systems.append(prepare_torch("book", cfg, fixed=BOOK_PAD, **kw))
+        for dtype in ("float32",) + (() if args.no_bf16 else ("bfloat16",)):
+            kw = dict(texts=texts, encode=encode, batch=args.batch, threads=threads, dtype=dtype)
+            systems.append(prepare_torch("hf", cfg, **kw))
+            systems.append(prepare_torch("hf", cfg, sort=True, **kw))
+            if not args.no_book:
+                systems.append(prepare_torch("hf", cfg, fixed=BOOK_PAD, **kw))
+                systems.append(prepare_torch("book", cfg, fixed=BOOK_PAD, **kw))
     except ImportError as e:
         print(f"peers skipped: {e}", file=sys.stderr)
     run_rounds(systems, args.repeats, log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -174,7 +189,7 @@ def main(argv=None) -> dict:
     for r in peers:  # per round: the peer's time over jaxcls's (batch `args.batch`) in that round
         r["jaxcls_speedup"] = spread([t / b for t, b in zip(r["times_s"], base["times_s"])])
     fastest = min(peers, key=lambda r: r["seconds"]) if peers else None
-    print(f"SMS test set, {len(texts)} texts ({tokens} tokens in distinct texts), {args.size}, float32, "
+    print(f"SMS test set, {len(texts)} texts ({tokens} tokens in distinct texts), {args.size}, jaxcls in {cfg.dtype}, "
           f"{threads} threads, {info['cpu_kind']}, jax {jax.__version__}, {time.strftime('%Y-%m-%d')}, "
           f"load average {info['load_average']}; matmul probe {peak / 1e9:.0f} GFLOP/s; "
           f"{args.repeats} interleaved rounds\n")
@@ -189,17 +204,20 @@ def main(argv=None) -> dict:
               + (f"{sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f}) |" if sp else "|"))
     print(f"\njaxcls compiled {base['compiles']} shapes; its first call took {base['first_call_s']:.1f}s.")
     if fastest:
-        print(f"Fastest peer: {fastest['system']}.")
+        sp = fastest["jaxcls_speedup"]
+        print(f"Fastest peer configuration: {fastest['system']}, {fastest['seconds']:.2f}s; jaxcls (batch "
+              f"{args.batch}) runs {sp['median']:.2f}x its speed ({sp['min']:.2f}-{sp['max']:.2f}).")
     print(f"Bound: the least exact work is {flops / 1e9:.0f} GFLOP ({tokens} tokens); at the probe's "
           f"{peak / 1e9:.0f} GFLOP/s that is {bound_s:.2f}s, so no exact float32 implementation on this "
           "machine can be faster than " + ", ".join(f"{r['seconds'] / bound_s:.1f}x {r['system']}"
-                                                    for r in peers) + ".")
+                                                    for r in peers if r.get("dtype") == "float32") + " (bfloat16 peers do other arithmetic: no bound).")
     record = {"kind": "sms_inference", "command": "python -m benchmarks.sms_inference "
-              + " ".join(sys.argv[1:] if argv is None else argv), "size": args.size, "batch": args.batch,
+              + " ".join(sys.argv[1:] if argv is None else argv), "size": args.size, "batch": args.batch, "jaxcls_dtype": cfg.dtype,
               "threads": threads, "rounds": args.repeats, "date": time.strftime("%Y-%m-%d"),
               "system_info": info, "peak_flops_per_s": peak,
               "least_work": {"tokens": tokens, "flops": flops, "seconds_at_peak": bound_s}, "rows": rows,
-              "fastest_peer": fastest["system"] if fastest else None}
+              "fastest_peer": fastest["system"] if fastest else None,
+              "jaxcls_speedup_vs_fastest_peer": fastest["jaxcls_speedup"] if fastest else None}
     append_record(args.results, record)
     return record
 

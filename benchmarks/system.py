@@ -103,8 +103,9 @@ def cpu_features() -> dict[str, bool]:
 
 def cpu_kind(info: dict) -> str:
     """One line naming the CPU of a record's system_info: vendor, model and matrix features."""
-    feats = [MATRIX_FLAGS[f] for f in ("avx512f", "avx512_bf16", "amx_tile") if (info.get("cpu_features") or {}).get(f)]
-    return f"{info.get('cpu_vendor') or '?'} {info.get('cpu_model') or '?'}" + (f" ({', '.join(feats)})" if feats else "")
+    feats = [MATRIX_FLAGS[f] for f in ("avx512f", "avx512_bf16", "amx_bf16") if (info.get("cpu_features") or {}).get(f)]
+    return (f"{info.get('cpu_vendor') or '?'} {info.get('cpu_model') or '?'}"
+            + f" ({', '.join(feats) if feats else 'no AVX-512, AVX512-BF16 or AMX-BF16'})")
 
 
 def _load() -> list[float] | None:

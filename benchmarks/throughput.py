@@ -48,7 +48,10 @@ def parse_args(argv=None):
                    help="with --e2e: also the book's literal run: uncached, padded to longest, pooling last")
     p.add_argument("--e2e-max-steps", type=int, default=None, help="cut the e2e runs short (tests)")
     p.add_argument("--peers", action="store_true", help="also measure the PyTorch peers (needs torch)")
-    p.add_argument("--no-peer-compile", action="store_true", help="skip the torch.compile peer")
+    p.add_argument("--no-peer-compile", action="store_true", help="skip the torch.compile peers")
+    p.add_argument("--no-peer-bf16", action="store_true", help="skip the bfloat16-autocast peers")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 2 steps, 1 warm-up, inference batches 1 and 8 once, a 128^3 probe")
     p.add_argument("--threads", type=int, default=None, help="cores for JAX and torch (default: all usable)")
     p.add_argument("--probe-n", type=int, default=4096, help="matmul size of the peak probe")
     p.add_argument("--seed", type=int, default=0)
@@ -56,7 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--markdown", default=None, help="write a Markdown report here")
     p.add_argument("--plot", default=None, help="write a bar-chart PNG here (needs matplotlib)")
     p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup, args.infer_steps, args.probe_n = 2, 1, 1, 128
+        args.infer_batches = "1,8"
+    return args
 
 
 def run(args, log=print) -> dict:
@@ -100,7 +107,7 @@ def run(args, log=print) -> dict:
         record["peers"] = peers.run_peers(cfg, trainable=args.trainable, batch=args.batch, seq_len=args.seq_len,
                                     steps=args.steps, warmup=args.warmup, infer_batches=batches,
                                     infer_steps=args.infer_steps, threads=threads,
-                                    compile=not args.no_peer_compile, log=log)
+                                    compile=not args.no_peer_compile, bf16=not args.no_peer_bf16, log=log)
     if args.e2e:
         record["e2e"] = []
         log("end to end: jaxcls defaults")
@@ -116,12 +123,7 @@ def run(args, log=print) -> dict:
             log("end to end: the book's literal shape (uncached, padded to longest, pooling last)")
             record["e2e"].append(e2e.run_e2e(args.size, dtype=args.dtype, uncached=True, book_pooling=True,
                                          max_steps=args.e2e_max_steps, trainable=args.trainable))
-        for r in (record.get("peers") or {}).get("train", []):
-            if r.get("system") == "pytorch-book-eager" and "step_time_s_median" in r:
-                i8 = next((x["step_time_s_median"] for x in record["peers"]["infer"]
-                           if x.get("system") == "pytorch-book-eager" and x.get("batch") == 8
-                           and "step_time_s_median" in x), None)
-                record["e2e"].append({"system": "pytorch-book-eager", **e2e.book_e2e_estimate(r["step_time_s_median"], i8)})
+        record["e2e"] += e2e.peer_estimates(record.get("peers") or {})
     # Probe again at the end and keep the better: on a shared machine one probe can land in a
     # busy moment and make MFU exceed 100%.
     log("peak probe again")

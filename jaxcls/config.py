@@ -10,6 +10,7 @@ from typing import Any, Mapping
 from jaxcls.errors import CheckpointError, ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = DTYPES + ("auto",)  # auto: jaxcls.cpu_gemm.decide_dtype picks one for the device
 POOLINGS = ("last_real", "last", "first", "mean")
 LORA_STYLES = ("book", "peft")  # what --lora-style offers; docs/lora.md
 LEGACY_LORA = "legacy"  # the single fused adapter of folders saved before lora_style existed (load only)
@@ -187,11 +188,11 @@ class ModelSpec:
     head_dropout: float = 0.1  # an MLP head's dropout while training
     causal: bool = True
     dropout: float = 0.0
-    dtype: str = "float32"
+    dtype: str = "float32"  # `jaxcls train` defaults to auto
 
     def __post_init__(self):
         _need(self, self.weights in ("pretrained", "random"), "weights", "must be 'pretrained' or 'random'")
-        _need(self, self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
+        _need(self, self.dtype in DTYPE_CHOICES, "dtype", f"must be one of {DTYPE_CHOICES}")
         _need(self, self.pooling in POOLINGS, "pooling", f"must be one of {POOLINGS}")
         _need(self, isinstance(self.lora_rank, int) and self.lora_rank > 0, "lora_rank", "must be a positive integer")
         _need(self, self.lora_style in LORA_STYLES, "lora_style", f"must be one of {LORA_STYLES}")
@@ -269,6 +270,8 @@ class TrainConfig:
     cache_budget_mb: int = 4096
     cache_dtype: str = "auto"  # cached states stored as: auto (the compute dtype) | float32 | bfloat16
     cache_memory: str = "host"  # where cached states live: host | device (single device)
+    cache_dir: str | None = None  # where a cache over the budget spills (default: the run folder)
+    keep_cache: bool = False  # keep a spilled cache's file after the run
     data_parallel: bool = False  # split each batch over all devices (and processes)
     fsdp: bool = False  # also shard large parameters and optimizer state over the devices
     compilation_cache: str | None = None  # folder for JAX's persistent compilation cache

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcls.config import POOLINGS, GPT2Config, head_hidden
+from jaxcls.cpu_gemm import matmul
 from jaxcls.errors import ConfigError
 from jaxcls.lora import LoRAHead, adapter_update, init_adapter, lora_parts, lora_scale, merged_lora_params
 
@@ -83,7 +84,7 @@ class Linear(nnx.Module):
     def __call__(self, x, cols: slice = slice(None)):
         """x @ kernel + bias, or only the output columns `cols` of it (the query part of c_attn)."""
         x = x.astype(self.dtype)
-        y = x @ self.kernel[:, cols].astype(self.dtype) + self.bias[cols].astype(self.dtype)
+        y = matmul(x, self.kernel[:, cols].astype(self.dtype)) + self.bias[cols].astype(self.dtype)
         if self.lora_a is not None:
             low = adapter_update(x, self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype), cols)
             y = y + self.lora_scale * low

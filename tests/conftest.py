@@ -50,6 +50,10 @@ ALLOWED_SKIPS: dict[str, str] = {
         "google-crc32c has no C build on some platforms; the pure-Python CRC-32C is tested regardless",
     "tests/test_cli_classify.py::test_train_float16_on_cpu_is_a_one_line_error":
         "checks the CPU backend's float16 refusal: nothing to check where the suite runs on an accelerator",
+    "tests/test_amx.py::test_mkl_product_and_gradients_match_xla_bfloat16":
+        "needs MKL (the optional jaxcls[amx] extra); the XLA fallback is tested regardless",
+    "tests/test_amx.py::test_model_on_mkl_matches_xla":
+        "needs MKL (the optional jaxcls[amx] extra); the XLA fallback is tested regardless",
 }
 
 

@@ -123,15 +123,16 @@ def test_cli_parses_defaults():
 
 @requires_shared
 def test_sms_inference_smoke(tmp_path, monkeypatch):
-    """The SMS test-set benchmark on the tiny model: every row does at least the least exact work,
-    and where transformers is installed its two rows are there (fails, not skips, without them:
-    planted `raise ImportError` before the HF rows in sms_inference.main)."""
+    """The SMS test-set benchmark on the tiny model (`--quick`): every row does at least the least
+    exact work, and where transformers is installed its rows are there in float32 and under
+    bfloat16 autocast, and the fastest of them is the one jaxcls is compared with (fails, not
+    skips, without them: planted `raise ImportError` before the HF rows in sms_inference.main;
+    fails if the bfloat16 rows are dropped: planted `("float32",)` for the dtype loop)."""
     monkeypatch.setattr(system, "DEFAULT_SMS", SMS)
     monkeypatch.setattr(system, "DEFAULT_TOKENIZER", TOKENIZER_DIR)
     mod = sms_inference
     results = tmp_path / "r.jsonl"
-    record = mod.main(["--size", "tiny", "--batch", "8", "--repeats", "1", "--probe-n", "128",
-                       "--no-book", "--results", str(results)])
+    record = mod.main(["--size", "tiny", "--batch", "8", "--quick", "--results", str(results)])
     assert json.loads(results.read_text())["kind"] == "sms_inference"
     least = record["least_work"]
     assert least["tokens"] > 5000 and least["seconds_at_peak"] > 0
@@ -144,12 +145,19 @@ def test_sms_inference_smoke(tmp_path, monkeypatch):
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
         assert hf_rows == []
         pytest.skip("torch or transformers not installed (the bench extra): the HF rows were not run")
-    hf = "HF GPT2ForSequenceClassification, {}, each batch padded to its longest, batch 8"
-    assert [r["system"] for r in hf_rows] == [hf.format("file order"), hf.format("sorted by length")]
+    hf = "HF GPT2ForSequenceClassification, {}, each batch padded to its longest, batch 8{}"
+    bf16 = ", bf16 autocast"
+    assert [r["system"] for r in hf_rows] == [hf.format("file order", ""), hf.format("sorted by length", ""),
+                                              hf.format("file order", bf16), hf.format("sorted by length", bf16)]
+    assert [r["dtype"] for r in hf_rows] == ["float32", "float32", "bfloat16", "bfloat16"]
     assert hf_rows[1]["tokens_run"] <= hf_rows[0]["tokens_run"]  # sorting can only shrink the padding
+    # the fastest peer is chosen among all of them, bfloat16 included, and jaxcls is compared with it
+    quickest = min(hf_rows, key=lambda r: r["seconds"])
+    assert record["fastest_peer"] == quickest["system"]
+    assert record["jaxcls_speedup_vs_fastest_peer"] == quickest["jaxcls_speedup"]
 
 
-SCRIPTS = ["throughput", "sms_inference", "ab_train_step", "bf16_probe", "choice_prefix"]
+SCRIPTS = ["throughput", "sms_inference", "ab_train_step", "bf16_probe", "choice_prefix", "first_run"]
 
 
 def test_scripts_run_as_modules_without_jax_at_import():

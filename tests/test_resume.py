@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -109,10 +110,16 @@ def start(workdir: Path, out: Path, *extra: str, keep_all: bool = False) -> Star
 
 
 def latest_step(out: Path) -> int | None:
+    """The newest complete save (orbax renames a save into place once it is whole)."""
+    return (trainstate.saved_steps(out / "state") or [None])[-1]
+
+
+def read_meta(state: Path, step: int) -> dict:
+    store = trainstate.StateStore(state)
     try:
-        return json.loads((out / "state" / "LATEST").read_text())["step"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return None
+        return store.meta(step)
+    finally:
+        store.close()
 
 
 def kill_moment(what: str) -> tuple[int, float, str]:
@@ -129,7 +136,7 @@ def assert_resumed(stdout: str, out: Path, step: int, context: str) -> None:
     assert report["steps_run"] == MAX_STEPS - step, context
     m = re.search(r"^resumed from (\S+) \(step (\d+), epoch \d+, batch \d+\)$", stdout, re.M)
     assert m, f"no 'resumed from' line ({context}):\n{stdout}"
-    assert (Path(m.group(1)), int(m.group(2))) == (out / "state" / f"step-{step:09d}", step), context
+    assert (Path(m.group(1)), int(m.group(2))) == (out / "state" / f"step_{step:09d}", step), context
 
 
 def assert_same_run(a: Path, b: Path, context: str) -> None:
@@ -157,7 +164,7 @@ def assert_same_run(a: Path, b: Path, context: str) -> None:
 @dataclasses.dataclass
 class Job:
     """A run for `side_by_side`: its extra flags; whether it keeps every save; and an optional
-    (signal, k, delay): send the signal `delay` seconds after LATEST names a step >= k."""
+    (signal, k, delay): send the signal `delay` seconds after a save of a step >= k is complete."""
 
     extra: tuple[str, ...]
     keep_all: bool = False
@@ -197,8 +204,7 @@ def side_by_side(workdir: Path, jobs: dict[str, Job]) -> dict[str, dict]:
         if job.keep_all:
             r = result[name]
             assert r["returncode"] == 0, r["stderr"]
-            metas = {int(p.parent.name.split("-")[1]): json.loads(p.read_text())
-                     for p in (r["out"] / "state").glob("step-*/meta.json")}
+            metas = {step: read_meta(r["out"] / "state", step) for step in trainstate.saved_steps(r["out"] / "state")}
             r.update(saved_steps=sorted(metas), metas=metas,
                      epoch_ends=[st for st, m in metas.items() if m["done_in_epoch"] == 0 and st < MAX_STEPS])
     return result
@@ -206,16 +212,16 @@ def side_by_side(workdir: Path, jobs: dict[str, Job]) -> dict[str, dict]:
 
 def copy_save(ref: dict, step: int, out: Path) -> None:
     """A fresh run folder holding only the save of `step`, as if killed right after it."""
-    name = f"step-{step:09d}"
+    name = f"step_{step:09d}"
     shutil.copytree(ref["out"] / "state" / name, out / "state" / name)
-    (out / "state" / "LATEST").write_text(json.dumps({"step": step, "path": name}))
 
 
 DROPOUT_RESUME_STEP = 2 * SAVE_EVERY  # mid-epoch 1: the resumed run crosses into epoch 2
 KILL = kill_moment("SIGKILL")
 TERM = kill_moment("SIGTERM")
-# A stale half-written save with a higher step number, planted before resuming the killed run.
-FAKE_TMP = ".tmp-step-000000099-12345"
+# A stale half-written save with a higher step number (orbax's temporary name for it), planted
+# before resuming the killed run.
+FAKE_TMP = "step_000000099.orbax-checkpoint-tmp"
 
 # The subprocesses run in three waves, each side by side; a wave holds what needs only earlier
 # waves' results (or their compiled programs in the XLA cache).
@@ -253,7 +259,8 @@ def wave3(workdir, wave2) -> dict:
     """--resume of the killed and of the stopped run."""
     fake = workdir / "B-kill" / "state" / FAKE_TMP
     fake.mkdir(parents=True, exist_ok=True)
-    (fake / "arrays.npz").write_bytes(b"half-writt")
+    (fake / "trainable").mkdir()
+    (fake / "trainable" / "manifest.ocdbt").write_bytes(b"half-writt")
     return side_by_side(workdir, {"B-kill": Job(("--resume",)), "C-term": Job(("--resume",))})
 
 
@@ -267,16 +274,15 @@ def test_reference_run_saved_at_every_save_point(wave1):
     assert len(ref["epoch_ends"]) == 1 and 0 < ref["epoch_ends"][0] < MAX_STEPS
     periodic = set(range(SAVE_EVERY, MAX_STEPS, SAVE_EVERY))
     assert ref["saved_steps"] == sorted(periodic | set(ref["epoch_ends"]) | {MAX_STEPS})
-    final = trainstate.latest_state(ref["out"] / "state")
-    assert final.name == f"step-{MAX_STEPS:09d}"
-    assert not list((ref["out"] / "state").glob(".tmp-*"))
+    assert latest_step(ref["out"]) == MAX_STEPS
+    assert not list((ref["out"] / "state").glob("*tmp*"))
     report = json.loads((ref["out"] / "metrics.json").read_text())
     assert (report["start_step"], report["steps_run"]) == (0, MAX_STEPS)
 
 
 def test_sigkill_at_a_drawn_moment_then_resume_is_bit_exact(wave1, wave2, wave3):
     """Fails if --resume is ignored (planted: Run.restore a no-op), or resumes from an older save
-    (planted: latest_state returning the older of the two kept saves): start_step is not the save."""
+    (planted: StateStore.latest returning the older of the two kept saves): start_step is not the save."""
     killed, k, context = wave2["B-kill"], KILL[0], KILL[2]
     assert killed["signalled"] and killed["returncode"] == -signal.SIGKILL, \
         f"{context}: exit {killed['returncode']}\n{killed['stderr']}"
@@ -287,11 +293,12 @@ def test_sigkill_at_a_drawn_moment_then_resume_is_bit_exact(wave1, wave2, wave3)
     assert r["returncode"] == 0, f"{context}\n{r['stderr']}"
     assert_resumed(r["stdout"], r["out"], killed_at, context)
     assert_same_run(wave1["A"]["out"], r["out"], context)
+    assert not (r["out"] / "state" / FAKE_TMP).exists(), "the half-written save planted before --resume stayed"
 
 
 def test_sigterm_saves_exits_with_a_resume_hint_and_resume_completes(wave1, wave2, wave3):
     """Fails if --resume is ignored (planted: Run.restore a no-op), or resumes from an older save
-    (planted: latest_state returning the older of the two kept saves): start_step is not the save."""
+    (planted: StateStore.latest returning the older of the two kept saves): start_step is not the save."""
     stopped, k, context = wave2["C-term"], TERM[0], TERM[2]
     out, err = stopped["out"], stopped["stderr"]
     assert stopped["signalled"] and stopped["returncode"] == 2, f"{context}: exit {stopped['returncode']}\n{err}"
@@ -344,7 +351,7 @@ def test_resume_with_a_changed_setting_is_refused_naming_it(wave2):
     """--lr 2e-3 against a save made with 1e-3: exit 2, one line naming the save and lr, nothing
     written. Fails if settings are not compared on resume (planted: that check skipped in fit)."""
     r = wave2["E-changed-lr"]
-    out, name = r["out"], f"step-{r['step']:09d}"
+    out, name = r["out"], f"step_{r['step']:09d}"
     assert r["returncode"] == 2, f"exit {r['returncode']}\n{r['stderr']}"
     lines = r["stderr"].strip().splitlines()
     assert len(lines) == 1, r["stderr"]
@@ -352,7 +359,7 @@ def test_resume_with_a_changed_setting_is_refused_naming_it(wave2):
     assert m, lines[0]
     assert (Path(m.group(1)), m.group(2)) == (out / "state" / name, "lr"), lines[0]
     assert latest_step(out) == r["step"]
-    assert sorted(p.name for p in (out / "state").iterdir()) == ["LATEST", name]
+    assert sorted(p.name for p in (out / "state").iterdir()) == [name]
     assert not (out / "metrics.jsonl").exists() and not (out / "weights.safetensors").exists()
 
 
@@ -364,58 +371,163 @@ def test_nan_loss_exits_2_naming_step_and_batch_and_keeps_only_good_saves(wave2)
     assert m, err
     assert "Traceback" not in err
     nan_step = int(m.group(2))
-    saves = sorted((out / "state").glob("step-*"))
+    saves = trainstate.saved_steps(out / "state")
     assert saves, "with --save-every 1 at least the step before the NaN is saved"
     assert latest_step(out) == nan_step - 1
-    for save in saves:
-        step = int(save.name.split("-")[1])
-        assert step < nan_step, f"{save} was written at or after the NaN (step {nan_step})"
-        with np.load(save / "arrays.npz") as z:
-            assert all(np.isfinite(z[k]).all() for k in z.files if z[k].dtype.kind == "f"), save
+    import orbax.checkpoint as ocp
+
+    for step in saves:
+        assert step < nan_step, f"step {step} was saved at or after the NaN (step {nan_step})"
+        for item in ("trainable", "opt_state"):
+            tree = ocp.StandardCheckpointer().restore(out / "state" / f"step_{step:09d}" / item)
+            floats = [np.asarray(x) for x in jax.tree.leaves(tree) if np.asarray(x).dtype.kind == "f"]
+            assert floats and all(np.isfinite(x).all() for x in floats), (step, item)
     assert not (out / "weights.safetensors").exists() and not (out / "metrics.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------
-# trainstate.latest_state, unit level
+# trainstate.StateStore, unit level
 # ---------------------------------------------------------------------------------------------
 
 
-def _save(folder: Path, step: int) -> Path:
-    return trainstate.save_state(folder, step, {"w": np.full(3, step, np.float32)}, {"epoch": 0})
+def _tree(step: int, n: int = 3) -> dict:
+    return {"trainable": {"w": np.full(n, step, np.float32)}, "opt_state": {"count": np.int32(step)}}
 
 
-def test_latest_state_ignores_half_written_tmp_folders(tmp_path):
+def _save(folder: Path, *steps: int, **kw) -> None:
+    store = trainstate.StateStore(folder, **kw)
+    try:
+        for step in steps:
+            store.save(step, _tree(step), {"epoch": 0, "step": step})
+    finally:
+        store.close()
+
+
+def test_a_half_written_save_is_never_picked_and_is_removed(tmp_path):
+    """orbax's temporary folders (a save killed before its rename), even of higher steps, are
+    never read, and opening the folder removes them; other files stay. Fails if they are kept
+    (planted: cleanup_tmp_directories=False in StateStore)."""
     _save(tmp_path, 5)
-    for junk in (".tmp-step-000000010-4242", ".tmp-step-000000999-1"):
-        (tmp_path / junk).mkdir()
-        (tmp_path / junk / "arrays.npz").write_bytes(b"\x00" * 7)  # half a file, no meta.json
-    path = trainstate.latest_state(tmp_path)
-    assert path == tmp_path / "step-000000005"
-    tree, meta = trainstate.load_state(path, {"w": np.zeros(3, np.float32)})
-    assert meta["step"] == 5 and np.array_equal(tree["w"], np.full(3, 5, np.float32))
+    junk = ["step_000000010.orbax-checkpoint-tmp", "step_000000999.orbax-checkpoint-tmp"]
+    for name in junk:
+        (tmp_path / name / "trainable").mkdir(parents=True)
+        (tmp_path / name / "trainable" / "manifest.ocdbt").write_bytes(b"\x00" * 7)
+    (tmp_path / "notes.txt").write_text("mine")
+    store = trainstate.StateStore(tmp_path)
+    try:
+        assert store.latest() == 5 and trainstate.saved_steps(tmp_path) == [5]
+        got = store.load(5, _tree(0))
+        assert np.array_equal(got["trainable"]["w"], np.full(3, 5, np.float32)) and store.meta(5)["step"] == 5
+    finally:
+        store.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step_000000005"]
 
 
-def test_latest_state_without_any_save_is_none(tmp_path):
-    (tmp_path / ".tmp-step-000000001-7").mkdir()
-    assert trainstate.latest_state(tmp_path) is None
+def test_only_a_half_written_save_means_nothing_saved(tmp_path):
+    """Fails if restore reads on when no save is complete (planted: its `if step is None` return
+    removed: orbax's restore of step None raises)."""
+    (tmp_path / "step_000000001.orbax-checkpoint-tmp").mkdir()
+    assert trainstate.saved_steps(tmp_path) == []
+    store = trainstate.StateStore(tmp_path)
+    try:
+        assert trainstate.restore(trainstate.LoopState(*_tree(0).values()), store, {}) is None
+    finally:
+        store.close()
 
 
-def test_latest_pointing_to_a_missing_folder_is_a_checkpoint_error(tmp_path):
+def test_a_damaged_save_is_a_checkpoint_error_naming_it(tmp_path):
+    """A save whose array data is gone is one CheckpointError line naming it, never a silent
+    restart. Fails if orbax's error escapes as it is (planted: the except clause of
+    StateStore.load removed)."""
     _save(tmp_path, 5)
-    (tmp_path / "LATEST").write_text(json.dumps({"step": 10, "path": "step-000000010"}))
-    with pytest.raises(CheckpointError, match=r"LATEST.*step-000000010.*incomplete"):
-        trainstate.latest_state(tmp_path)
-
-
-@pytest.mark.parametrize("content", ["", "{", "[]", '{"step": 3}', '{"path": null}'])
-def test_unreadable_latest_is_a_checkpoint_error(tmp_path, content):
-    _save(tmp_path, 5)
-    (tmp_path / "LATEST").write_text(content)
-    with pytest.raises(CheckpointError, match="LATEST"):
-        trainstate.latest_state(tmp_path)
+    shutil.rmtree(tmp_path / "step_000000005" / "trainable" / "d")
+    store = trainstate.StateStore(tmp_path)
+    try:
+        with pytest.raises(CheckpointError) as e:
+            store.load(5, _tree(0))
+    finally:
+        store.close()
+    assert str(e.value).startswith(f"{tmp_path / 'step_000000005'}: cannot be read") and "\n" not in str(e.value)
 
 
 def test_save_keeps_the_last_two_and_leaves_no_tmp(tmp_path):
-    for step in (1, 2, 3):
-        _save(tmp_path, step)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "step-000000002", "step-000000003"]
+    """Fails if old saves are not pruned (planted: max_to_keep=None in StateStore)."""
+    _save(tmp_path, 1, 2, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000002", "step_000000003"]
+
+
+def test_a_save_behind_the_newest_is_refused(tmp_path):
+    """Saves only move forward: one at a step below a save present is an error naming the folder,
+    not silently dropped (orbax's save returns False). Fails if that return is ignored (planted:
+    the raise in StateStore.save removed)."""
+    _save(tmp_path, 60)
+    with pytest.raises(CheckpointError, match=r"a save of step 3 was not made: it holds step 60"):
+        _save(tmp_path, 3)
+    assert trainstate.saved_steps(tmp_path) == [60]
+
+
+def test_fit_without_resume_refuses_a_folder_holding_saves(tmp_path):
+    """Orbax keeps the highest steps, so a new run's saves must not land beside another run's:
+    fit refuses before any work. Fails if that check is dropped from fit (the None model is then
+    used and fails otherwise)."""
+    from jaxcls.config import TrainConfig
+    from jaxcls.errors import ConfigError
+    from jaxcls.train import fit
+
+    _save(tmp_path / "state", 8)
+    with pytest.raises(ConfigError, match=r"state: holds saves of another run \(up to step 8\); resume it"):
+        fit(None, None, None, TrainConfig(), out=tmp_path)
+    assert trainstate.saved_steps(tmp_path / "state") == [8]
+
+
+def test_replace_overwrites_a_save_of_the_same_step(tmp_path):
+    """The keep-best save of an epoch taken again after a resume (killed between that save and the
+    state save) replaces the one there; without `replace` the same step is an error. Fails if
+    replace deletes nothing (planted: its loop removed: orbax refuses the existing step)."""
+    _save(tmp_path, 14)
+    store = trainstate.StateStore(tmp_path, keep=1)
+    try:
+        with pytest.raises(CheckpointError, match="a save of step 14 was not made: it holds step 14"):
+            store.save(14, _tree(7), {"step": 14})
+        store.save(14, _tree(7), {"step": 14, "again": True}, replace=True)
+        store.wait()
+        assert np.array_equal(store.load(14, _tree(0))["trainable"]["w"], np.full(3, 7, np.float32))
+        assert store.meta(14)["again"]
+    finally:
+        store.close()
+
+
+def test_saves_are_written_in_the_background(tmp_path):
+    """`save` returns while the write goes on; `wait` finishes it. Fails if saves are synchronous
+    (planted: asynchronous=False as StateStore's default)."""
+    store = trainstate.StateStore(tmp_path)
+    try:
+        store.save(1, _tree(1, n=1 << 22), {"step": 1})
+        assert store.manager.is_saving_in_progress()
+        store.wait()
+        assert not store.manager.is_saving_in_progress() and trainstate.saved_steps(tmp_path) == [1]
+    finally:
+        store.close()
+
+
+def test_a_pre_orbax_state_folder_is_refused_with_one_line_saying_how(tmp_path, capsys):
+    """A run folder saved before orbax (LATEST naming step-N/arrays.npz): `--resume` exits 2 with
+    one line naming the folder and both ways on, before any work; its files stay. Fails if the
+    old folder is ignored and the run restarts from step 0 (planted: refuse_legacy's test always
+    False)."""
+    from jaxcls.cli import main
+
+    out = tmp_path / "run"
+    old = out / "state" / "step-000000004"
+    old.mkdir(parents=True)
+    np.savez(old / "arrays.npz", np.zeros(3, np.float32))
+    (old / "meta.json").write_text(json.dumps({"step": 4, "epoch": 0, "done_in_epoch": 4, "config": {}}))
+    (out / "state" / "LATEST").write_text(json.dumps({"step": 4, "path": old.name, "written": [old.name]}))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    code = main(["train", "--checkpoint", "tiny", "--weights", "random", "--data", str(tmp_path / "absent.csv"),
+                 "--out", str(out), "--resume", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"jaxcls: error: {out / 'state'}: holds train state in the format of jaxcls before "
+                             "orbax") and "version that started it" in err[0] and "--overwrite" in err[0], err[0]
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

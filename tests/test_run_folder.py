@@ -1,6 +1,5 @@
 """`jaxcls train --out` never deletes or mixes another run's files: a used folder is refused unless
---resume or --overwrite, --overwrite removes only jaxcls's own files, and saves are pruned by the
-order they were written, not by step number."""
+--resume or --overwrite, --overwrite removes only jaxcls's own files."""
 
 
 import numpy as np
@@ -76,8 +75,8 @@ def test_overwrite_clears_only_jaxcls_files_before_work_then_trains(first_run, t
     assert seen["files"] == ["extra", "notes.txt"], seen
     assert _train(tmp_path, out, "--overwrite") == 0
     assert (out / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in (out / "state").glob("step-*")) == ["step-000000001", "step-000000002"]
-    assert trainstate.latest_state(out / "state").name == "step-000000002"
+    assert sorted(p.name for p in (out / "state").iterdir()) == ["step_000000001", "step_000000002"]
+    assert trainstate.saved_steps(out / "state") == [1, 2]
 
 
 def test_out_that_cannot_be_written_fails_at_once(tmp_path, monkeypatch, capsys):
@@ -120,21 +119,6 @@ def test_empty_folder_and_resume_are_accepted_and_flags_conflict(tmp_path):
     trainstate.prepare_run_folder(tmp_path, resume=True, overwrite=False)
     with pytest.raises(ConfigError, match="--resume and --overwrite"):
         trainstate.prepare_run_folder(tmp_path, resume=True, overwrite=True)
-
-
-def test_saves_are_pruned_by_write_order_not_step_number(tmp_path):
-    """A folder already holding saves with higher step numbers: each new save stays and LATEST
-    names it. Fails if pruning sorts by step number (planted: `sorted(folder.glob("step-*"))[:-KEEP]`)."""
-    tree = {"w": np.zeros(3, np.float32)}
-    for step in (50, 60):
-        trainstate.save_state(tmp_path, step, tree, {})
-    for step in (1, 2, 3):
-        trainstate.save_state(tmp_path, step, {"w": np.full(3, step, np.float32)}, {})
-        latest = trainstate.latest_state(tmp_path)
-        assert latest.name == f"step-{step:09d}"
-    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000000002", "step-000000003"]
-    loaded, meta = trainstate.load_state(trainstate.latest_state(tmp_path), tree)
-    assert meta["step"] == 3 and np.array_equal(loaded["w"], np.full(3, 3, np.float32))
 
 
 def _snapshot(out):
@@ -182,8 +166,10 @@ def test_a_finished_run_continues_with_more_steps_as_if_never_stopped(first_run,
 def _saved(folder, *, step, epoch, epochs, max_steps, lr=1e-3):
     """A save of a run that stopped at `step`, in `epoch`, having asked for `epochs`/`max_steps`."""
     config = {"epochs": epochs, "max_steps": max_steps, "lr": lr}
-    meta = {"config": config, "epoch": epoch, "done_in_epoch": 0, "history": [], "best": None}
-    trainstate.save_state(folder, step, {"w": np.zeros(3, np.float32)}, meta)
+    meta = {"config": config, "step": step, "epoch": epoch, "done_in_epoch": 0, "history": [], "best": None}
+    store = trainstate.StateStore(folder)
+    store.save(step, {"trainable": {"w": np.zeros(3, np.float32)}, "opt_state": {"n": np.int32(0)}}, meta)
+    store.close()
     return config
 
 
@@ -204,38 +190,15 @@ def test_only_a_finished_run_may_be_given_more_epochs_or_steps(tmp_path, saved, 
     `_finished` always True)."""
     _saved(tmp_path, **saved)
     settings = {"epochs": asked["epochs"], "max_steps": asked["max_steps"], "lr": asked.get("lr", 1e-3)}
-    template = trainstate.LoopState({"w": np.zeros(3, np.float32)}, {})
-    if isinstance(outcome, list):
-        state, latest, extended = trainstate.restore(template, tmp_path, settings)
-        assert extended == outcome and state.step == saved["step"] and latest.name == f"step-{saved['step']:09d}"
-    else:
-        with pytest.raises(ConfigError) as e:
-            trainstate.restore(template, tmp_path, settings)
-        assert outcome in str(e.value) and str(tmp_path) in str(e.value), e.value
-
-
-def test_save_removes_temp_folders_of_dead_writers_only(tmp_path):
-    """A killed save leaves `.tmp-step-STEP-PID`; the next save removes it when PID no longer runs,
-    and leaves a live process's (another's or its own) and other names alone. Fails if dead
-    writers' folders stay (planted: the remove_dead_temps call dropped from save_state) or live
-    ones go (planted: `_alive(...)` left out of remove_dead_temps's test)."""
-    import os
-    import subprocess
-    import sys
-
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    template = trainstate.LoopState({"w": np.zeros(3, np.float32)}, {"n": np.int32(0)})
+    store = trainstate.StateStore(tmp_path)
     try:
-        names = {"dead": f".tmp-step-000000007-{dead.pid}", "live": f".tmp-step-000000008-{live.pid}",
-                 "own": f".tmp-step-000000009-{os.getpid()}", "other": ".tmp-step-notes"}
-        for name in names.values():
-            (tmp_path / name).mkdir()
-            (tmp_path / name / "arrays.npz").write_bytes(b"half")
-        trainstate.save_state(tmp_path, 1, {"w": np.zeros(3, np.float32)}, {})
-        left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp"))
-        assert left == sorted([names["live"], names["own"], names["other"]]), left
-        assert trainstate.latest_state(tmp_path).name == "step-000000001"
+        if isinstance(outcome, list):
+            state, latest, extended = trainstate.restore(template, store, settings)
+            assert extended == outcome and state.step == saved["step"] and latest.name == f"step_{saved['step']:09d}"
+        else:
+            with pytest.raises(ConfigError) as e:
+                trainstate.restore(template, store, settings)
+            assert outcome in str(e.value) and str(tmp_path) in str(e.value), e.value
     finally:
-        live.kill()
-        live.wait()
+        store.close()

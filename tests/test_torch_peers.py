@@ -74,14 +74,14 @@ def test_book_matches_hf_with_shared_weights(tmp_path):
         book.out_head.weight.copy_(hf.score.weight)
         book.out_head.bias.zero_()
         x = torch.randint(0, 50000, (2, 12))
-        a = tp._classify("book", book, x)
-        b = tp._classify("hf", hf, x)
+        a = tp.classify("book", book, x)
+        b = tp.classify("hf", hf, x)
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
     # the loader also fills a fresh HF model with the same backbone
     hf2 = tp.build_model("hf", TINY, seed=3, weights=str(path)).eval()
     with torch.no_grad():
         hf2.score.weight.copy_(hf.score.weight)
-        c = tp._classify("hf", hf2, x)
+        c = tp.classify("hf", hf2, x)
     np.testing.assert_allclose(c.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 

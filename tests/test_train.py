@@ -428,7 +428,7 @@ def test_keep_best_returns_the_best_validation_epoch(tmp_path):
     validation loss, here the first of three, equal to a one-epoch run's and unlike the last
     epoch's (the resumable state saved at the end); the log line names that epoch.
     Fails if the best epoch is saved but not restored (planted: drop
-    `trainable = hooks_lib.load_best(...)` in train/loop.py)."""
+    `trainable = run.load_best()` in train/loop.py)."""
     cfg = BASE.replace(trainable="head", cache=True, epochs=3, lr=1e-2, eval_freq=100)
     logs = []
     kept = run(cfg.replace(keep_best=True), splits=one_sided_splits(), out=tmp_path, log=logs.append)
@@ -439,8 +439,9 @@ def test_keep_best_returns_the_best_validation_epoch(tmp_path):
     one_epoch = run(cfg.replace(epochs=1), splits=one_sided_splits())
     for k, v in flat(one_epoch.trainable).items():
         np.testing.assert_array_equal(flat(kept.trainable)[k], v, err_msg=k)
-    with np.load(trainstate.latest_state(tmp_path / "state") / "arrays.npz") as z:  # the last epoch
-        last = [z[f"arr_{i}"] for i in range(len(jax.tree.leaves(kept.trainable)))]
+    store = trainstate.StateStore(tmp_path / "state")  # the last epoch's save
+    last = jax.tree.leaves(store.load(store.latest(), {"trainable": kept.trainable})["trainable"])
+    store.close()
     assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(last, jax.tree.leaves(kept.trainable)))
 
 

@@ -74,10 +74,44 @@ def model_options(p) -> None:
                         "or average overlapping windows (sliding)")
     p.add_argument("--window-stride", type=int, default=None, metavar="N",
                    help="tokens between sliding windows (default: half the maximum length)")
-    p.add_argument("--compilation-cache", metavar="DIR", default=None,
-                   help="keep compiled programs in DIR so the next run starts faster "
-                        "(a folder only you can write; default: off)")
+    compilation_cache_options(p)
     wrong_flag(p, "--checkpoint", CHECKPOINT_HINT)
+
+
+CACHE_HELP = ("keep compiled programs in DIR so the next run starts faster (a folder only you can "
+              "write; default: $JAXCLS_HOME/compilation-cache, at most 2 GiB, least recently used "
+              "programs evicted first)")
+
+
+def compilation_cache_options(p, *, folder_flag: bool = True) -> None:
+    """--compilation-cache DIR (unless the command has it already) and --no-compilation-cache."""
+    if folder_flag:
+        p.add_argument("--compilation-cache", metavar="DIR", default=None, help=CACHE_HELP)
+    p.add_argument("--no-compilation-cache", action="store_true",
+                   help="compile every program afresh and write nothing to the compilation cache")
+
+
+def use_compilation_cache(args) -> None:
+    """Turn JAX's persistent compilation cache on (the flag's folder, else the default one under
+    $JAXCLS_HOME) or, with --no-compilation-cache, off; before anything compiles."""
+    from jaxcls.compile_cache import default_cache_dir, disable_compilation_cache, enable_compilation_cache
+
+    if args.no_compilation_cache and args.compilation_cache:
+        raise ConfigError("--compilation-cache DIR and --no-compilation-cache contradict each other; give one")
+    if args.no_compilation_cache:
+        disable_compilation_cache()
+        return
+    if args.compilation_cache and Path(args.compilation_cache).exists() and not Path(args.compilation_cache).is_dir():
+        raise ConfigError(f"--compilation-cache {args.compilation_cache}: a file, not a folder")
+    folder = args.compilation_cache or default_cache_dir()
+    try:
+        enable_compilation_cache(folder)
+    except OSError as e:  # a folder that cannot be made: the flag's is an error, the default's only slows
+        if args.compilation_cache:
+            raise ConfigError(f"--compilation-cache {folder}: cannot use it ({e.strerror or e})") from None
+        disable_compilation_cache()
+        print(f"jaxcls: compilation cache off: cannot make {folder} ({e.strerror or e}); set $JAXCLS_HOME "
+              "or --compilation-cache DIR", file=sys.stderr)
 
 
 def check_model_folder(model: str) -> None:
@@ -99,10 +133,7 @@ def load_classifier(args):
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_model_folder(args.model)
-    if args.compilation_cache:
-        from jaxcls.compile_cache import enable_compilation_cache
-
-        enable_compilation_cache(args.compilation_cache)
+    use_compilation_cache(args)
     from jaxcls.classifier import Classifier
 
     return Classifier.load(args.model, base=args.base)

@@ -19,10 +19,11 @@ SPECS = (DataSpec, ModelSpec, TrainConfig)
 # Every field of SPECS, by --help group; a field left out here fails test_every_option_has_help_text_and_its_default.
 GROUPS: dict[str, dict[str, str]] = {
     "data": {
-        "data": "sms-spam (the book's data set, downloaded on first use), or a CSV/TSV/JSONL file of "
+        "data": "sms-spam (the book's data set, downloaded on first use), imdb (the book's bonus IMDB "
+                "reviews, 35,000/5,000/10,000), or a CSV/TSV/JSONL file of "
                 "texts and labels, split 70/10/20 by --seed unless --validation/--test are given",
-        "data_path": "--data sms-spam only: a local SMSSpamCollection, its zip or folder "
-                     "(default: downloaded into the cache)",
+        "data_path": "--data sms-spam or imdb only: a local SMSSpamCollection, its zip or folder; or "
+                     "aclImdb_v1.tar.gz or its folder (default: downloaded into the cache)",
         "validation": "a validation file; with --validation or --test, --data is used whole for "
                       "training (default: the seeded split of --data)",
         "test": "a test file, scored once at the end (default: the seeded split of --data)",
@@ -62,8 +63,9 @@ GROUPS: dict[str, dict[str, str]] = {
         "head_dropout": "dropout between an MLP head's two layers while training",
         "causal": "causal attention mask; --no-causal attends over all real tokens",
         "dropout": "dropout rate while training (disables the frozen-prefix cache)",
-        "dtype": "compute dtype: float32 | bfloat16 | float16 (parameters, optimizer state and loss "
-                 "stay float32)",
+        "dtype": "compute dtype: auto (bfloat16 where the device runs it faster: GPU, TPU, a CPU with AMX "
+                 "and jaxcls[amx]; else float32) | float32 | bfloat16 | float16 (parameters, optimizer "
+                 "state and loss stay float32)",
     },
     "training loop": {
         "epochs": "passes over the training split",
@@ -93,13 +95,17 @@ GROUPS: dict[str, dict[str, str]] = {
                     "buckets (each batch from one length bucket: least padding) | global (the book's "
                     "shuffle, each batch padded to the bucket of its longest text)",
         "cache": "reuse frozen-prefix activations across epochs (exact; never for lora/all/dropout)",
-        "cache_budget_mb": "host memory (MiB) the frozen-prefix cache may take; over it, training runs uncached",
+        "cache_budget_mb": "host memory (MiB) the frozen-prefix cache may take; over it, the cache spills to a "
+                           "memory-mapped file in --cache-dir (or the run folder)",
         "cache_dtype": "cached states stored as auto (the compute dtype) | float32 (exact) | bfloat16 "
                        "(half the memory)",
         "cache_memory": "host | device: keep cached states in device memory (one device), so batches are "
                         "built there",
+        "cache_dir": "folder for a frozen-prefix cache over --cache-budget-mb (default: the run folder, --out)",
+        "keep_cache": "keep a spilled cache's file (prefix-cache-*.bin, described by prefix-cache.json) after the run",
         "compilation_cache": "keep compiled programs in this folder so the next run starts faster "
-                             "(a folder only you can write; default: off)",
+                             "(a folder only you can write; default: $JAXCLS_HOME/compilation-cache, "
+                             "at most 2 GiB, least recently used programs evicted first)",
     },
     "output": {
         "out": "run folder: the saved classifier (pass it to classify/eval/serve as --model), metrics, "
@@ -117,7 +123,7 @@ OUTPUT_NOT_OUT = "names classify's predictions file; train's run folder is --out
 
 
 def register(sub) -> None:
-    from jaxcls.cli.common import MODEL_HINT, wrong_flag
+    from jaxcls.cli.common import MODEL_HINT, compilation_cache_options, wrong_flag
 
     p = sub.add_parser("train", help="fine-tune GPT-2 as a classifier",
                        description="Fine-tune a pretrained GPT-2 (--checkpoint) as a classifier and save it\n"
@@ -126,9 +132,15 @@ def register(sub) -> None:
     where = {name: groups[title] for title, fields in GROUPS.items() for name in fields}
     for spec in SPECS:
         _add_fields(p, spec, where)
+    p.set_defaults(dtype="auto")
     groups["model"].add_argument("--tokenizer", default=None,
                                  help="folder with encoder.json + vocab.bpe (default: the checkpoint's)")
+    groups["model"].add_argument("--init-from", default=None, metavar="DIR",
+                                 help="start from a saved classifier (a jaxcls folder, or a transformers "
+                                      "GPT2ForSequenceClassification folder): its weights, labels and model "
+                                      "settings, with a fresh optimizer (default: a new head on --checkpoint)")
     offline.add_flag(groups["model"])
+    compilation_cache_options(where["compilation_cache"], folder_flag=False)
     groups["output"].add_argument("--resume", action="store_true", help="continue from the last save in --out")
     groups["output"].add_argument("--overwrite", action="store_true",
                                   help="replace the run already in --out: deletes only jaxcls's own run files "
@@ -166,6 +178,24 @@ def _add_fields(p, spec, where: dict) -> None:
                            help=HELP.get(f.name))
 
 
+def _model_width(model) -> int | None:
+    """n_embd of the model to train, from its size name or its folder's config file (no tensor is
+    read); None where neither says (a Hub name not yet resolved)."""
+    from jaxcls.config import preset
+    from jaxcls.errors import JaxclsError
+
+    try:
+        return preset(model.checkpoint).n_embd
+    except JaxclsError:
+        pass
+    try:
+        from jaxcls.ckpt.load import read_config
+
+        return read_config(Path(model.checkpoint))[0].n_embd
+    except (JaxclsError, OSError):
+        return None
+
+
 def cmd_train(args) -> int:
     from jaxcls.classifier import Classifier
     from jaxcls.data import load_spec
@@ -174,14 +204,22 @@ def cmd_train(args) -> int:
         from jaxcls.train import distributed
 
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from jaxcls.cli.common import use_compilation_cache
+
+    use_compilation_cache(args)  # the default folder stays out of the recorded config
     data, model, cfg = (spec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(spec)}) for spec in SPECS)
-    model, cfg = offline.choose_model(args, model, cfg)
+    if not args.init_from:  # with --init-from no checkpoint is read
+        model, cfg = offline.choose_model(args, model, cfg)
     if args.merge_lora and cfg.trainable == "adapters":
         raise ConfigError("--merge-lora: bottleneck adapters cannot be folded into the weights (a GELU sits "
                           "between their two projections); train without --merge-lora")
     if args.merge_lora and cfg.trainable != "lora":
         raise ConfigError(f"--merge-lora merges LoRA adapters, which --trainable {cfg.trainable} does not add; "
                           "use it with --trainable lora")
+    from jaxcls.cpu_gemm import decide_dtype
+
+    used, why = decide_dtype(model.dtype, width=_model_width(model) if model.dtype == "auto" else None)
+    model = model.replace(dtype=used)
     out = Path(cfg.out or f"runs/{Path(data.data).stem}")
     cfg = cfg.replace(out=str(out))
     from jaxcls.train.distributed import is_main_process
@@ -190,24 +228,31 @@ def cmd_train(args) -> int:
     if is_main_process():  # the one process that writes into --out
         prepare_run_folder(out, resume=args.resume, overwrite=args.overwrite)
     config = {**dataclasses.asdict(data), **dataclasses.asdict(model), **dataclasses.asdict(cfg)}
+    if args.init_from:
+        config["init_from"] = str(Path(args.init_from).resolve())
     steps = finished_run(out, config) if args.resume else None
     if steps is not None:
         print(f"{out}: already complete ({steps} steps, as its metrics.json records); nothing to do. "
               "Resume with a larger --epochs or --max-steps to train further", flush=True)
         return 0
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    log(f"dtype: {used} ({why})")
     t0 = time.perf_counter()
     splits = load_spec(data, seed=cfg.seed, progress=not args.quiet)
     log(f"data: train {len(splits.train)}, validation {len(splits.validation or ())}, "
         f"test {len(splits.test or ())}; labels {list(splits.label_names)}")
-    clf = Classifier.from_spec(model, splits.label_names, trainable=cfg.trainable, seed=cfg.seed,
-                               tokenizer=args.tokenizer, task=task_of(data, splits))
+    if args.init_from:
+        clf = init_from(args, model, splits, log)
+    else:
+        clf = Classifier.from_spec(model, splits.label_names, trainable=cfg.trainable, seed=cfg.seed,
+                                   tokenizer=args.tokenizer, task=task_of(data, splits))
     offline.log_copies(data, clf, log)
     report = clf.fit(splits, train_config=cfg, out=out, resume=args.resume, progress=not args.quiet, log=log)
     if not is_main_process():
         return 0  # process 0 writes the classifier and the metrics
     report["wall_time_total_s"] = time.perf_counter() - t0
     report["config"] = config
+    report["dtype"] = {"requested": args.dtype, "used": used, "why": why}
     report["data_sha256"] = data_hashes(data)
     clf.save(out, full=cfg.save_full, merge_lora=args.merge_lora)
     from jaxcls.fileio import atomic_write_json
@@ -218,6 +263,28 @@ def cmd_train(args) -> int:
         print_summary(report)
         print(f"saved to {out}")
     return 0
+
+
+def init_from(args, model: ModelSpec, splits, log):
+    """The classifier saved in --init-from, to train further on data with the same labels. Flags
+    that would build another model are refused rather than ignored; it is saved whole, since
+    weights it trained earlier may now be frozen and a delta would drop them."""
+    from jaxcls.classifier import Classifier
+    from jaxcls.errors import ConfigError
+
+    folder = args.init_from
+    given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(ModelSpec)
+             if getattr(model, f.name) != f.default] + ["--tokenizer"] * bool(args.tokenizer)
+    if given:
+        raise ConfigError(f"--init-from {folder}: the model, its settings and tokenizer come from that folder; "
+                          f"drop {', '.join(given)}")
+    clf = Classifier.load(folder)
+    if set(clf.label_names) != set(splits.label_names):
+        raise ConfigError(f"--init-from {folder}: its labels {list(clf.label_names)} are not the data's "
+                          f"{list(splits.label_names)}; train a new head without --init-from, or relabel the data")
+    clf.base = None
+    log(f"init from {folder}: {len(clf.label_names)} labels, a fresh optimizer")
+    return clf
 
 
 def task_of(data: DataSpec, splits):

@@ -126,10 +126,17 @@ def to_dataset(table: LabelledTable, mapping: LabelMap, allowed: set | None = No
 
 
 def load_data(spec: str, **kw) -> DataSplits:
-    """The book's data set for "sms-spam" (kw: path, seed, progress), else a training file for
+    """The book's data sets for "sms-spam" and "imdb" (kw: path, seed, progress), else a training file for
     `load_splits` (kw: its keyword arguments). None-valued kw are ignored, so a CLI can pass every
     option through."""
     kw = {k: v for k, v in kw.items() if v is not None}
+    if spec == "imdb":
+        from jaxcls.data.imdb import load_imdb
+
+        extra = sorted(set(kw) - {"path", "seed", "progress"})
+        if extra:
+            raise DataError(f"data 'imdb' has fixed columns and splits; {extra} do not apply")
+        return load_imdb(kw.get("path"), seed=kw.get("seed", 123), progress=kw.get("progress", True))
     if spec in ("sms-spam", "sms_spam"):
         extra = sorted(set(kw) - {"path", "seed", "progress"})
         if extra:
@@ -144,9 +151,9 @@ def load_data(spec: str, **kw) -> DataSplits:
 def load_spec(spec, *, seed: int = 123, progress: bool = True) -> DataSplits:
     """The splits a DataSpec (jaxcls.config) names: the book's SMS recipe, or a file with its
     optional validation and test files, split by `seed` when those are absent."""
-    if spec.is_sms:
+    if spec.is_sms or spec.data == "imdb":
         if spec.task != "single":
-            raise DataError(f"--task {spec.task}: sms-spam is single-label text; give a data file for this task")
+            raise DataError(f"--task {spec.task}: {spec.data} is single-label text; give a data file for this task")
         return load_data(spec.data, path=spec.data_path, seed=seed, progress=progress)
     if spec.task != "single":
         return load_splits(spec.data, spec.validation, spec.test, seed=seed, task=spec.task,

@@ -15,8 +15,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from jaxcls.errors import CheckpointError, TrainingError
-from jaxcls.train import state as state_lib
+from jaxcls.errors import TrainingError
 from jaxcls.train.batches import batch_length
 
 FETCH_EVERY = 10  # steps between reading metrics back from the device (and NaN checks)
@@ -160,15 +159,3 @@ def append_jsonl(out: Path | None, entry: dict) -> None:
     if out:
         with open(Path(out) / "metrics.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
-
-
-def save_best(out: Path | None, trainable) -> None:
-    if out:
-        state_lib.save_state(Path(out) / "best", 0, trainable, {})
-
-
-def load_best(out: Path, trainable):
-    path = state_lib.latest_state(Path(out) / "best")
-    if path is None:
-        raise CheckpointError(f"{out}/best: no saved best epoch")
-    return state_lib.load_state(path, trainable)[0]

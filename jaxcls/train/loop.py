@@ -20,7 +20,7 @@ from flax import nnx
 from jaxcls import data as data_lib
 from jaxcls.config import TrainConfig
 from jaxcls.fileio import atomic_open
-from jaxcls.errors import ConfigError
+from jaxcls.errors import CheckpointError, ConfigError
 from jaxcls.task import MultiLabel, Regression, SingleLabel, TaskBase, class_weights, pos_weights
 from jaxcls.train import hooks as hooks_lib
 from jaxcls.train import state as state_lib
@@ -89,6 +89,9 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
     `on_step`, if given, sees each step as it is taken (step, epoch, batch index, the bucket group
     or None for a mixed batch, the example indices and the padded length): what ran, not what the
     config asked for."""
+    if out and not resume and (saved := state_lib.saved_steps(Path(out) / "state")):
+        raise ConfigError(f"{Path(out) / 'state'}: holds saves of another run (up to step {saved[-1]}); "
+                          "resume it, or train into a new folder")
     if cfg.compilation_cache:
         from jaxcls.compile_cache import enable_compilation_cache
 
@@ -108,10 +111,18 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
     if task.name != "single":  # runs saved before tasks existed resume as they were
         settings["task"] = task.to_json()
     run = Run(prog, state, data, out, log, settings)
+    try:
+        return _run(run, splits, resume, progress, on_step, compile_s)
+    finally:
+        run.close()  # a save still being written is finished before fit returns or raises
+
+
+def _run(run: Run, splits, resume: bool, progress: bool, on_step, compile_s: float) -> FitResult:
+    prog = run.prog
     if resume:
         run.restore()
-    if out and prog.main_process:
-        _rewrite_jsonl(Path(out) / "metrics.jsonl", run.state.history)
+    if run.out and prog.main_process:
+        _rewrite_jsonl(run.out / "metrics.jsonl", run.state.history)
     bar = _progress(progress and prog.main_process, prog.total_steps)
     with _Signals() as run.signals, bar:
         task = bar.add_task("train", total=prog.total_steps, completed=min(run.state.step, prog.total_steps),
@@ -133,6 +144,8 @@ class Run:
         self.train = data.splits["train"]
         self.out = Path(out) if out else None
         self.state_dir = self.out / "state" if self.out else None
+        self.store = state_lib.StateStore(self.state_dir) if self.state_dir else None
+        self._best = None  # the keep-best store, opened at the first best epoch
         self.start_step = 0
         self.plan: list = []
         self.signals = None
@@ -188,29 +201,43 @@ class Run:
         return dist.to_host(tree)
 
     def save(self) -> None:
-        if self.state_dir is None:
-            return
-        tree = self.host((self.state.trainable, self.state.opt_state))
-        if self.prog.main_process:
-            state_lib.save_state(self.state_dir, self.state.step, tree, self.state.meta(self.settings))
+        """A resumable save, written in the background; every process writes its own shards."""
+        if self.store is not None:
+            st = self.state
+            self.store.save(st.step, {"trainable": st.trainable, "opt_state": st.opt_state},
+                            st.meta(self.settings))
+
+    def best_store(self) -> state_lib.StateStore:
+        if self._best is None:
+            self._best = state_lib.StateStore(self.out / "best", keep=1)
+        return self._best
 
     def save_best(self) -> None:
-        host = self.host(self.state.trainable)
-        hooks_lib.save_best(self.out if self.prog.main_process else None, host)
+        if self.out:
+            self.best_store().save(self.state.step, {"trainable": self.state.trainable}, {"best": self.state.best},
+                                   replace=True)
+
+    def load_best(self):
+        """The trainable parameters of the best epoch, placed like the current ones."""
+        store = self.best_store()
+        step = store.latest()
+        if step is None:
+            raise CheckpointError(f"{store.folder}: no saved best epoch")
+        return store.load(step, {"trainable": self.state.trainable})["trainable"]
+
+    def close(self) -> None:
+        for store in (self.store, self._best):
+            if store is not None:
+                store.close()
 
     def restore(self) -> None:
         """The newest save, or step 0 when there is none; a finished run resumed with a larger
-        --epochs or --max-steps continues from its last step."""
-        found = state_lib.restore(self.state, self.state_dir, self.settings) if self.state_dir else None
+        --epochs or --max-steps continues from its last step. Arrays land at this run's placement."""
+        found = state_lib.restore(self.state, self.store, self.settings) if self.store else None
         if found is None:
             self.log(f"--resume: no saved state in {self.state_dir or '(no --out)'}; starting from step 0")
             return
         self.state, latest, extended = found
-        if self.prog.mesh is not None:
-            from jaxcls.train import distributed as dist
-
-            self.state.trainable = dist.place(self.state.trainable, self.prog.param_sharding)
-            self.state.opt_state = dist.place(self.state.opt_state, self.prog.opt_sharding)
         st = self.state
         self.start_step = st.step
         more = f"; continuing the finished run with new {' and '.join(extended)}" if extended else ""
@@ -221,11 +248,11 @@ def finish(run: Run, splits: data_lib.DataSplits, compile_s: float) -> FitResult
     """Keep the best epoch if asked, evaluate every split in full, and report."""
     prog, st, cfg = run.prog, run.state, run.prog.cfg
     trainable, frozen = st.trainable, prog.frozen
+    if cfg.keep_best and st.best is not None and run.out:
+        trainable = run.load_best()
+        run.log(f"keeping epoch {st.best['epoch']} (lowest validation loss {st.best['val_loss']:.4f})")
     if prog.mesh is not None:
         trainable, frozen = run.host(trainable), run.host(frozen)
-    if cfg.keep_best and st.best is not None and run.out and prog.main_process:
-        trainable = hooks_lib.load_best(run.out, trainable)
-        run.log(f"keeping epoch {st.best['epoch']} (lowest validation loss {st.best['val_loss']:.4f})")
     host_prog = dataclasses.replace(prog, frozen=frozen)
     data, cache = run.data, prog.cache
     report = {"splits": {}, "trainable_params": prog.n_trainable, "total_params": prog.n_trainable + prog.n_frozen,
@@ -238,6 +265,7 @@ def finish(run: Run, splits: data_lib.DataSplits, compile_s: float) -> FitResult
               "label_names": list(splits.label_names)}
     task = saved_task(prog.spec.task)
     results = {name: host_prog.evaluate(trainable, d) for name, d in data.splits.items()}
+    prog.close()
     if isinstance(task, MultiLabel) and cfg.thresholds == "tune":
         _, logits, y = results["validation"]
         task = task.with_tuned_thresholds(y, task.probabilities(logits))

@@ -40,6 +40,7 @@ class Program:
     param_sharding: object = None
     opt_sharding: object = None
     main_process: bool = True
+    prefetch: prefix_cache.Prefetch | None = None  # reads a spilled cache's batches ahead of the steps
 
     @property
     def cached(self) -> bool:
@@ -51,12 +52,23 @@ class Program:
         return self.cfg.batch_size * self.cfg.accumulation
 
     def plan(self, split: SplitData, epoch: int) -> list:
-        return plan_batches(split, self.rows, shuffle=True, seed=self.cfg.seed, epoch=epoch,
+        plan = plan_batches(split, self.rows, shuffle=True, seed=self.cfg.seed, epoch=epoch,
                             drop_last=self.cfg.drop_last, mixed=self.mixed)
+        if self.prefetch is not None:
+            self.prefetch.start(plan, lambda g, idx: make_batch(split, g, idx, self.rows, self.cfg.accumulation, True))
+        return plan
+
+    def close(self) -> None:
+        """Stop reading ahead and delete (or keep, as asked) a spilled cache's file."""
+        if self.prefetch is not None:
+            self.prefetch.stop()
+        if self.cache is not None and self.cache.spill is not None:
+            self.cache.spill.close()
 
     def step(self, state: LoopState, split: SplitData, group, idx: np.ndarray, key) -> dict:
         """One optimizer step on the planned batch; updates `state` in place, -> device metrics."""
-        batch = make_batch(split, group, idx, self.rows, self.cfg.accumulation, self.cached)
+        batch = (self.prefetch.get(group, idx) if self.prefetch is not None
+                 else make_batch(split, group, idx, self.rows, self.cfg.accumulation, self.cached))
         if self.mesh is not None:
             from jaxcls.train import distributed as dist
 
@@ -118,7 +130,8 @@ def build_program(model, data: Prepared, task, cfg: TrainConfig,
     tx = make_optimizer(cfg, total_steps)
     opt_state, train_step, o_sh = _optimizer(graphdef, tx, spec, trainable, mesh, p_sh, cfg)
     prog = Program(graphdef, frozen, spec, cfg, tx, train_step, make_eval_step(graphdef, spec), batching, mixed,
-                   steps_per_epoch, total_steps, n_train, n_frozen, cache, mesh, p_sh, o_sh, main_process)
+                   steps_per_epoch, total_steps, n_train, n_frozen, cache, mesh, p_sh, o_sh, main_process,
+                   prefix_cache.Prefetch() if cache is not None and cache.spill is not None else None)
     return prog, LoopState(trainable, opt_state)
 
 

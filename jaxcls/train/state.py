@@ -1,77 +1,110 @@
-"""Resumable train-state saves: each one is a folder written under a temporary name and renamed
-into place, then named in LATEST (itself replaced atomically). A half-written save is never read."""
+"""Resumable train state, saved with orbax-checkpoint: `RUN/state/step_000000NNN/` holds the
+trainable parameters and their optimizer state (`trainable/`, `opt_state/`, as the jax.Arrays are
+sharded: every process writes the shards its devices hold) and `meta/` (JSON: the settings, where
+the loop is in the data, the metrics so far). Saves run in the background; orbax writes each under
+a temporary name and renames it into place when complete, so a half-written save is never read."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 import jax
-import numpy as np
+import orbax.checkpoint as ocp
 
 from jaxcls.errors import CheckpointError, ConfigError
-from jaxcls.fileio import _alive, atomic_write_json
 
 KEEP = 2
-_TMP_STEP = re.compile(r"\.tmp-step-\d{9}-(\d+)")
 # Settings a resumed run may change: where saves go, how often, how the cache and devices are
 # arranged. And the two that only say when to stop, which a finished run may raise to go on.
 NOT_RESUMABLE = ("out", "save_every", "cache", "cache_budget_mb", "cache_dtype", "cache_memory",
-                 "data_parallel", "fsdp")
+                 "cache_dir", "keep_cache", "data_parallel", "fsdp")
 EXTENDABLE = ("epochs", "max_steps")
+NAMES = ocp.step.standard_name_format(step_prefix="step", step_format_fixed_length=9)
 
 
-def remove_dead_temps(folder: Path) -> list[Path]:
-    """`.tmp-step-*` folders whose writer (the PID in the name) no longer runs: a killed save
-    never cleans up. A live process's folder, this one's included, stays."""
-    removed = []
-    for path in folder.glob(".tmp-step-*"):
-        m = _TMP_STEP.fullmatch(path.name)
-        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
+def refuse_legacy(folder: Path) -> None:
+    """Saves of the format before orbax (`LATEST` naming `step-N/arrays.npz`) are not read: one line
+    says how to go on instead of a silent restart from step 0."""
+    if (folder / "LATEST").is_file() or any(folder.glob("step-*/arrays.npz")):
+        raise CheckpointError(f"{folder}: holds train state in the format of jaxcls before orbax "
+                              "(LATEST, step-N/arrays.npz), which this version does not resume; finish that "
+                              "run with the jaxcls version that started it, or start again with --overwrite")
 
 
-def save_state(folder: Path, step: int, tree, meta: dict) -> Path:
-    """Write `tree` (any pytree of arrays: trainable params + optimizer state) and `meta`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_dead_temps(folder)
-    final = folder / f"step-{step:09d}"
-    tmp = folder / f".tmp-step-{step:09d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    leaves = [np.asarray(x) for x in jax.device_get(jax.tree.leaves(tree))]
-    with open(tmp / "arrays.npz", "wb") as f:
-        np.savez(f, *leaves)
-        f.flush()
-        os.fsync(f.fileno())
-    atomic_write_json(tmp / "meta.json", {**meta, "step": step, "num_leaves": len(leaves)})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    order = [name for name in _written(folder) if name != final.name and (folder / name).is_dir()]
-    order.append(final.name)
-    atomic_write_json(folder / "LATEST", {"step": step, "path": final.name, "written": order[-KEEP:]})
-    for old in folder.glob("step-*"):
-        if old.name not in order[-KEEP:]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+def _abstract(tree):
+    """Restore targets: each leaf's shape, dtype and sharding (where it lives now is where it goes)."""
+    def leaf(x):
+        x = x if isinstance(x, jax.Array) else jax.numpy.asarray(x)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+    return jax.tree.map(leaf, tree)
 
 
-def _written(folder: Path) -> list[str]:
-    """The saves in the order they were written, oldest first, as LATEST records them. Pruning
-    follows this order and not step numbers, so a folder holding saves with higher step numbers
-    (from an earlier run) can never make a new save, or the one LATEST names, be deleted."""
+class StateStore:
+    """One folder of saves, open for one run. `save` returns once the arrays are copied off the
+    devices; the write goes on in the background, and the next save, `wait` and `close` wait for it.
+    Every process of a multi-process job makes the same calls."""
+
+    def __init__(self, folder: Path, *, keep: int | None = None, asynchronous: bool = True):
+        self.folder = Path(folder)
+        refuse_legacy(self.folder)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep or KEEP, step_name_format=NAMES,
+                                               enable_async_checkpointing=asynchronous,
+                                               cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.folder.absolute(), options=options)
+
+    def path(self, step: int) -> Path:
+        return self.folder / f"step_{step:09d}"
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, arrays: dict, meta: dict, *, replace: bool = False) -> None:
+        """`arrays`: item name -> pytree of jax.Arrays, saved as sharded; `meta`: JSON. `replace`
+        first deletes saves of this step or later (the keep-best save of an epoch that a resumed
+        run takes again)."""
+        if replace:
+            self.wait()
+            for old in self.manager.all_steps():
+                if old >= step:
+                    self.manager.delete(old)
+        items = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
+        if not self.manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta))):
+            raise CheckpointError(f"{self.folder}: a save of step {step} was not made: it holds step "
+                                  f"{self.latest()} already (saves only move forward)")
+
+    def meta(self, step: int) -> dict:
+        self.wait()
+        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+    def load(self, step: int, templates: dict) -> dict:
+        """The arrays of a save, placed like `templates` (item name -> pytree): shardings, shapes
+        and dtypes must agree."""
+        self.wait()
+        items = {name: ocp.args.StandardRestore(_abstract(t)) for name, t in templates.items()}
+        try:
+            got = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{self.path(step)}: cannot be read into this run's state ({first})") from None
+        return {name: got[name] for name in templates}
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def saved_steps(folder: Path) -> list[int]:
+    """Complete saves in `folder`, by step, without opening it (no devices, no other process)."""
     try:
-        latest = json.loads((folder / "LATEST").read_text())
-        return [str(n) for n in latest.get("written", [latest["path"]])]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return sorted(m.step for m in NAMES.find_all(Path(folder))) if Path(folder).is_dir() else []
+    except (OSError, ValueError):
         return []
 
 
@@ -86,6 +119,8 @@ def prepare_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
     overwriting (then delete only jaxcls's own run files), and prove the folder is writable."""
     if resume and overwrite:
         raise ConfigError(f"--out {out}: --resume and --overwrite exclude each other")
+    if resume:
+        refuse_legacy(out / "state")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, not a folder")
     found = [name for name in RUN_MARKERS if (out / name).exists()]
@@ -108,36 +143,6 @@ def prepare_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
                 path.unlink()
 
 
-def latest_state(folder: Path) -> Path | None:
-    """The newest complete save, or None. Temporary folders are ignored."""
-    pointer = folder / "LATEST"
-    if not pointer.is_file():
-        return None
-    try:
-        path = folder / json.loads(pointer.read_text())["path"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{pointer}: unreadable ({e})") from None
-    if not (path / "meta.json").is_file() or not (path / "arrays.npz").is_file():
-        raise CheckpointError(f"{pointer}: names {path.name}, which is incomplete")
-    return path
-
-
-def load_state(path: Path, template):
-    """Arrays of a save, placed into `template`'s tree structure; shapes and dtypes must agree."""
-    meta = json.loads((path / "meta.json").read_text())
-    leaves, treedef = jax.tree.flatten(template)
-    with np.load(path / "arrays.npz") as z:
-        arrays = [z[f"arr_{i}"] for i in range(len(z.files))]
-    if len(arrays) != len(leaves):
-        raise CheckpointError(f"{path}: holds {len(arrays)} arrays, this run's state has {len(leaves)} "
-                              "(was it saved with other trainable settings?)")
-    for i, (a, t) in enumerate(zip(arrays, leaves)):
-        if a.shape != tuple(t.shape) or a.dtype != t.dtype:
-            raise CheckpointError(f"{path}: array {i} is {a.dtype}{list(a.shape)}, expected "
-                                  f"{t.dtype}{list(t.shape)}")
-    return jax.tree.unflatten(treedef, [jax.numpy.asarray(a) for a in arrays]), meta
-
-
 @dataclasses.dataclass
 class LoopState:
     """Exactly what a resumable save holds: parameters that train, optimizer state, where the loop
@@ -152,7 +157,7 @@ class LoopState:
     best: dict | None = None
 
     def meta(self, settings: dict) -> dict:
-        return {"config": settings, "epoch": self.epoch, "done_in_epoch": self.done_in_epoch,
+        return {"config": settings, "step": self.step, "epoch": self.epoch, "done_in_epoch": self.done_in_epoch,
                 "history": self.history, "best": self.best}
 
 
@@ -175,15 +180,15 @@ def _finished(meta: dict) -> bool:
     return meta["epoch"] >= cfg["epochs"] or (cfg.get("max_steps") is not None and meta["step"] >= cfg["max_steps"])
 
 
-def restore(state: LoopState, state_dir: Path, settings: dict) -> tuple[LoopState, Path, list] | None:
-    """The newest save in `state_dir` loaded into `state`'s tree, the save, and the settings of
-    EXTENDABLE that differ from it; None when nothing is saved. Refuses a save made with other
-    settings, naming them: only a finished run's EXTENDABLE ones may differ, and only to ask for
-    more steps."""
-    latest = latest_state(state_dir)
-    if latest is None:
+def restore(state: LoopState, store: StateStore, settings: dict) -> tuple[LoopState, Path, list] | None:
+    """The newest save in `store` loaded at the placement of `state`'s trees, the save, and the
+    settings of EXTENDABLE that differ from it; None when nothing is saved. Refuses a save made
+    with other settings, naming them: only a finished run's EXTENDABLE ones may differ, and only
+    to ask for more steps. The settings are read and checked before any array."""
+    step = store.latest()
+    if step is None:
         return None
-    (trainable, opt_state), meta = load_state(latest, (state.trainable, state.opt_state))
+    latest, meta = store.path(step), store.meta(step)
     diff = sorted(k for k in {*meta["config"], *settings} if meta["config"].get(k) != settings.get(k))
     if diff and not (set(diff) <= set(EXTENDABLE) and _finished(meta)):
         raise ConfigError(f"{latest}: saved with other settings ({', '.join(diff)}); "
@@ -192,7 +197,8 @@ def restore(state: LoopState, state_dir: Path, settings: dict) -> tuple[LoopStat
         raise ConfigError(f"{latest}: the run finished at step {meta['step']} after {meta['epoch']} epoch(s); "
                           f"--epochs {settings['epochs']} --max-steps {settings['max_steps']} ask for no more "
                           "steps: pass a larger --epochs or --max-steps to train further")
-    return LoopState(trainable, opt_state, meta["step"], meta["epoch"], meta["done_in_epoch"],
+    got = store.load(step, {"trainable": state.trainable, "opt_state": state.opt_state})
+    return LoopState(got["trainable"], got["opt_state"], meta["step"], meta["epoch"], meta["done_in_epoch"],
                      meta["history"], meta.get("best")), latest, diff
 
 
@@ -203,10 +209,10 @@ def finished_run(out: Path, config: dict) -> int | None:
     otherwise, and for anything unreadable: the resume then goes the usual way."""
     try:
         report = json.loads((out / "metrics.json").read_text())
-        saved = json.loads((out / "state" / "LATEST").read_text())
+        saved = saved_steps(out / "state")
         same = all(report["config"].get(k) == v for k, v in json.loads(json.dumps(config)).items()
                    if k not in NOT_RESUMABLE)
-        done = (out / "classifier.json").is_file() and saved["step"] == report["steps"]
+        done = (out / "classifier.json").is_file() and saved[-1:] == [report["steps"]]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return report["steps"] if same and done else None

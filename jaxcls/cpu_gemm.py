@@ -1,0 +1,253 @@
+"""bfloat16 matmuls on the CPU's matrix units (AMX, AVX512-BF16) through MKL, and the `--dtype auto`
+decision that depends on them.
+
+XLA:CPU (jaxlib 0.10) computes a bfloat16 dot no faster than a float32 one, while MKL's
+`cblas_gemm_bf16bf16f32` (the optional `mkl` wheel: `pip install jaxcls[amx]`) runs it on the AMX
+tiles several times faster. `matmul(x, w)` sends a bfloat16 x @ w there as an XLA custom call whose
+target is a ctypes callback (no compiler at install time), with a `custom_vjp` whose two backward
+products go through the same GEMM. Inputs are bfloat16, MKL accumulates in float32, and the result is
+rounded once to bfloat16, as XLA's own bfloat16 dot returns it. Everywhere else (float32 compute,
+another backend, no MKL, a CPU without bfloat16 units, JAXCLS_CPU_GEMM=0) it is plain `x @ w`."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+TARGET = "jaxcls_mkl_gemm_bf16"
+FAST_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# Narrower models lose: each MKL call is a Python callback, and at the `mini` preset's width (128)
+# bfloat16 on MKL trained 1.5-2.3x slower than float32 on XLA (docs/benchmarks.md); gpt2-small won.
+MIN_MKL_WIDTH = 768  # /proc/cpuinfo names of the units MKL's bf16 GEMM uses
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The first processor's feature flags (empty where the file is missing, e.g. not Linux)."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+@functools.cache
+def host_flags() -> frozenset[str]:
+    return cpu_flags()
+
+
+def _mkl_paths() -> list[str]:
+    """libmkl_rt from the `mkl` wheel (it lands in the environment's lib/), else the system's."""
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        dist = distribution("mkl")
+        found = [str(dist.locate_file(f)) for f in dist.files or () if Path(str(f)).name.startswith("libmkl_rt.so")]
+    except (ImportError, PackageNotFoundError):
+        found = []
+    return found + ["libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so"]
+
+
+@functools.cache
+def load_mkl():
+    """MKL's bf16 GEMM as a ctypes function, or None where no libmkl_rt exports it."""
+    for path in _mkl_paths():
+        try:
+            lib = ctypes.CDLL(path)
+            gemm = lib.cblas_gemm_bf16bf16f32
+        except (OSError, AttributeError):
+            continue
+        lib.MKL_Set_Interface_Layer(0)  # LP64: 32-bit ints, whatever MKL_INTERFACE_LAYER says
+        c_int, c_float, c_void_p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+        gemm.argtypes = [c_int, c_int, c_int, c_int, c_int, c_int, c_float, c_void_p, c_int,
+                         c_void_p, c_int, c_float, c_void_p, c_int]
+        gemm.restype = None
+        return gemm
+    return None
+
+
+class _Ext(ctypes.Structure):  # XLA_FFI_Extension_Base (xla/ffi/api/c_api.h, shipped in jaxlib/include)
+    pass
+
+
+_Ext._fields_ = [("struct_size", ctypes.c_size_t), ("type", ctypes.c_int), ("next", ctypes.POINTER(_Ext))]
+_P = ctypes.c_void_p
+
+
+class _Version(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("ext", _P), ("major", ctypes.c_int), ("minor", ctypes.c_int)]
+
+
+class _Metadata(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("api_version", _Version), ("traits", ctypes.c_uint32),
+                ("state_type_id", ctypes.c_int64)]
+
+
+class _MetadataExt(ctypes.Structure):
+    _fields_ = [("base", _Ext), ("metadata", ctypes.POINTER(_Metadata))]
+
+
+class _Buffer(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("ext", _P), ("dtype", ctypes.c_int), ("data", _P),
+                ("rank", ctypes.c_int64), ("dims", ctypes.POINTER(ctypes.c_int64))]
+
+
+class _List(ctypes.Structure):  # XLA_FFI_Args and XLA_FFI_Rets
+    _fields_ = [("struct_size", ctypes.c_size_t), ("ext", _P), ("size", ctypes.c_int64), ("types", _P),
+                ("items", ctypes.POINTER(ctypes.POINTER(_Buffer)))]
+
+
+class _CallFrame(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("ext", ctypes.POINTER(_Ext)), ("api", _P), ("ctx", _P),
+                ("stage", ctypes.c_int), ("args", _List), ("rets", _List)]  # attrs and future unused
+
+
+class _Api(ctypes.Structure):  # the head of XLA_FFI_Api, up to XLA_FFI_Error_Create
+    _fields_ = [("struct_size", ctypes.c_size_t), ("ext", _P), ("api_version", _Version), ("internal", _P),
+                ("error_create", _P)]
+
+
+class _ErrorArgs(ctypes.Structure):  # XLA_FFI_Error_Create_Args
+    _fields_ = [("struct_size", ctypes.c_size_t), ("ext", _P), ("message", ctypes.c_char_p), ("errc", ctypes.c_int)]
+
+
+_HANDLER = ctypes.CFUNCTYPE(_P, ctypes.POINTER(_CallFrame))
+_ERROR_CREATE = ctypes.CFUNCTYPE(_P, ctypes.POINTER(_ErrorArgs))
+_ERRC_INTERNAL = 13
+_EXECUTE, _METADATA, _API_VERSION = 3, 1, (0, 3)
+
+
+def _answer_metadata(frame) -> bool:
+    """XLA asks a handler for its FFI version through a metadata extension before using it."""
+    ext = frame.ext
+    while ext:
+        if ext.contents.type == _METADATA:
+            md = ctypes.cast(ext, ctypes.POINTER(_MetadataExt)).contents.metadata.contents
+            md.api_version.major, md.api_version.minor = _API_VERSION
+            md.traits = 0
+            return True
+        ext = ext.contents.next
+    return False
+
+
+def _error(frame, message: str):
+    """An XLA_FFI_Error made by XLA's own API, so a failure in the callback fails the computation
+    (a ctypes callback that raises would otherwise return success over an unwritten buffer)."""
+    create = _ERROR_CREATE(ctypes.cast(frame.api, ctypes.POINTER(_Api)).contents.error_create)
+    args = _ErrorArgs(ctypes.sizeof(_ErrorArgs), None, message.encode("utf-8", "replace"), _ERRC_INTERNAL)
+    return create(ctypes.byref(args))
+
+
+def _handler(trans_a: bool, trans_b: bool):
+    """An XLA FFI handler computing C = op(A) @ op(B) (A, B bfloat16 2-D; C float32) on MKL."""
+    def handle(frame_ptr):
+        frame = frame_ptr.contents
+        try:
+            if _answer_metadata(frame) or frame.stage != _EXECUTE:
+                return None
+            a, b, c = frame.args.items[0].contents, frame.args.items[1].contents, frame.rets.items[0].contents
+            m, n = c.dims[0], c.dims[1]
+            k = a.dims[0] if trans_a else a.dims[1]
+            load_mkl()(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS, m, n, k,
+                       1.0, a.data, a.dims[1], b.data, b.dims[1], 0.0, c.data, n)
+            return None
+        except Exception as e:  # noqa: BLE001 - any failure must reach XLA as an error, not as success
+            return _error(frame, f"jaxcls MKL GEMM {_target(trans_a, trans_b)}: {type(e).__name__}: {e}")
+
+    return _HANDLER(handle)
+
+
+_HANDLERS = {(ta, tb): _handler(ta, tb) for ta, tb in ((False, False), (False, True), (True, False))}
+
+
+@functools.cache
+def _registered() -> bool:
+    for (ta, tb), fn in _HANDLERS.items():
+        jax.ffi.register_ffi_target(_target(ta, tb), jax.ffi.pycapsule(ctypes.cast(fn, _P).value), platform="cpu")
+    return True
+
+
+def _target(trans_a: bool, trans_b: bool) -> str:
+    return f"{TARGET}_{'t' if trans_a else 'n'}{'t' if trans_b else 'n'}"
+
+
+def fast_path_available(flags: frozenset[str] | None = None) -> bool:
+    """MKL is importable, the CPU has bfloat16 units, the backend is the CPU, and nobody said no."""
+    if os.environ.get("JAXCLS_CPU_GEMM", "1") == "0" or jax.default_backend() != "cpu":
+        return False
+    flags = host_flags() if flags is None else flags
+    return bool(set(FAST_CPU_FLAGS) & flags) and load_mkl() is not None
+
+
+def _gemm(a, b, trans_a: bool, trans_b: bool):
+    """op(a) @ op(b) in float32 from bfloat16 2-D operands, on MKL."""
+    _registered()
+    m = a.shape[1] if trans_a else a.shape[0]
+    n = b.shape[0] if trans_b else b.shape[1]
+    call = jax.ffi.ffi_call(_target(trans_a, trans_b), jax.ShapeDtypeStruct((m, n), jnp.float32),
+                            vmap_method="sequential")
+    return call(a, b)
+
+
+@jax.custom_vjp
+def _mkl_matmul(x, w):
+    lead = x.shape[:-1]
+    return _gemm(x.reshape(-1, x.shape[-1]), w, False, False).astype(x.dtype).reshape(*lead, w.shape[1])
+
+
+def _fwd(x, w):
+    return _mkl_matmul(x, w), (x, w)
+
+
+def _bwd(res, g):
+    x, w = res
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]).astype(x.dtype)
+    dx = _gemm(g2, w, False, True).astype(x.dtype).reshape(x.shape)  # dY W^T
+    dw = _gemm(x2, g2, True, False).astype(w.dtype)  # X^T dY
+    return dx, dw
+
+
+_mkl_matmul.defvjp(_fwd, _bwd)
+
+
+def matmul(x, w):
+    """x [..., K] @ w [K, N]: on MKL's bfloat16 GEMM when both are bfloat16 and the fast path is
+    available, else XLA's dot."""
+    if x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16 and w.ndim == 2 and fast_path_available():
+        return _mkl_matmul(x, w)
+    return x @ w
+
+
+def decide_dtype(requested: str, platform: str | None = None, flags: frozenset[str] | None = None,
+                 mkl: bool | None = None, width: int | None = None) -> tuple[str, str]:
+    """(the compute dtype to use, why): `requested` itself unless it is 'auto'; then bfloat16 where
+    the device computes it faster than float32 (GPU, TPU, a CPU with bfloat16 units when MKL's GEMM
+    is installed and the model, `width` = n_embd where known, is as wide as gpt2-small), float32
+    elsewhere."""
+    if requested != "auto":
+        return requested, "requested"
+    platform = jax.default_backend() if platform is None else platform
+    if platform in ("gpu", "cuda", "rocm", "tpu"):
+        return "bfloat16", f"{platform}: bfloat16 runs on its matrix units"
+    if platform != "cpu":
+        return "float32", f"{platform}: no measurement says bfloat16 is faster there"
+    units = sorted(set(FAST_CPU_FLAGS) & (host_flags() if flags is None else flags))
+    if not units:
+        return "float32", "cpu without amx_bf16/avx512_bf16: XLA's bfloat16 matmul is no faster than float32"
+    if os.environ.get("JAXCLS_CPU_GEMM", "1") == "0":
+        return "float32", f"cpu with {'+'.join(units)}, but JAXCLS_CPU_GEMM=0 turns MKL's GEMM off"
+    if not (load_mkl() is not None if mkl is None else mkl):
+        return "float32", (f"cpu with {'+'.join(units)}, but MKL is not installed (pip install 'jaxcls[amx]'); "
+                           "XLA's own bfloat16 matmul is slower than float32")
+    if width is not None and width < MIN_MKL_WIDTH:
+        return "float32", (f"cpu with {'+'.join(units)} and MKL, but at width {width} (under {MIN_MKL_WIDTH}) "
+                           "MKL's per-call overhead outweighs its speed")
+    return "bfloat16", f"cpu with {'+'.join(units)}: bfloat16 matmuls on MKL's GEMM"

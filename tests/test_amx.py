@@ -1,0 +1,116 @@
+"""jaxcls.cpu_gemm: MKL's bfloat16 GEMM behind an XLA FFI call with a custom_vjp, and the plain XLA
+dot whenever that path is unavailable."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxcls import cpu_gemm
+from jaxcls.config import preset
+from jaxcls.model import GPT2Classifier
+
+needs_mkl = pytest.mark.skipif(cpu_gemm.load_mkl() is None, reason="MKL (pip install 'jaxcls[amx]') is absent")
+
+
+def _operands(m=7, k=24, n=40, lead=(3,)):
+    kx, kw = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, (*lead, m, k), jnp.bfloat16)
+    return x, jax.random.normal(kw, (k, n), jnp.bfloat16)
+
+
+def _ffi_calls(fn, *args) -> int:
+    """How many MKL custom calls the lowered program holds."""
+    return jax.jit(lambda *a: fn(*a)).lower(*args).as_text().count(f'@{cpu_gemm.TARGET}_')
+
+
+def test_fallback_is_xla_when_mkl_is_absent(monkeypatch):
+    """Fails if the MKL call is emitted without MKL (planted: fast_path_available ignores load_mkl)."""
+    monkeypatch.setattr(cpu_gemm, "load_mkl", lambda: None)
+    monkeypatch.setattr(cpu_gemm, "host_flags", lambda: frozenset({"amx_bf16"}))
+    x, w = _operands()
+    assert not cpu_gemm.fast_path_available()
+    assert _ffi_calls(cpu_gemm.matmul, x, w) == 0
+    np.testing.assert_array_equal(np.asarray(cpu_gemm.matmul(x, w), np.float32), np.asarray(x @ w, np.float32))
+
+
+def test_missing_library_loads_as_none(monkeypatch):
+    """Fails if an unloadable libmkl_rt is not caught (planted: `except OSError` removed in load_mkl)."""
+    monkeypatch.setattr(cpu_gemm, "_mkl_paths", lambda: ["/nonexistent/libmkl_rt.so.3"])
+    assert cpu_gemm.load_mkl.__wrapped__() is None
+
+
+def test_float32_and_switched_off_take_xla(monkeypatch):
+    """Fails if a float32 product or JAXCLS_CPU_GEMM=0 still reaches MKL (planted: the dtype test in
+    matmul dropped, or the environment variable ignored)."""
+    monkeypatch.setattr(cpu_gemm, "load_mkl", lambda: object())
+    monkeypatch.setattr(cpu_gemm, "host_flags", lambda: frozenset({"amx_bf16"}))
+    x, w = _operands()
+    assert _ffi_calls(cpu_gemm.matmul, x.astype(jnp.float32), w.astype(jnp.float32)) == 0
+    assert _ffi_calls(cpu_gemm.matmul, x, w) == 1
+    monkeypatch.setenv("JAXCLS_CPU_GEMM", "0")
+    assert _ffi_calls(cpu_gemm.matmul, x, w) == 0
+
+
+def test_a_failure_inside_the_callback_fails_the_computation(monkeypatch):
+    """A GEMM that raises must surface as an XLA error naming it, never as a result read from an
+    unwritten buffer. Needs no MKL: the GEMM is a stand-in. Fails if the handler lets ctypes swallow
+    the exception (planted: the `except` returning None)."""
+    def broken(*args):
+        raise RuntimeError("stand-in GEMM failed")
+
+    monkeypatch.setattr(cpu_gemm, "load_mkl", lambda: broken)
+    x, w = _operands(lead=())
+    with pytest.raises(Exception, match="jaxcls MKL GEMM .*stand-in GEMM failed"):
+        jax.block_until_ready(jax.jit(lambda a, b: cpu_gemm._gemm(a, b, False, False))(x, w))
+
+
+def _close(got, want, rel=2e-2):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert np.linalg.norm(got - want) <= rel * np.linalg.norm(want)
+
+
+@needs_mkl
+def test_mkl_product_and_gradients_match_xla_bfloat16():
+    """Fails if the GEMM or a backward product is wrong (planted: the handler passes lda=a.dims[0];
+    and, separately, _bwd's dW as dY^T-shaped garbage: `_gemm(x2, g2, True, False) * 0`)."""
+    x, w = _operands()
+
+    def loss(mm):
+        return lambda x, w: jnp.sum(jnp.sin(mm(x, w).astype(jnp.float32)))
+
+    assert _ffi_calls(jax.grad(loss(cpu_gemm._mkl_matmul), argnums=(0, 1)), x, w) == 3
+    got = jax.jit(cpu_gemm._mkl_matmul)(x, w)
+    assert got.dtype == jnp.bfloat16
+    _close(got, x @ w)
+    grads = jax.jit(jax.grad(loss(cpu_gemm._mkl_matmul), argnums=(0, 1)))(x, w)
+    want = jax.grad(loss(lambda a, b: a @ b), argnums=(0, 1))(x, w)
+    for g, v in zip(grads, want):
+        assert g.dtype == v.dtype
+        _close(g, v)
+
+
+@needs_mkl
+def test_model_on_mkl_matches_xla(monkeypatch):
+    """Fails if model.Linear's product does not reach MKL or differs from XLA's (planted: Linear's
+    call site back to `x @ self.kernel[:, cols]...`)."""
+    monkeypatch.setattr(cpu_gemm, "host_flags", lambda: frozenset({"amx_bf16"}))
+    model = GPT2Classifier(preset("tiny").replace(dtype="bfloat16"), 2, rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 1000, (2, 9)), jnp.int32)
+    lengths = jnp.asarray([9, 5], jnp.int32)
+
+    def loss(m):
+        return jnp.sum(m(ids, lengths).astype(jnp.float32) ** 2)
+
+    def run():
+        logits = jax.jit(lambda m: m(ids, lengths))(model)
+        return logits, nnx.jit(nnx.grad(loss))(model)["h"][0]["mlp"]["c_fc"]["kernel"].get_value()
+
+    (mkl_logits, mkl_grad), calls = run(), _ffi_calls(lambda: model(ids, lengths))
+    monkeypatch.setenv("JAXCLS_CPU_GEMM", "0")
+    xla_logits, xla_grad = run()
+    assert calls > 0 and _ffi_calls(lambda: model(ids, lengths)) == 0
+    _close(mkl_logits, xla_logits, rel=5e-2)
+    _close(mkl_grad, xla_grad, rel=5e-2)

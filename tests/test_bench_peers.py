@@ -1,0 +1,105 @@
+"""The PyTorch peers a user would pick (benchmarks/torch_peers.py): bfloat16 autocast beside float32,
+and every benchmark comparing jaxcls with the fastest configuration that ran. torch.compile takes
+over a minute per configuration even at the tiny size, so the smoke runs here leave it out
+(`--no-peer-compile`); never asserts a speed."""
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from benchmarks import ab_train_step, e2e, report, system, throughput  # noqa: E402
+from benchmarks import torch_peers as tp  # noqa: E402
+
+EAGER = ["pytorch-book-eager", "hf-transformers", "pytorch-book-eager-bf16", "hf-transformers-bf16"]
+
+
+def test_bfloat16_peers_compute_under_autocast():
+    """A bfloat16 peer's logits come out in bfloat16 and its parameters stay float32; the record says
+    which dtype ran. Fails if the autocast context is a no-op (planted: `autocast` always returning
+    contextlib.nullcontext())."""
+    for impl in ("book", "hf"):
+        model = tp.build_model(impl, tp.SIZES["tiny"]).eval()
+        with torch.inference_mode(), tp.autocast("bfloat16"):
+            logits = tp.classify(impl, model, torch.randint(0, 50000, (2, 8)))
+        assert logits.dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
+    r = tp.measure_train("hf", tp.SIZES["tiny"], trainable="last_block", batch=2, seq_len=8, steps=1, warmup=1,
+                         threads=1, dtype="bfloat16")
+    assert (r["system"], r["dtype"], r["compile"]) == ("hf-transformers-bf16", "bfloat16", False)
+    with pytest.raises(ValueError, match="dtype"):
+        tp.autocast("float16")
+
+
+def test_peer_configs_cover_what_users_pick():
+    """Both models, eager and compiled, in float32 and bfloat16; the flags drop exactly their part."""
+    names = [c.system for c in tp.PEER_CONFIGS]
+    assert len(set(names)) == 8 and "hf-transformers-compile-bf16" in names and "pytorch-book-compile" in names
+    assert [c.system for c in tp.peer_configs(compile=False)] == EAGER
+    assert {c.dtype for c in tp.peer_configs(bf16=False)} == {"float32"}
+
+
+def test_throughput_quick_compares_with_the_fastest_peer(tmp_path):
+    """`benchmarks.throughput --size tiny --quick --peers --no-peer-compile`: every eager peer
+    configuration trains and infers, the record names the quickest per measurement, and the report
+    says so and names the CPU's matrix features. Fails if the bfloat16 peers are dropped (planted:
+    `bf16=False` in run_peers' peer_configs call) or the slowest is called fastest (planted: `max`
+    for `min` in torch_peers.fastest)."""
+    md = tmp_path / "r.md"
+    args = throughput.parse_args(["--size", "tiny", "--quick", "--seq-len", "16", "--peers", "--no-peer-compile",
+                                  "--no-cached", "--results", str(tmp_path / "r.jsonl"), "--markdown", str(md)])
+    assert (args.steps, args.infer_batches, args.probe_n) == (2, "1,8", 128)
+    record = throughput.run(args, log=lambda s: None)
+    peers = record["peers"]
+    assert [r["system"] for r in peers["train"]] == EAGER and not any("error" in r for r in peers["train"])
+    assert len(peers["infer"]) == 2 * len(EAGER)
+    best = min(peers["train"], key=lambda r: r["step_time_s_median"])
+    assert peers["fastest"]["train"] == best["system"]
+    for b in ("1", "8"):
+        rows = [r for r in peers["infer"] if r["batch"] == int(b)]
+        assert peers["fastest"]["infer"][b] == min(rows, key=lambda r: r["step_time_s_median"])["system"]
+    text = md.read_text()
+    assert f"Fastest peer configuration (training): {best['system']}" in text
+    assert "Fastest peer configuration (inference, batch 8)" in text
+    assert record["system_info"]["cpu_kind"] in text
+    amx = {"avx512f": True, "avx512_bf16": True, "amx_bf16": True}
+    assert system.cpu_kind({"cpu_features": amx}).endswith("(AVX-512, AVX512-BF16, AMX-BF16)")
+    assert system.cpu_kind({"cpu_features": {"avx2": True}}).endswith("(no AVX-512, AVX512-BF16 or AMX-BF16)")
+    assert report.markdown(json.loads((tmp_path / "r.jsonl").read_text())) == text
+
+
+def test_e2e_estimates_every_peer_and_marks_the_fastest():
+    """The book's loop is estimated for every peer configuration with a train step and a batch-8
+    inference, and the quickest is marked. Fails if only the float32 eager peer is estimated
+    (planted: `if r["system"] != "pytorch-book-eager": continue` in peer_estimates)."""
+    peers = {"train": [{"system": s, "step_time_s_median": t} for s, t in
+                       (("pytorch-book-eager", 1.0), ("hf-transformers-bf16", 0.4), ("pytorch-book-compile", 0.9))]
+             + [{"system": "hf-transformers-compile", "error": "no compiler"}],
+             "infer": [{"system": s, "batch": 8, "step_time_s_median": t} for s, t in
+                       (("pytorch-book-eager", 0.5), ("hf-transformers-bf16", 0.2), ("pytorch-book-compile", 0.4))]}
+    est = e2e.peer_estimates(peers)
+    assert [e["system"] for e in est] == ["pytorch-book-eager", "hf-transformers-bf16", "pytorch-book-compile"]
+    assert [e["system"] for e in est if e.get("fastest")] == ["hf-transformers-bf16"]
+    assert est[1]["total_s"] == pytest.approx(650 * 0.4 + 0.2 * (180 + 188))
+
+
+def test_ab_train_step_quick_runs_every_eager_peer(tmp_path, monkeypatch):
+    """`benchmarks.ab_train_step --size tiny --seq-len 16 --quick --no-compile`: one round of jaxcls
+    (float32, and bfloat16 as `--dtype auto` is made to pick here) and the four eager peer
+    configurations, each jaxcls configuration's speed-up over the quickest peer recorded. Fails if the
+    bfloat16 peers are left out (planted: `bf16=False` in ab_train_step's peer_configs call), or if
+    the auto-dtype jaxcls row is (planted: the `systems[f"jaxcls-{auto}"]` line removed)."""
+    import jaxcls.cpu_gemm
+
+    monkeypatch.setattr(jaxcls.cpu_gemm, "decide_dtype", lambda requested: ("bfloat16", "test"))
+    results = tmp_path / "r.jsonl"
+    record = ab_train_step.main(["--size", "tiny", "--seq-len", "16", "--quick", "--no-compile",
+                                 "--results", str(results)])
+    assert json.loads(results.read_text())["kind"] == "ab_train_step"
+    ours = ["jaxcls", "jaxcls-bfloat16"]
+    assert list(record["runs"]) == [*ours, *EAGER] and record["rounds"] == 1 and record["failed"] == {}
+    quickest = min(EAGER, key=lambda k: record["step_time_s"][k]["median"])
+    assert record["fastest_peer"] == quickest
+    assert record["jaxcls_speedup_vs_fastest_peer"] == record["jaxcls_speedup"][quickest]
+    assert list(record["speedup_vs_fastest_peer"]) == ours
