@@ -210,12 +210,7 @@ def cmd_train(args) -> int:
     data, model, cfg = (spec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(spec)}) for spec in SPECS)
     if not args.init_from:  # with --init-from no checkpoint is read
         model, cfg = offline.choose_model(args, model, cfg)
-    if args.merge_lora and cfg.trainable == "adapters":
-        raise ConfigError("--merge-lora: bottleneck adapters cannot be folded into the weights (a GELU sits "
-                          "between their two projections); train without --merge-lora")
-    if args.merge_lora and cfg.trainable != "lora":
-        raise ConfigError(f"--merge-lora merges LoRA adapters, which --trainable {cfg.trainable} does not add; "
-                          "use it with --trainable lora")
+    check_merge_lora(args.merge_lora, cfg.trainable)
     from jaxcls.cpu_gemm import decide_dtype
 
     used, why = decide_dtype(model.dtype, width=_model_width(model) if model.dtype == "auto" else None)
@@ -263,6 +258,16 @@ def cmd_train(args) -> int:
         print_summary(report)
         print(f"saved to {out}")
     return 0
+
+
+def check_merge_lora(merge: bool, trainable: str) -> None:
+    """--merge-lora needs LoRA adapters; bottleneck adapters cannot be folded at all."""
+    if merge and trainable == "adapters":
+        raise ConfigError("--merge-lora: bottleneck adapters cannot be folded into the weights (a GELU sits "
+                          "between their two projections); train without --merge-lora")
+    if merge and trainable != "lora":
+        raise ConfigError(f"--merge-lora merges LoRA adapters, which --trainable {trainable} does not add; "
+                          "use it with --trainable lora")
 
 
 def init_from(args, model: ModelSpec, splits, log):
