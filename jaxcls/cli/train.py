@@ -196,25 +196,36 @@ def _model_width(model) -> int | None:
         return None
 
 
-def cmd_train(args) -> int:
-    from jaxcls.classifier import Classifier
-    from jaxcls.data import load_spec
-
+def _start_process(args) -> None:
+    """Join the distributed job if asked, and switch the compilation cache on (its default folder
+    stays out of the recorded config)."""
     if args.distributed or args.coordinator or args.num_processes:
         from jaxcls.train import distributed
 
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from jaxcls.cli.common import use_compilation_cache
 
-    use_compilation_cache(args)  # the default folder stays out of the recorded config
+    use_compilation_cache(args)
+
+
+def _resolve_dtype(model):
+    """(the spec with `auto` resolved, the dtype used, why)."""
+    from jaxcls.cpu_gemm import decide_dtype
+
+    used, why = decide_dtype(model.dtype, width=_model_width(model) if model.dtype == "auto" else None)
+    return model.replace(dtype=used), used, why
+
+
+def cmd_train(args) -> int:
+    from jaxcls.classifier import Classifier
+    from jaxcls.data import load_spec
+
+    _start_process(args)
     data, model, cfg = (spec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(spec)}) for spec in SPECS)
     if not args.init_from:  # with --init-from no checkpoint is read
         model, cfg = offline.choose_model(args, model, cfg)
     check_merge_lora(args.merge_lora, cfg.trainable)
-    from jaxcls.cpu_gemm import decide_dtype
-
-    used, why = decide_dtype(model.dtype, width=_model_width(model) if model.dtype == "auto" else None)
-    model = model.replace(dtype=used)
+    model, used, why = _resolve_dtype(model)
     out = Path(cfg.out or f"runs/{Path(data.data).stem}")
     cfg = cfg.replace(out=str(out))
     from jaxcls.train.distributed import is_main_process
