@@ -114,24 +114,19 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], int]:
 
 
 def read_tensors(path: Path, wanted: Iterable[TensorInfo], data_start: int) -> dict[str, np.ndarray]:
-    """The data of only the `wanted` tensors (from `read_header`), by name. safetensors reads
-    each tensor on its own; bfloat16, which its NumPy API lacks, is sliced from a memory map."""
-    from safetensors import SafetensorError, safe_open
-
-    wanted = list(wanted)
-    out: dict[str, np.ndarray] = {}
-    plain = [t.name for t in wanted if t.dtype.name != "bfloat16"]
+    """The `wanted` tensors (from `read_header`, which checked every byte range), by name, as
+    read-only views of one memory map of the file: nothing is read until the model copies a
+    tensor, which then releases its pages (ckpt/pages.py), so a 6 GB file never sits in memory
+    twice. safetensors' own NumPy reader would copy each tensor first, and lacks bfloat16."""
     try:
-        if plain:
-            with safe_open(str(path), framework="numpy") as f:
-                out.update((name, f.get_tensor(name)) for name in plain)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
-    bf16 = [t for t in wanted if t.dtype.name == "bfloat16"]
-    if bf16:
-        data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start)
-        for t in bf16:
-            out[t.name] = data[t.start:t.stop].view(t.dtype).reshape(t.shape)
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot map safetensors file ({e})") from None
+    out: dict[str, np.ndarray] = {}
+    for t in wanted:
+        array = data[data_start + t.start:data_start + t.stop].view(t.dtype).reshape(t.shape)
+        array.flags.writeable = False
+        out[t.name] = array
     return out
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxcls.ckpt import hf, hub, names, openai
+from jaxcls.ckpt import hf, hub, names, openai, pages
 from jaxcls.ckpt.download import checkpoint_folder, download_checkpoint, missing_files
 from jaxcls.config import GPT2Config, canonical_size
 from jaxcls.errors import CheckpointError
@@ -209,7 +209,9 @@ def read_checkpoint(path_or_name: str | Path, *, verify: bool = False, download:
 def materialize(make_model: Callable[[], nnx.Module], tensors: dict) -> nnx.Module:
     """Build `make_model()` with the given tensors, without first filling the checkpoint's
     parameters randomly: only the rest (a new head, LoRA adapters) is initialized, under jit,
-    where XLA drops the unused random draws."""
+    where XLA drops the unused random draws. Tensors are copied into device memory one at a time,
+    and the file pages of each memory-mapped one are released once it is there, so the peak is
+    the parameters once plus one tensor (ckpt/pages.py)."""
     graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
     flat = nnx.to_flat_state(abstract)
     fresh_paths = {p for p, _ in flat if p not in tensors}
@@ -221,7 +223,11 @@ def materialize(make_model: Callable[[], nnx.Module], tensors: dict) -> nnx.Modu
     fresh = jax.jit(init_fresh)() if fresh_paths else {}
     leaves = []
     for path, var in flat:
-        value = fresh[path] if path in fresh else jnp.asarray(tensors[path], dtype=var.get_value().dtype)
+        if path in fresh:
+            value = fresh[path]
+        else:
+            value = jax.block_until_ready(jnp.asarray(tensors[path], dtype=var.get_value().dtype))
+            pages.release(tensors[path])  # copied: its file pages need not stay resident
         leaves.append((path, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 

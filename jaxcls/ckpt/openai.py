@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxcls.ckpt import pages
 from jaxcls.ckpt.crc32c import crc32c, unmask
 from jaxcls.ckpt.sstable import FIXED32, LEN, VARINT, FormatError, pb_fields, pb_get, signed64, table_items
 from jaxcls.errors import CheckpointError
@@ -315,6 +316,7 @@ def read_openai_checkpoint(folder: Path | str, *, verify: bool = False) -> dict[
         raw = data[entry.offset : end]
         if verify:
             _verify(data_path, entry, raw)
+            pages.release(raw)  # read once for its checksum; read again when copied
         array = raw.view(entry.dtype).reshape(entry.shape)
         array.flags.writeable = False
         tensors[name] = array

@@ -32,6 +32,9 @@ def register_classify(sub) -> None:
     p.add_argument("--top-k", type=int, default=None, metavar="K",
                    help="keep only the K most likely classes' probabilities in the output (default: all)")
     p.add_argument("--chunk-size", type=int, default=4096, metavar="N", help="texts read per chunk with --input")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the --output FILE.jsonl of a run that was killed, from FILE.jsonl.partial: "
+                        "its rows are kept (checked against the input), only the rest is classified")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary on stderr")
     wrong_flag(p, "--out", "names train's run folder; classify writes its predictions to --output FILE")
     p.set_defaults(func=cmd_classify)
@@ -48,6 +51,8 @@ def cmd_classify(args) -> int:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
     if args.chunk_size < 1:
         raise ConfigError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if args.resume and not (args.input and args.output):
+        raise ConfigError("--resume continues a killed run's --output FILE.jsonl: give --input and --output")
     if args.output:  # check the name before loading anything
         _check_output(args.output)
     clf = load_classifier(args)
@@ -173,15 +178,18 @@ def _classify_stream(args, clf, predictor, err) -> None:
     from jaxcls.infer.predictor import TooManyTokens
 
     reader = _reader(args, clf.task)
+    if args.resume and clf.task.inputs.kind != "text":
+        raise ConfigError(f"--resume takes a text per row; the {clf.task.name} task's examples have several fields")
     if args.output:
-        writer = PredictionWriter(clf.label_names, args.output, top_k=args.top_k, task=clf.task)
+        writer = PredictionWriter(clf.label_names, args.output, top_k=args.top_k, task=clf.task,
+                                  resume=args.resume)
     else:
         writer = PredictionWriter(clf.label_names, stream=sys.stdout, top_k=args.top_k, task=clf.task)
     progress = Progress(TextColumn("classifying"), BarColumn(), TextColumn("{task.fields[n]} texts"),
                         TimeElapsedColumn(), console=err, disable=args.quiet)
     with writer, progress:
         task = progress.add_task("classify", total=reader.total_bytes, n=0)
-        for chunk in reader:
+        for chunk in writer.skip_done(reader, args.input):
             try:
                 ids, probs = predictor.predict(chunk)
             except TooManyTokens as e:

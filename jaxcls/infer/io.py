@@ -26,6 +26,7 @@ from jaxcls.data.tables import JSONL_SUFFIXES, TableReader
 from jaxcls.infer.answers import answer, csv_header, csv_row, input_fields, option_count
 from jaxcls.errors import DataError
 from jaxcls.fileio import atomic_open
+from jaxcls.infer.resume import PartialFile
 
 CHUNK_SIZE = 4096
 
@@ -168,12 +169,14 @@ class PredictionWriter:
     each row is infer/answers.py's per-task answer, inputs first; `top_k` is single-label only.
     A file is written to a temporary name and renamed into place on `close()`, so a
     reader never sees half a file; after an error (`abort()`, or leaving the `with` block by an
-    exception) nothing is left behind.
+    exception) nothing is left behind. A JSONL file's temporary name is NAME.partial, written a
+    chunk of whole rows at a time: a killed run leaves its rows there, and `resume=True` keeps
+    them (infer/resume.py; the caller skips the texts they answer with `skip_done`).
     """
 
     def __init__(self, label_names: Sequence[str], path: str | os.PathLike | None = None, *,
                  stream: IO[str] | None = None, top_k: int | None = None, include_text: bool = True,
-                 task=None):
+                 task=None, resume: bool = False):
         if (path is None) == (stream is None):
             raise ValueError("give exactly one of path and stream")
         self.task = None if task is None or (task.kind == "single" and task.inputs.kind == "text") else task
@@ -186,7 +189,7 @@ class PredictionWriter:
         self.top_k = None if top_k is None else min(int(top_k), C)
         self.include_text = include_text
         self.rows = 0
-        self._ctx = None
+        self._ctx = self._partial = None
         if path is not None:
             suffix = Path(path).suffix.lower()
             if suffix in JSONL_SUFFIXES:
@@ -197,13 +200,22 @@ class PredictionWriter:
                 raise DataError(f"{path}: unknown output type {suffix or '(none)'!r}; "
                                 "use .jsonl or .csv (or .tsv)")
             check_output_path(path)
-            self._ctx = atomic_open(path, "wb")
-            self._raw = self._ctx.__enter__()
+            if self.format == "jsonl":
+                self._partial = PartialFile(path, resume=resume)
+                self._raw = self._partial.file
+            elif resume:
+                raise DataError(f"{path}: only a .jsonl output can be resumed (a CSV row may span lines)")
+            else:
+                self._ctx = atomic_open(path, "wb")
+                self._raw = self._ctx.__enter__()
             self._out = io.TextIOWrapper(self._raw, encoding="utf-8", newline="")
         else:
+            if resume:
+                raise DataError("only a prediction file (--output FILE.jsonl) can be resumed")
             self.format = "jsonl"
             self._out = stream
         self.path = None if path is None else Path(path)
+        self.resumed_rows = 0 if self._partial is None else self._partial.rows
         self._csv = None
         if self.format in ("csv", "tsv"):
             self._csv = csv.writer(self._out, delimiter="," if self.format == "csv" else "\t",
@@ -220,6 +232,10 @@ class PredictionWriter:
                     head += [f"label_{k}", f"prob_{k}"]
             self._csv.writerow(head)
 
+    def skip_done(self, chunks, source: str):
+        """`chunks` of texts less those whose rows a resumed file already holds (checked)."""
+        return chunks if self._partial is None else self._partial.skip_done(chunks, source)
+
     def write(self, texts: Sequence[str] | None, ids, probs) -> None:
         """One row per prediction: class ids [N] and probabilities [N, C] (with a task: the
         examples, and the Predictor's decisions and probabilities)."""
@@ -227,6 +243,7 @@ class PredictionWriter:
         ids = np.asarray(ids)
         if self.task is not None:
             return self._write_task(texts, ids, probs)
+        lines = []
         for i in range(len(ids)):
             p = probs[i]
             label = self.label_names[int(ids[i])]
@@ -248,10 +265,19 @@ class PredictionWriter:
                 obj = {"text": text} if self.include_text else {}
                 obj.update(label=label, probability=_num(p[int(ids[i])]),
                            probs={self.label_names[j]: _num(p[j]) for j in ranked})
-                self._out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+                lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
             self.rows += 1
+        self._emit(lines)
+
+    def _emit(self, lines: list[str]) -> None:
+        """Hand a chunk's rows to the OS at once, whole rows only: a run killed after this
+        loses none of them (infer/resume.py), and a pipe's reader sees them now."""
+        if lines:
+            self._out.write("".join(lines))
+        self._out.flush()
 
     def _write_task(self, examples, decisions, probs) -> None:
+        lines = []
         for i in range(len(decisions)):
             example = examples[i] if examples is not None else None
             ans = answer(self.task, self.label_names, decisions[i], probs[i], n_options=option_count(example),
@@ -260,21 +286,31 @@ class PredictionWriter:
                 self._csv.writerow(csv_row(self.task, example, ans, self.include_text))
             else:
                 obj = {**input_fields(self.task, example), **ans} if self.include_text else ans
-                self._out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+                lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
             self.rows += 1
+        self._emit(lines)
 
     def close(self) -> None:
-        if self._ctx is not None:
-            self._out.flush()
+        """Finish the file: rename it into place (a stream is only flushed)."""
+        self._out.flush()
+        if self._partial is not None:
+            self._out.detach()
+            partial, self._partial = self._partial, None
+            partial.finish()
+        elif self._ctx is not None:
             self._out.detach()
             ctx, self._ctx = self._ctx, None
             ctx.__exit__(None, None, None)
-        else:
-            self._out.flush()
 
-    def abort(self) -> None:
-        """Drop a file being written (the temporary is removed; an older file stays)."""
-        if self._ctx is not None:
+    def abort(self, *, keep: bool = False) -> None:
+        """Drop a file being written (an older file under the name stays); with `keep`, or when
+        the run resumed a killed one's rows, a JSONL file's rows so far stay in NAME.partial."""
+        if self._partial is not None:
+            self._out.flush()
+            self._out.detach()
+            partial, self._partial = self._partial, None
+            partial.keep() if keep or partial.rows else partial.discard()
+        elif self._ctx is not None:
             self._out.detach()
             ctx, self._ctx = self._ctx, None
             try:
@@ -286,8 +322,9 @@ class PredictionWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        """An error drops the file; an interrupt (Ctrl-C, SystemExit) keeps a JSONL file's rows."""
         if exc_type is None:
             self.close()
         else:
-            self.abort()
+            self.abort(keep=not issubclass(exc_type, Exception))
         return False
