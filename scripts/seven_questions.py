@@ -48,7 +48,7 @@ EXPERIMENTS = (
     Experiment("mean", 2, "mean over real tokens", {"--pooling": "mean"}, 19),
     Experiment("no-causal", 4, "no causal mask", {"--no-causal": None}, 17),
     Experiment("tiny", 5, "smaller model: tiny (2 layers, 16 wide, 64-token context)",
-               {"--checkpoint": "tiny"}, 6),
+               {"--checkpoint": "tiny"}, 10),
     Experiment("lora", 6, "book-style LoRA r16 a16 on the frozen random base",
                {"--trainable": "lora", "--lora-style": "book", "--lora-rank": "16", "--lora-alpha": "16"}, 11),
     Experiment("context", 7, "padded to the context length (mini: 256)", {"--padding": "context"}, 13),
