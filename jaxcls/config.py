@@ -194,6 +194,7 @@ class DataSpec:
     choice_columns: str | None = None  # option columns, comma-separated, instead of a choices list
     label_separator: str = ","  # between multi-label names in a CSV/TSV field
     delimiter: str = "<|endoftext|>"  # joins the two parts of a pair, similarity or choice row
+    split: str = "0.7,0.1,0.2"  # train,validation,test fractions of a --data file without given splits
 
     def __post_init__(self):
         from jaxcls.task import Inputs, parse_task_name
@@ -202,6 +203,20 @@ class DataSpec:
         Inputs("text", self.delimiter)  # and for an empty delimiter
         _need(self, isinstance(self.label_separator, str) and self.label_separator != "", "label_separator",
               "must be a non-empty string")
+        self.split_fractions  # noqa: B018 -- a named ConfigError for a bad --split
+
+    @property
+    def split_fractions(self) -> tuple[float, float, float]:
+        """`split` as three fractions: non-negative, summing to 1, train > 0."""
+        try:
+            parts = tuple(float(x) for x in str(self.split).split(","))
+        except ValueError:
+            parts = ()
+        if len(parts) != 3 or not all(map(math.isfinite, parts)) or min(parts) < 0 or parts[0] <= 0 \
+                or abs(sum(parts) - 1) > 1e-6:
+            raise ConfigError(f"--split {self.split}: must be three non-negative fractions train,validation,test "
+                              "summing to 1 with train > 0, e.g. 0.8,0.2,0")
+        return parts
 
     @property
     def is_sms(self) -> bool:

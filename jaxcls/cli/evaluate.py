@@ -104,6 +104,7 @@ def _eval_dataset(args, clf, warn):
     """(texts, label indices into clf.label_names, description). See EVAL_DESCRIPTION."""
     import numpy as np
 
+    from jaxcls.config import DataSpec
     from jaxcls.data import label_ids, load_data, read_labelled
 
     names, theirs = tuple(clf.label_names), "the classifier's labels"
@@ -148,7 +149,9 @@ def _eval_dataset(args, clf, warn):
         raise ConfigError(f"--split {args.split}: {args.data} is not re-split, because {why}; "
                           "drop --split to score every row")
     seed = _split_seed(args, config, args.data)
-    splits = load_data(args.data, **columns, seed=seed, label_names=list(names))
+    cut = ({"split_fractions": DataSpec(split=config["split"]).split_fractions} if "split" in config
+           else {"stratify": False})  # a run recorded before --split was cut unstratified
+    splits = load_data(args.data, **columns, seed=seed, label_names=list(names), **cut)
     data = getattr(splits, args.split)
     if data is None:
         raise DataError(f"{args.data}: there is no {args.split} split")
