@@ -10,6 +10,7 @@ from typing import Any, Mapping
 from jaxcls.errors import CheckpointError, ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+MONITORS = ("val_loss", "val_accuracy", "val_macro_f1")  # --monitor (which a task reports: train/hooks.py)
 POOLINGS = ("last_real", "last", "first", "mean")
 LORA_STYLES = ("book", "peft")  # what --lora-style offers; docs/lora.md
 LEGACY_LORA = "legacy"  # the single fused adapter of folders saved before lora_style existed (load only)
@@ -250,7 +251,10 @@ class TrainConfig:
     seed: int = 123
     eval_freq: int = 50
     eval_iter: int = 5
-    keep_best: bool = False  # keep the parameters of the epoch with the lowest validation loss
+    keep_best: bool = False  # keep the parameters of the epoch with the best --monitor (validation loss)
+    early_stop_patience: int | None = None  # stop after this many epoch evaluations without improvement
+    monitor: str = "val_loss"  # what keep-best and early stopping compare: val_loss | val_accuracy | val_macro_f1
+    min_delta: float = 0.0  # an improvement is better than the best by more than this
     drop_last: bool = True  # the book drops the last partial training batch
     cache: bool = True  # reuse frozen-prefix activations across epochs where that is exact
     cache_budget_mb: int = 4096
@@ -286,6 +290,15 @@ class TrainConfig:
         need(self.thresholds == "tune" or _unit(self.thresholds), "thresholds", "must be 'tune' or a number in [0, 1]")
         need(self.max_steps is None or self.max_steps > 0, "max_steps", "must be positive")
         need(self.clip_norm is None or self.clip_norm > 0, "clip_norm", "must be positive")
+        need(self.early_stop_patience is None or (isinstance(self.early_stop_patience, int)
+                                                  and self.early_stop_patience > 0),
+             "early_stop_patience", "must be a positive number of evaluations")
+        need(self.monitor in MONITORS, "monitor", f"must be one of {MONITORS}")
+        need(isinstance(self.min_delta, (int, float)) and math.isfinite(self.min_delta) and self.min_delta >= 0,
+             "min_delta", "must be a finite number >= 0")
+        if (self.monitor != "val_loss" or self.min_delta) and not (self.keep_best or self.early_stop_patience):
+            raise ConfigError(f"--monitor/--min-delta ({self.monitor}, {self.min_delta}) say what --keep-best and "
+                              "--early-stop-patience compare; give one of them")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

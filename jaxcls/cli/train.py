@@ -85,7 +85,12 @@ GROUPS: dict[str, dict[str, str]] = {
         "seed": "seed of the head's initialization, the shuffles, and the split of a single --data file",
         "eval_freq": "steps between validation estimates in the log",
         "eval_iter": "batches per validation estimate",
-        "keep_best": "keep the parameters of the epoch with the lowest validation loss",
+        "keep_best": "keep the parameters of the epoch with the best --monitor (default: the lowest validation loss)",
+        "early_stop_patience": "stop after this many epochs whose validation --monitor did not improve by more "
+                               "than --min-delta, keeping the best epoch's parameters (default: off)",
+        "monitor": "what --keep-best and --early-stop-patience compare, on the whole validation split at each "
+                   "epoch's end: val_loss | val_accuracy (single, choice) | val_macro_f1 (single, multilabel)",
+        "min_delta": "an improvement of --monitor is one by more than this",
         "drop_last": "drop the last partial training batch, as the book does",
         "max_steps": "stop after this many steps (default: no limit)",
         "padding": "auto | longest (the book) | context | buckets | none | N",
