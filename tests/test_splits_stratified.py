@@ -115,6 +115,8 @@ def test_split_flag_sets_the_fractions_and_bad_values_are_one_line(tmp_path, cap
             DataSpec(data=str(f), split=bad)
     with pytest.raises(ConfigError, match="--split 0.8,0.2,0: cuts a single --data file, and --validation/--test"):
         load_spec(DataSpec(data=str(f), validation=str(f), split="0.8,0.2,0"))
+    with pytest.raises(ConfigError, match="--split 0.8,0.2,0: cuts a single --data file, and sms-spam has fixed"):
+        load_spec(DataSpec(data="sms-spam", split="0.8,0.2,0"))
     assert main(["train", "--data", str(f), "--split", "0.9,0.2,0", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("jaxcls: error: --split 0.9,0.2,0") and len(err.splitlines()) == 1
