@@ -125,8 +125,9 @@ def test_split_flag_sets_the_fractions_and_bad_values_are_one_line(tmp_path, cap
 
 def test_eval_recuts_the_file_with_the_recorded_split(tmp_path):
     """`jaxcls eval --split test` on the training file cuts it with the fractions metrics.json records,
-    and a run recorded before --split existed with the plain cut it was trained on. Fails if eval
-    used the default fractions (planted: `cut = {}` in cli/evaluate.py _eval_dataset)."""
+    and a run recorded before --split existed with the plain cut it was trained on; scoring every row
+    notes the recorded train share. Fails if eval used the default fractions (planted: `cut = {}` in
+    cli/evaluate.py _eval_dataset)."""
     f = tmp_path / "all.csv"
     f.write_text("text,label\n" + "".join(f"row {i},{'xyz'[i % 3]}\n" for i in range(60)))
     model = tmp_path / "model"
@@ -145,3 +146,8 @@ def test_eval_recuts_the_file_with_the_recorded_split(tmp_path):
     assert tuple(recorded(split="0.5,0.2,0.3")) == want and len(want) == 18
     old = split_indices(60, f, (0.7, 0.1, 0.2), 9)["test"]
     assert tuple(recorded()) == tuple(f"row {i}" for i in old)
+    notes, args.split = [], None  # every row, with a note of how many trained
+    (model / "metrics.json").write_text(json.dumps({"config": {"data": str(f), "split": "0.8,0.2,0"},
+                                                    "data_sha256": {"train": sha256_files([f])}}))
+    assert len(_eval_dataset(args, clf, notes.append)[0]) == 60
+    assert "80% of its rows were training rows" in notes[0]

@@ -17,7 +17,7 @@ Which rows are scored:
                      on, stderr says so: those are training rows.
   --data FILE --split test|validation|train
                      only for the file the model was trained on without --validation/--test
-                     files: the file is cut 70/10/20 again with training's recorded --seed, so
+                     files: the file is cut again with training's recorded --split and --seed, so
                      --split test scores exactly the rows training held out. Any other file is
                      never re-split.
   --data sms-spam    the book's test split (--split picks another; the seed is training's)."""
@@ -130,7 +130,8 @@ def _eval_dataset(args, clf, warn):
     if args.split in (None, "all"):
         if role == "train":
             warn(f"note: {args.data} is the file {args.model} was trained on; "
-                 + ("70% of its rows were training rows (--split test scores only the held-out ones)"
+                 + (f"{round(100 * DataSpec(split=config.get('split', '0.7,0.1,0.2')).split_fractions[0])}% "
+                    "of its rows were training rows (--split test scores only the held-out ones)"
                     if was_split else "every row of it was a training row"))
         table = read_labelled(args.data, **columns)
         return table.texts, label_ids(table.labels, names, source=args.data, described=theirs,
