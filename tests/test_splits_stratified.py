@@ -103,13 +103,16 @@ def test_regression_keeps_the_plain_seeded_cut(tmp_path):
 
 
 def test_split_flag_sets_the_fractions_and_bad_values_are_one_line(tmp_path, capsys):
-    """--split 0.8,0.2,0 gives no test split; bad fractions, or --split where nothing is cut, are
-    refused naming --split. Fails if DataSpec does not check it (planted: the
+    """--split 0.8,0.2,0 gives no test split, and names itself in the splits' sources (so a resume
+    with another --split is refused); bad fractions, or --split where nothing is cut, are refused
+    naming --split. Fails if DataSpec does not check it (planted: the
     `self.split_fractions` line removed from DataSpec.__post_init__: main then goes on to train)."""
     f = tmp_path / "all.csv"
     f.write_text("text,label\n" + "".join(f"row {i},{'xy'[i % 2]}\n" for i in range(20)))
     s = load_spec(DataSpec(data=str(f), split="0.8,0.2,0"))
     assert (len(s.train), len(s.validation), s.test) == (16, 4, None)
+    assert s.train.source == f"{f}:train of 0.8,0.2,0.0"  # what a resume compares (loop settings: data)
+    assert load_spec(DataSpec(data=str(f))).train.source == f"{f}:train"
     for bad in ("0.8,0.3,0", "0.5,0.5", "0,0.5,0.5", "a,b,c", "1.2,-0.2,0"):
         with pytest.raises(ConfigError, match=rf"^--split {bad}: must be three non-negative fractions"):
             DataSpec(data=str(f), split=bad)

@@ -80,8 +80,16 @@ def split(table: LabelledTable, fractions: Sequence[float], seed: int,
     """`table`'s rows shuffled by `seed` and cut by the three `fractions` (per `stratify` key when
     given); zero drops a split."""
     return {name: LabelledTable(table.path, [table.texts[i] for i in idx], [table.labels[i] for i in idx],
-                                [table.lines[i] for i in idx], table.label_column, source=f"{table.path}:{name}")
+                                [table.lines[i] for i in idx], table.label_column,
+                                source=part_source(table.path, name, fractions))
             for name, idx in split_indices(len(table.texts), table.path, fractions, seed, stratify).items()}
+
+
+def part_source(path, name: str, fractions) -> str:
+    """A split's source: `FILE:test`, with the fractions when they are not the default, so a run
+    resumed with another --split is refused as made from other data."""
+    fractions = tuple(float(f) for f in fractions)
+    return f"{path}:{name}" if fractions == DEFAULT_FRACTIONS else f"{path}:{name} of {','.join(map(str, fractions))}"
 
 
 def check_fractions(fractions: Sequence[float], what: str = "split_fractions") -> tuple[float, float, float]:
@@ -235,7 +243,7 @@ def load_task_splits(train, validation=None, test=None, *, task: str, columns: C
     if validation is None and test is None:
         cut = split_indices(len(table.texts), table.path, split_fractions, seed,
                             strata(kind, table.labels) if stratify else None)
-        parts = {name: table.subset(idx, f"{table.path}:{name}") for name, idx in cut.items()}
+        parts = {name: table.subset(idx, part_source(table.path, name, split_fractions)) for name, idx in cut.items()}
     else:
         parts = {"train": table}
         for name, file in (("validation", validation), ("test", test)):
