@@ -11,6 +11,7 @@ from jaxcls.errors import CheckpointError, ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_CHOICES = DTYPES + ("auto",)  # auto: jaxcls.cpu_gemm.decide_dtype picks one for the device
+MONITORS = ("val_loss", "val_accuracy", "val_macro_f1")  # --monitor (which a task reports: train/hooks.py)
 POOLINGS = ("last_real", "last", "first", "mean")
 LORA_STYLES = ("book", "peft")  # what --lora-style offers; docs/lora.md
 LEGACY_LORA = "legacy"  # the single fused adapter of folders saved before lora_style existed (load only)
@@ -223,6 +224,7 @@ class DataSpec:
     choice_columns: str | None = None  # option columns, comma-separated, instead of a choices list
     label_separator: str = ","  # between multi-label names in a CSV/TSV field
     delimiter: str = "<|endoftext|>"  # joins the two parts of a pair, similarity or choice row
+    split: str = "0.7,0.1,0.2"  # train,validation,test fractions of a --data file without given splits
 
     def __post_init__(self):
         from jaxcls.task import Inputs, parse_task_name
@@ -231,6 +233,20 @@ class DataSpec:
         Inputs("text", self.delimiter)  # and for an empty delimiter
         _need(self, isinstance(self.label_separator, str) and self.label_separator != "", "label_separator",
               "must be a non-empty string")
+        self.split_fractions  # noqa: B018 -- a named ConfigError for a bad --split
+
+    @property
+    def split_fractions(self) -> tuple[float, float, float]:
+        """`split` as three fractions: non-negative, summing to 1, train > 0."""
+        try:
+            parts = tuple(float(x) for x in str(self.split).split(","))
+        except ValueError:
+            parts = ()
+        if len(parts) != 3 or not all(map(math.isfinite, parts)) or min(parts) < 0 or parts[0] <= 0 \
+                or abs(sum(parts) - 1) > 1e-6:
+            raise ConfigError(f"--split {self.split}: must be three non-negative fractions train,validation,test "
+                              "summing to 1 with train > 0, e.g. 0.8,0.2,0")
+        return parts
 
     @property
     def is_sms(self) -> bool:
@@ -264,7 +280,10 @@ class TrainConfig:
     seed: int = 123
     eval_freq: int = 50
     eval_iter: int = 5
-    keep_best: bool = False  # keep the parameters of the epoch with the lowest validation loss
+    keep_best: bool = False  # keep the parameters of the epoch with the best --monitor (validation loss)
+    early_stop_patience: int | None = None  # stop after this many epoch evaluations without improvement
+    monitor: str = "val_loss"  # what keep-best and early stopping compare: val_loss | val_accuracy | val_macro_f1
+    min_delta: float = 0.0  # an improvement is better than the best by more than this
     drop_last: bool = True  # the book drops the last partial training batch
     cache: bool = True  # reuse frozen-prefix activations across epochs where that is exact
     cache_budget_mb: int = 4096
@@ -300,6 +319,15 @@ class TrainConfig:
         need(self.thresholds == "tune" or _unit(self.thresholds), "thresholds", "must be 'tune' or a number in [0, 1]")
         need(self.max_steps is None or self.max_steps > 0, "max_steps", "must be positive")
         need(self.clip_norm is None or self.clip_norm > 0, "clip_norm", "must be positive")
+        need(self.early_stop_patience is None or (isinstance(self.early_stop_patience, int)
+                                                  and self.early_stop_patience > 0),
+             "early_stop_patience", "must be a positive number of evaluations")
+        need(self.monitor in MONITORS, "monitor", f"must be one of {MONITORS}")
+        need(isinstance(self.min_delta, (int, float)) and math.isfinite(self.min_delta) and self.min_delta >= 0,
+             "min_delta", "must be a finite number >= 0")
+        if (self.monitor != "val_loss" or self.min_delta) and not (self.keep_best or self.early_stop_patience):
+            raise ConfigError(f"--monitor/--min-delta ({self.monitor}, {self.min_delta}) say what --keep-best and "
+                              "--early-stop-patience compare; give one of them")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

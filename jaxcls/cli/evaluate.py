@@ -17,7 +17,7 @@ Which rows are scored:
                      on, stderr says so: those are training rows.
   --data FILE --split test|validation|train
                      only for the file the model was trained on without --validation/--test
-                     files: the file is cut 70/10/20 again with training's recorded --seed, so
+                     files: the file is cut again with training's recorded --split and --seed, so
                      --split test scores exactly the rows training held out. Any other file is
                      never re-split.
   --data sms-spam    the book's test split (--split picks another; the seed is training's)."""
@@ -104,6 +104,7 @@ def _eval_dataset(args, clf, warn):
     """(texts, label indices into clf.label_names, description). See EVAL_DESCRIPTION."""
     import numpy as np
 
+    from jaxcls.config import DataSpec
     from jaxcls.data import label_ids, load_data, read_labelled
 
     names, theirs = tuple(clf.label_names), "the classifier's labels"
@@ -129,7 +130,8 @@ def _eval_dataset(args, clf, warn):
     if args.split in (None, "all"):
         if role == "train":
             warn(f"note: {args.data} is the file {args.model} was trained on; "
-                 + ("70% of its rows were training rows (--split test scores only the held-out ones)"
+                 + (f"{round(100 * DataSpec(split=config.get('split', '0.7,0.1,0.2')).split_fractions[0])}% "
+                    "of its rows were training rows (--split test scores only the held-out ones)"
                     if was_split else "every row of it was a training row"))
         table = read_labelled(args.data, **columns)
         return table.texts, label_ids(table.labels, names, source=args.data, described=theirs,
@@ -148,7 +150,9 @@ def _eval_dataset(args, clf, warn):
         raise ConfigError(f"--split {args.split}: {args.data} is not re-split, because {why}; "
                           "drop --split to score every row")
     seed = _split_seed(args, config, args.data)
-    splits = load_data(args.data, **columns, seed=seed, label_names=list(names))
+    cut = ({"split_fractions": DataSpec(split=config["split"]).split_fractions} if "split" in config
+           else {"stratify": False})  # a run recorded before --split was cut unstratified
+    splits = load_data(args.data, **columns, seed=seed, label_names=list(names), **cut)
     data = getattr(splits, args.split)
     if data is None:
         raise DataError(f"{args.data}: there is no {args.split} split")

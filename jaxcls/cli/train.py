@@ -21,7 +21,8 @@ GROUPS: dict[str, dict[str, str]] = {
     "data": {
         "data": "sms-spam (the book's data set, downloaded on first use), imdb (the book's bonus IMDB "
                 "reviews, 35,000/5,000/10,000), or a CSV/TSV/JSONL file of "
-                "texts and labels, split 70/10/20 by --seed unless --validation/--test are given",
+                "texts and labels, split 70/10/20 (--split) by --seed, stratified by label, unless "
+                "--validation/--test are given",
         "data_path": "--data sms-spam or imdb only: a local SMSSpamCollection, its zip or folder; or "
                      "aclImdb_v1.tar.gz or its folder (default: downloaded into the cache)",
         "validation": "a validation file; with --validation or --test, --data is used whole for "
@@ -38,6 +39,9 @@ GROUPS: dict[str, dict[str, str]] = {
         "choice_columns": "choice: option columns instead of a list, e.g. ending0,ending1,ending2,ending3",
         "label_separator": "multilabel CSV/TSV: the separator between label names in one field (or write a "
                            "JSON list)",
+        "split": "train,validation,test fractions of a --data file without --validation/--test: three "
+                 "non-negative numbers summing to 1, e.g. 0.8,0.2,0 (no test split); each label keeps its "
+                 "share in every split (multilabel: each row's rarest label; regression and choice: random)",
         "delimiter": "what joins the two parts of a pair, similarity or choice row (default: GPT-2's "
                      "<|endoftext|> token)",
     },
@@ -87,7 +91,12 @@ GROUPS: dict[str, dict[str, str]] = {
         "seed": "seed of the head's initialization, the shuffles, and the split of a single --data file",
         "eval_freq": "steps between validation estimates in the log",
         "eval_iter": "batches per validation estimate",
-        "keep_best": "keep the parameters of the epoch with the lowest validation loss",
+        "keep_best": "keep the parameters of the epoch with the best --monitor (default: the lowest validation loss)",
+        "early_stop_patience": "stop after this many epochs whose validation --monitor did not improve by more "
+                               "than --min-delta, keeping the best epoch's parameters (default: off)",
+        "monitor": "what --keep-best and --early-stop-patience compare, on the whole validation split at each "
+                   "epoch's end: val_loss | val_accuracy (single, choice) | val_macro_f1 (single, multilabel)",
+        "min_delta": "an improvement of --monitor is one by more than this",
         "drop_last": "drop the last partial training batch, as the book does",
         "max_steps": "stop after this many steps (default: no limit)",
         "padding": "auto | longest (the book) | context | buckets | none | N",

@@ -12,10 +12,11 @@ from jaxcls.data.labels import DataSplits, LabelMap, TextDataset, multi_hot, tar
 from jaxcls.data.records import Columns, ExampleTable, read_examples
 from jaxcls.data.sms import load_sms_spam
 from jaxcls.data.tables import LabelledTable, read_labelled
-from jaxcls.errors import DataError
+from jaxcls.errors import ConfigError, DataError
 from jaxcls.task import parse_task_name
 
 _SPLITS = ("train", "validation", "test")
+DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
 
 
 def load_splits(
@@ -26,31 +27,33 @@ def load_splits(
     text_column: str | None = None,
     label_column: str | None = None,
     label_names: Sequence[str] | None = None,
-    split_fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seed: int = 123,
     task: str = "single",
     columns: Columns | None = None,
+    stratify: bool = True,
 ) -> DataSplits:
     """Splits from user files.
 
     With only `train`, its rows are shuffled (seeded, as pandas' `sample(frac=1)`) and cut by
-    `split_fractions` like the book; a zero fraction drops that split and the last kept split
-    takes the rounding remainder. With `validation` or `test` files, every file is used as given.
+    `split_fractions`, stratified by label (`split_indices`); a zero fraction drops that split.
+    With `validation` or `test` files, every file is used as given.
 
     Labels map to indices once, from the training data, for all splits: strings map to their
     sorted unique values (or to `label_names` order); integers are class indices 0..K-1 named
     "0".."K-1" (or indices into `label_names`, unless they spell its names).
 
     Any `task` but "single" reads whole rows (records.read_examples) with `columns`.
+    `stratify=False` cuts the shuffle as jaxcls did before stratified splits (runs recorded then).
     """
     if task != "single":
         return load_task_splits(train, validation, test, task=task, columns=columns or Columns(
             {"text": text_column, "label": label_column}), label_names=label_names,
-            split_fractions=split_fractions, seed=seed)
+            split_fractions=split_fractions, seed=seed, stratify=stratify)
     columns = dict(text_column=text_column, label_column=label_column)
     table = read_labelled(train, **columns)
     if validation is None and test is None:
-        parts = split(table, split_fractions, seed)
+        parts = split(table, split_fractions, seed, stratify=[str(y) for y in table.labels] if stratify else None)
     else:
         parts = {"train": table}
         for name, file in (("validation", validation), ("test", test)):
@@ -72,40 +75,94 @@ def load_splits(
     return DataSplits(made["train"], made.get("validation"), made.get("test"), mapping.names)
 
 
-def split(table: LabelledTable, fractions: Sequence[float], seed: int) -> dict[str, LabelledTable]:
-    """`table`'s rows shuffled by `seed` and cut by the three `fractions`; zero drops a split."""
+def split(table: LabelledTable, fractions: Sequence[float], seed: int,
+          stratify: Sequence | None = None) -> dict[str, LabelledTable]:
+    """`table`'s rows shuffled by `seed` and cut by the three `fractions` (per `stratify` key when
+    given); zero drops a split."""
     return {name: LabelledTable(table.path, [table.texts[i] for i in idx], [table.labels[i] for i in idx],
-                                [table.lines[i] for i in idx], table.label_column, source=f"{table.path}:{name}")
-            for name, idx in split_indices(len(table.texts), table.path, fractions, seed).items()}
+                                [table.lines[i] for i in idx], table.label_column,
+                                source=part_source(table.path, name, fractions))
+            for name, idx in split_indices(len(table.texts), table.path, fractions, seed, stratify).items()}
 
 
-def split_indices(n: int, path, fractions: Sequence[float], seed: int) -> dict[str, np.ndarray]:
-    """Row indices of each split: shuffled by `seed`, cut by `fractions`; zero drops a split."""
+def part_source(path, name: str, fractions) -> str:
+    """A split's source: `FILE:test`, with the fractions when they are not the default, so a run
+    resumed with another --split is refused as made from other data."""
     fractions = tuple(float(f) for f in fractions)
-    if (
-        len(fractions) != 3
-        or min(fractions) < 0
-        or fractions[0] <= 0
-        or abs(sum(fractions) - 1) > 1e-6
-    ):
-        raise DataError(
-            f"split_fractions must be three non-negative numbers (train > 0) summing to 1, "
-            f"got {fractions}"
-        )
+    return f"{path}:{name}" if fractions == DEFAULT_FRACTIONS else f"{path}:{name} of {','.join(map(str, fractions))}"
+
+
+def check_fractions(fractions: Sequence[float], what: str = "split_fractions") -> tuple[float, float, float]:
+    """Three non-negative fractions summing to 1 with train > 0, or a DataError naming `what`."""
+    try:
+        out = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 3 or not all(np.isfinite(out)) or min(out) < 0 or out[0] <= 0 or abs(sum(out) - 1) > 1e-6:
+        raise DataError(f"{what} must be three non-negative numbers (train > 0) summing to 1, e.g. 0.8,0.2,0; "
+                        f"got {tuple(fractions) if not isinstance(fractions, str) else fractions}")
+    return out
+
+
+def split_indices(n: int, path, fractions: Sequence[float], seed: int,
+                  stratify: Sequence | None = None) -> dict[str, np.ndarray]:
+    """Row indices of each split, each in the order of one seeded shuffle; zero drops a split.
+
+    Without `stratify` the shuffle is cut at `int(n * fraction)` (the last kept split takes the
+    remainder). With it (one key per row: the label), each key's rows, in shuffle order, are cut so
+    that every key's count in every split is within one row of its share, and the split sizes are
+    those of the plain cut where the keys allow. A key with one or two rows goes wholly to train,
+    so every label the other splits hold is one training saw."""
+    fractions = check_fractions(fractions)
     order = np.random.RandomState(seed).permutation(n)
-    kept = [(name, f) for name, f in zip(_SPLITS, fractions) if f > 0]
-    parts, start = {}, 0
-    for k, (name, f) in enumerate(kept):
-        end = n if k == len(kept) - 1 else start + int(n * f)
-        idx = order[start:end]
-        if len(idx) == 0:
-            raise DataError(
-                f"{path}: the {name} split is empty ({n} rows x {f} -> 0); "
-                "use more rows or change split_fractions"
-            )
-        parts[name] = idx
-        start = end
+    kept = [s for s, f in enumerate(fractions) if f > 0]
+    sizes = [int(n * fractions[s]) if s in kept else 0 for s in range(3)]
+    sizes[kept[-1]] = n - sum(sizes[s] for s in kept[:-1])
+    if stratify is None:
+        bounds = np.cumsum([0, *sizes])
+        cuts = [order[bounds[s]:bounds[s + 1]] for s in range(3)]
+    else:
+        cuts = _stratified_cut(order, [str(k) for k in stratify], fractions, sizes)
+    parts = {}
+    for s in kept:
+        if len(cuts[s]) == 0:
+            raise DataError(f"{path}: the {_SPLITS[s]} split is empty ({n} rows x {fractions[s]} -> 0); "
+                            "use more rows or change split_fractions")
+        parts[_SPLITS[s]] = cuts[s]
     return parts
+
+
+def _stratified_cut(order: np.ndarray, keys: list[str], fractions, sizes) -> list[np.ndarray]:
+    """Per key, how many of its rows each split takes: the floor of its share, then the rows left
+    over, one per split at most, to the splits still short of `sizes` (largest shortfall first,
+    which always completes when the sizes can be met). Each count is then floor or floor + 1 of
+    its share. The rows themselves come in shuffle order: each split keeps the shuffle's order."""
+    groups: dict[str, list[int]] = {}
+    for i in order:
+        groups.setdefault(keys[i], []).append(int(i))
+    names = sorted(groups)
+    share = np.array([[len(groups[k]), 0, 0] if len(groups[k]) <= 2 else [len(groups[k]) * f for f in fractions]
+                      for k in names], np.float64)
+    counts = np.floor(share + 1e-9).astype(np.int64)
+    short = np.asarray(sizes) - counts.sum(axis=0)
+    left = np.array([len(groups[k]) for k in names]) - counts.sum(axis=1)
+    usable = np.array([f > 0 for f in fractions])
+    for k in sorted(range(len(names)), key=lambda k: -left[k]):  # stable: by key within equal leftovers
+        taken = set()
+        for _ in range(left[k]):
+            free = [s for s in range(3) if usable[s] and s not in taken] or [s for s in range(3) if usable[s]]
+            s = max(free, key=lambda s: (short[s], share[k, s] - counts[k, s]))
+            counts[k, s] += 1
+            short[s] -= 1
+            taken.add(s)
+    cuts: list[list[int]] = [[], [], []]
+    for k, name in enumerate(names):
+        bounds = np.cumsum([0, *counts[k]])
+        for s in range(3):
+            cuts[s].extend(groups[name][bounds[s]:bounds[s + 1]])
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    return [np.asarray(sorted(c, key=lambda i: rank[i]), np.int64) for c in cuts]
 
 
 def to_dataset(table: LabelledTable, mapping: LabelMap, allowed: set | None = None) -> TextDataset:
@@ -151,15 +208,19 @@ def load_data(spec: str, **kw) -> DataSplits:
 def load_spec(spec, *, seed: int = 123, progress: bool = True) -> DataSplits:
     """The splits a DataSpec (jaxcls.config) names: the book's SMS recipe, or a file with its
     optional validation and test files, split by `seed` when those are absent."""
+    fractions = spec.split_fractions
+    if fractions != DEFAULT_FRACTIONS and (spec.is_sms or spec.data == "imdb" or spec.validation or spec.test):
+        why = f"{spec.data} has fixed splits" if spec.is_sms or spec.data == "imdb" else "--validation/--test are given"
+        raise ConfigError(f"--split {spec.split}: cuts a single --data file, and {why}; drop --split")
     if spec.is_sms or spec.data == "imdb":
         if spec.task != "single":
             raise DataError(f"--task {spec.task}: {spec.data} is single-label text; give a data file for this task")
         return load_data(spec.data, path=spec.data_path, seed=seed, progress=progress)
     if spec.task != "single":
         return load_splits(spec.data, spec.validation, spec.test, seed=seed, task=spec.task,
-                           columns=columns_of(spec))
+                           columns=columns_of(spec), split_fractions=fractions)
     return load_data(spec.data, validation=spec.validation, test=spec.test, text_column=spec.text_column,
-                     label_column=spec.label_column, seed=seed)
+                     label_column=spec.label_column, seed=seed, split_fractions=fractions)
 
 
 def columns_of(spec) -> Columns:
@@ -171,8 +232,8 @@ def columns_of(spec) -> Columns:
 
 
 def load_task_splits(train, validation=None, test=None, *, task: str, columns: Columns,
-                     label_names: Sequence[str] | None = None, split_fractions=(0.7, 0.1, 0.2),
-                     seed: int = 123) -> DataSplits:
+                     label_names: Sequence[str] | None = None, split_fractions=DEFAULT_FRACTIONS,
+                     seed: int = 123, stratify: bool = True) -> DataSplits:
     """`load_splits` for any task but single-label text: multi-label names are the training
     data's (sorted) or `label_names`, and a name outside them in any split is an error; regression
     targets are named after the label column (`label_names` to rename); choice labels are option
@@ -180,8 +241,9 @@ def load_task_splits(train, validation=None, test=None, *, task: str, columns: C
     kind, _ = parse_task_name(task)
     table = read_examples(train, task, columns)
     if validation is None and test is None:
-        parts = {name: table.subset(idx, f"{table.path}:{name}")
-                 for name, idx in split_indices(len(table.texts), table.path, split_fractions, seed).items()}
+        cut = split_indices(len(table.texts), table.path, split_fractions, seed,
+                            strata(kind, table.labels) if stratify else None)
+        parts = {name: table.subset(idx, part_source(table.path, name, split_fractions)) for name, idx in cut.items()}
     else:
         parts = {"train": table}
         for name, file in (("validation", validation), ("test", test)):
@@ -197,6 +259,20 @@ def load_task_splits(train, validation=None, test=None, *, task: str, columns: C
             raise DataError(f"{bad.source}: an example has {most} options, more than the training data's "
                             f"{len(names)}")
     return DataSplits(made["train"], made.get("validation"), made.get("test"), names, task)
+
+
+def strata(kind: str, labels: Sequence) -> list[str] | None:
+    """What a split is stratified by: the label (single), each row's rarest label in the file
+    (multilabel; ties by name, '' for a row without labels), nothing for regression and choice."""
+    if kind == "single":
+        return [str(y) for y in labels]
+    if kind != "multilabel":
+        return None
+    counts: dict[str, int] = {}
+    for row in labels:
+        for name in row:
+            counts[name] = counts.get(name, 0) + 1
+    return [min(row, key=lambda name: (counts[name], name)) if row else "" for row in labels]
 
 
 def _task_label_names(kind: str, table: ExampleTable, label_names) -> tuple[str, ...]:

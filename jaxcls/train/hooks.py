@@ -1,7 +1,7 @@
 """The loop's side work, one hook each: reading losses back (and stopping on a non-finite one),
-the progress bar, periodic evaluation, the stop signal, periodic saves, the end-of-epoch metrics
-with keep-best, and an observer of the steps taken. Each hook sees the run after every step and
-at the end of every epoch; the loop itself only takes steps (loop.py)."""
+the progress bar, periodic evaluation, the stop signal, periodic saves, the end-of-epoch metrics,
+the best epoch (keep-best and early stopping), and an observer of the steps taken. Each hook sees
+the run after every step and at the end of every epoch; the loop itself only takes steps (loop.py)."""
 
 from __future__ import annotations
 
@@ -96,8 +96,8 @@ class SaveEvery(Hook):
 
 
 class EpochEnd(Hook):
-    """Train accuracy on the first batches, validation loss and accuracy on the whole split, and
-    with keep_best the parameters of the epoch with the lowest validation loss."""
+    """Train accuracy on the first batches, validation loss and the task's metric on the whole
+    split (and the monitored metric, when it is another), for BestEpoch to compare."""
 
     def after_epoch(self, run, plan):
         prog, st = run.prog, run.state
@@ -106,12 +106,79 @@ class EpochEnd(Hook):
         entry = {"epoch": st.epoch + 1, "step": st.step,
                  f"train_{key}": _score(task, prog.evaluate(st.trainable, run.train, plan, prog.cfg.eval_iter))}
         if "validation" in run.data.splits:
-            va_loss, logits, y = prog.evaluate(st.trainable, run.data.splits["validation"])
+            va_loss, logits, y = self.validate(run)
             entry.update({f"val_{key}": _score(task, (va_loss, logits, y)), "val_loss_full": va_loss})
-            if prog.cfg.keep_best and (st.best is None or va_loss < st.best["val_loss"]):
-                st.best = {"val_loss": va_loss, "epoch": st.epoch + 1}
-                run.save_best()
+            name = MONITORS[prog.cfg.monitor][0]
+            if name not in ("loss", "accuracy", task.primary_metric) and len(y):
+                entry[prog.cfg.monitor] = float(task.report(y, logits)[name])
         run.record(entry)
+
+    def validate(self, run) -> tuple:
+        """(loss, logits, labels) of the whole validation split with the current parameters."""
+        return run.prog.evaluate(run.state.trainable, run.data.splits["validation"])
+
+
+# --monitor -> (the task report's key, or 'loss'; whether larger is better)
+MONITORS = {"val_loss": ("loss", False), "val_accuracy": ("accuracy", True), "val_macro_f1": ("macro_f1", True)}
+# The monitors each task kind reports.
+TASK_MONITORS = {"single": ("val_loss", "val_accuracy", "val_macro_f1"), "multilabel": ("val_loss", "val_macro_f1"),
+                 "regression": ("val_loss",), "choice": ("val_loss", "val_accuracy")}
+
+
+def monitored(entry: dict, monitor: str) -> float | None:
+    """The monitored number in an epoch's entry: the full validation loss, `val_acc`, or its own key."""
+    key = {"val_loss": "val_loss_full", "val_accuracy": "val_acc"}.get(monitor, monitor)
+    return entry.get(key)
+
+
+class BestEpoch(Hook):
+    """The one owner of "best": after each epoch's validation (EpochEnd), the monitored metric is
+    compared with the best so far; an improvement (better by more than min_delta) saves the
+    parameters (run.save_best) and restarts the count of evaluations without one, which stops
+    the run once it reaches the patience. Best and count live in the loop state, so a resumed run
+    goes on counting where the save left it."""
+
+    def __init__(self, monitor: str, min_delta: float, patience: int | None):
+        self.monitor, self.min_delta, self.patience = monitor, min_delta, patience
+        self.larger = MONITORS[monitor][1]
+
+    def better(self, value: float, best: dict | None) -> bool:
+        if best is None:
+            return True
+        old = best.get("value", best.get("val_loss"))  # saves before --monitor held val_loss only
+        return value > old + self.min_delta if self.larger else value < old - self.min_delta
+
+    def after_epoch(self, run, plan):
+        st = run.state
+        entry = st.history[-1] if st.history else {}
+        value = monitored(entry, self.monitor)
+        if entry.get("epoch") != st.epoch + 1 or value is None:
+            return
+        if self.better(value, st.best):
+            st.best = {"monitor": self.monitor, "value": value, "epoch": st.epoch + 1, "step": st.step,
+                       "val_loss": entry.get("val_loss_full")}
+            st.stale = 0
+            run.save_best()
+            return
+        st.stale += 1
+        if self.patience is not None and st.stale >= self.patience:
+            st.stopped = {"step": st.step, "epoch": st.epoch + 1,
+                          "reason": f"{self.monitor} did not improve by more than {self.min_delta:g} in "
+                                    f"{st.stale} evaluation(s) after its best, {st.best['value']:.6g} at "
+                                    f"epoch {st.best['epoch']} (step {st.best['step']})"}
+            run.log(f"early stop at epoch {st.epoch + 1} (step {st.step}): {st.stopped['reason']}")
+
+
+def early_stop_report(state, cfg) -> dict:
+    """metrics.json's `early_stop`: what was watched, the best, and when and why the run stopped."""
+    best, stopped = state.best or {}, state.stopped
+    reason = stopped["reason"] if stopped else (
+        f"not stopped: {cfg.monitor} never went {cfg.early_stop_patience} evaluation(s) without improving "
+        "before --epochs/--max-steps ended the run")
+    return {"monitor": cfg.monitor, "min_delta": cfg.min_delta, "patience": cfg.early_stop_patience,
+            "best": best.get("value"), "best_epoch": best.get("epoch"), "best_step": best.get("step"),
+            "stopped_at_step": stopped["step"] if stopped else None,
+            "stopped_at_epoch": stopped["epoch"] if stopped else None, "reason": reason}
 
 
 class Observe(Hook):

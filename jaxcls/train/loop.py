@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxcls import data as data_lib
@@ -60,6 +61,18 @@ def task_for(splits: data_lib.DataSplits, cfg: TrainConfig, task: TaskBase | Non
     return task
 
 
+EARLY_STOP_FIELDS = ("early_stop_patience", "monitor", "min_delta")
+
+
+def _check_monitor(cfg: TrainConfig, task: TaskBase, splits: data_lib.DataSplits) -> None:
+    """--monitor must name a metric the task reports, and early stopping needs a validation split."""
+    valid = hooks_lib.TASK_MONITORS.get(task.kind, ("val_loss",))
+    if cfg.monitor not in valid:
+        raise ConfigError(f"--monitor {cfg.monitor}: --task {task.name} reports {' | '.join(valid)} on validation")
+    if cfg.early_stop_patience and splits.validation is None:
+        raise ConfigError("--early-stop-patience counts evaluations on the validation split, and there is none")
+
+
 def _refuse_foreign(task: TaskBase, cfg: TrainConfig) -> None:
     given = {"class_weights": cfg.class_weights != "none", "label_smoothing": cfg.label_smoothing != 0,
              "pos_weight": cfg.pos_weight != "none", "thresholds": cfg.thresholds != "0.5",
@@ -99,6 +112,7 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
     task = task_for(splits, cfg, task)
     if cfg.thresholds == "tune" and splits.validation is None:
         raise ConfigError("--thresholds tune picks each label's threshold on the validation split, and there is none")
+    _check_monitor(cfg, task, splits)
     data = prepare_data(model, encode, splits, cfg, log, task)
     model.pooling = data.pooling  # the saved classifier predicts the way it was trained
     prog, state = build_program(model, data, task, cfg, log)
@@ -110,6 +124,9 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
     settings = state_lib.resumable(cfg, model, splits)
     if task.name != "single":  # runs saved before tasks existed resume as they were
         settings["task"] = task.to_json()
+    for key in EARLY_STOP_FIELDS:  # and so do runs saved before early stopping, when it is off
+        if settings[key] == TrainConfig.__dataclass_fields__[key].default:
+            del settings[key]
     run = Run(prog, state, data, out, log, settings)
     try:
         return _run(run, splits, resume, progress, on_step, compile_s)
@@ -129,6 +146,8 @@ def _run(run: Run, splits, resume: bool, progress: bool, on_step, compile_s: flo
                             loss=float("nan"), rate=0.0)
         hooks = [hooks_lib.LossCheck(bar, task), hooks_lib.Evaluate(), hooks_lib.StopOnSignal(),
                  hooks_lib.SaveEvery(), hooks_lib.EpochEnd()]
+        if prog.cfg.keep_best or prog.cfg.early_stop_patience:
+            hooks.append(hooks_lib.BestEpoch(prog.cfg.monitor, prog.cfg.min_delta, prog.cfg.early_stop_patience))
         if on_step is not None:
             hooks.insert(0, hooks_lib.Observe(on_step))
         run.loop(hooks)
@@ -146,6 +165,7 @@ class Run:
         self.state_dir = self.out / "state" if self.out else None
         self.store = state_lib.StateStore(self.state_dir) if self.state_dir else None
         self._best = None  # the keep-best store, opened at the first best epoch
+        self._best_held = None  # without --out: a copy of the best epoch's parameters
         self.start_step = 0
         self.plan: list = []
         self.signals = None
@@ -154,10 +174,11 @@ class Run:
         self.t_start = time.perf_counter()
 
     def loop(self, hooks: list[hooks_lib.Hook]) -> None:
-        """Epochs of planned batches; resumes mid-epoch at `done_in_epoch`."""
+        """Epochs of planned batches; resumes mid-epoch at `done_in_epoch`. Ends early once a hook
+        has set `state.stopped` (hooks.BestEpoch) at an epoch's end."""
         prog, st, cfg = self.prog, self.state, self.prog.cfg
         base_key = jax.random.PRNGKey(cfg.seed)
-        while st.epoch < cfg.epochs and st.step < prog.total_steps:
+        while st.epoch < cfg.epochs and st.step < prog.total_steps and st.stopped is None:
             self.plan = prog.plan(self.train, st.epoch)
             for b_index in range(st.done_in_epoch, len(self.plan)):
                 g, idx = self.plan[b_index]
@@ -213,12 +234,19 @@ class Run:
         return self._best
 
     def save_best(self) -> None:
+        """The best epoch's parameters: in RUN/best/ with --out, else a copy in (device) memory."""
         if self.out:
             self.best_store().save(self.state.step, {"trainable": self.state.trainable}, {"best": self.state.best},
                                    replace=True)
+        else:
+            self._best_held = jax.tree.map(jnp.copy, self.state.trainable)
 
     def load_best(self):
         """The trainable parameters of the best epoch, placed like the current ones."""
+        if not self.out:
+            if self._best_held is None:
+                raise CheckpointError("no best epoch was kept")
+            return self._best_held
         store = self.best_store()
         step = store.latest()
         if step is None:
@@ -245,12 +273,13 @@ class Run:
 
 
 def finish(run: Run, splits: data_lib.DataSplits, compile_s: float) -> FitResult:
-    """Keep the best epoch if asked, evaluate every split in full, and report."""
+    """Keep the best epoch if asked (--keep-best, early stopping), evaluate every split in full, and report."""
     prog, st, cfg = run.prog, run.state, run.prog.cfg
     trainable, frozen = st.trainable, prog.frozen
-    if cfg.keep_best and st.best is not None and run.out:
+    if (cfg.keep_best or cfg.early_stop_patience) and st.best is not None:
         trainable = run.load_best()
-        run.log(f"keeping epoch {st.best['epoch']} (lowest validation loss {st.best['val_loss']:.4f})")
+        what = ("lowest validation loss" if cfg.monitor == "val_loss" else f"best {cfg.monitor}")
+        run.log(f"keeping epoch {st.best['epoch']} ({what} {st.best.get('value', st.best['val_loss']):.4f})")
     if prog.mesh is not None:
         trainable, frozen = run.host(trainable), run.host(frozen)
     host_prog = dataclasses.replace(prog, frozen=frozen)
@@ -263,6 +292,8 @@ def finish(run: Run, splits: data_lib.DataSplits, compile_s: float) -> FitResult
               "pad_length": data.pad_length, "cached_prefix": cache is not None,
               "cache_dtype": cache.dtype if cache else None, "cache_memory": cache.memory if cache else None,
               "label_names": list(splits.label_names)}
+    if cfg.early_stop_patience:
+        report["early_stop"] = hooks_lib.early_stop_report(st, cfg)
     task = saved_task(prog.spec.task)
     results = {name: host_prog.evaluate(trainable, d) for name, d in data.splits.items()}
     prog.close()

@@ -146,7 +146,7 @@ def prepare_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
 @dataclasses.dataclass
 class LoopState:
     """Exactly what a resumable save holds: parameters that train, optimizer state, where the loop
-    is, the metrics history and the best epoch so far."""
+    is, the metrics history, the best epoch so far and early stopping's count."""
 
     trainable: object
     opt_state: object
@@ -155,10 +155,12 @@ class LoopState:
     done_in_epoch: int = 0  # batches of `epoch` already taken
     history: list = dataclasses.field(default_factory=list)
     best: dict | None = None
+    stale: int = 0  # evaluations since the best without an improvement (early stopping's count)
+    stopped: dict | None = None  # why and where early stopping ended the run
 
     def meta(self, settings: dict) -> dict:
         return {"config": settings, "step": self.step, "epoch": self.epoch, "done_in_epoch": self.done_in_epoch,
-                "history": self.history, "best": self.best}
+                "history": self.history, "best": self.best, "stale": self.stale, "stopped": self.stopped}
 
 
 def resumable(cfg, model, splits) -> dict:
@@ -199,7 +201,7 @@ def restore(state: LoopState, store: StateStore, settings: dict) -> tuple[LoopSt
                           "steps: pass a larger --epochs or --max-steps to train further")
     got = store.load(step, {"trainable": state.trainable, "opt_state": state.opt_state})
     return LoopState(got["trainable"], got["opt_state"], meta["step"], meta["epoch"], meta["done_in_epoch"],
-                     meta["history"], meta.get("best")), latest, diff
+                     meta["history"], meta.get("best"), meta.get("stale", 0), meta.get("stopped")), latest, diff
 
 
 def finished_run(out: Path, config: dict) -> int | None:
