@@ -58,7 +58,12 @@ def _mkl_paths() -> list[str]:
 
 @functools.cache
 def load_mkl():
-    """MKL's bf16 GEMM as a ctypes function, or None where no libmkl_rt exports it."""
+    """MKL's bf16 GEMM as a ctypes function, or None where no libmkl_rt exports it.
+
+    MKL's OpenMP threads spin for 200 ms after each call by default, taking the cores from XLA's
+    threads between GEMMs; KMP_BLOCKTIME=0 (unless the user set it) puts them to sleep at once:
+    gpt2-small's train step went from 0.60 s to 0.42 s (docs/benchmarks.md)."""
+    os.environ.setdefault("KMP_BLOCKTIME", "0")  # read when MKL's OpenMP runtime starts, below
     for path in _mkl_paths():
         try:
             lib = ctypes.CDLL(path)

@@ -41,6 +41,18 @@ def test_missing_library_loads_as_none(monkeypatch):
     assert cpu_gemm.load_mkl.__wrapped__() is None
 
 
+def test_mkl_threads_sleep_between_calls_unless_the_user_says(monkeypatch):
+    """MKL's OpenMP threads must not spin between GEMMs on the cores XLA needs: KMP_BLOCKTIME is 0
+    before MKL loads, and a value the user set is kept. Fails without the setdefault (planted)."""
+    monkeypatch.setattr(cpu_gemm, "_mkl_paths", lambda: ["/nonexistent/libmkl_rt.so.3"])
+    monkeypatch.delenv("KMP_BLOCKTIME", raising=False)
+    cpu_gemm.load_mkl.__wrapped__()
+    assert cpu_gemm.os.environ["KMP_BLOCKTIME"] == "0"
+    monkeypatch.setenv("KMP_BLOCKTIME", "50")
+    cpu_gemm.load_mkl.__wrapped__()
+    assert cpu_gemm.os.environ["KMP_BLOCKTIME"] == "50"
+
+
 def test_float32_and_switched_off_take_xla(monkeypatch):
     """Fails if a float32 product or JAXCLS_CPU_GEMM=0 still reaches MKL (planted: the dtype test in
     matmul dropped, or the environment variable ignored)."""
