@@ -123,7 +123,6 @@ def predictor_mode(args, cfg, params):
     """(fn(params, form) -> the logits of `--examples` choice examples through a Predictor with
     shared_prefix on ("shared") or off ("flat"), the two Predictors). Each example has its own
     random context and options, as token ids written out in text."""
-    import numpy as np
     from flax import nnx
 
     from jaxcls.infer.predictor import Predictor
