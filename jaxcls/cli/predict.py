@@ -7,7 +7,7 @@ import sys
 
 from jaxcls.cli.common import (load_classifier, model_options, predictor_kw, report_long, shorten,
                                stats_since, stderr, wrong_flag)
-from jaxcls.cli.train import GROUPS
+from jaxcls.cli.train_help import GROUPS
 from jaxcls.errors import ConfigError, DataError
 from jaxcls.infer.answers import INPUT_FIELDS
 
