@@ -66,4 +66,5 @@ def disable_compilation_cache() -> None:
     from jax.experimental.compilation_cache import compilation_cache
 
     jax.config.update("jax_enable_compilation_cache", False)
+    jax.config.update("jax_compilation_cache_max_size", -1)  # no bound left behind for a later enable
     compilation_cache.reset_cache()
