@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
     systems = {"jaxcls": lambda: measure.measure_train(cfg, **shape)}
     from jaxcls.cpu_gemm import decide_dtype
 
-    auto, why = decide_dtype("auto")
+    auto, why = decide_dtype("auto", width=cfg.n_embd)  # as `jaxcls train` decides for this model
     if auto != "float32" and not args.no_jaxcls_auto:
         systems[f"jaxcls-{auto}"] = lambda: measure.measure_train(cfg.replace(dtype=auto), **shape)
     ours = list(systems)

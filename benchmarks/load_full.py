@@ -11,7 +11,7 @@ parameter bytes over the process's footprint before loading.
 
     python -m benchmarks.load_full --sizes gpt2-small,gpt2-xl --record    # from the repo root
 
-The bundle is written with the SSTable/protobuf writer of tests/test_openai_ckpt.py, the
+The bundle is written with the SSTable/protobuf writer of benchmarks/tf_bundle.py, the
 safetensors file by streaming its header and tensors (safetensors' own writer would need the whole
 6 GB in memory)."""
 
@@ -76,17 +76,16 @@ def _crc_of(shape) -> int:
 
 
 def write_openai(folder: Path, hparams: dict, rows) -> int:
-    sys.path.insert(0, str(REPO / "tests"))  # the test module imports its conftest by name
-    from test_openai_ckpt import DATA_NAME, INDEX_NAME, _entry, _header, _sstable
+    from benchmarks.tf_bundle import DATA_NAME, INDEX_NAME, entry, header, sstable
 
     folder.mkdir(parents=True, exist_ok=True)
-    items, offset = [(b"", _header())], 0
+    items, offset = [(b"", header())], 0
     with open(folder / DATA_NAME, "wb") as f:
         for tf_name, _, _, tf_shape in rows:
             size = _stream(f, tf_shape)
-            items.append((tf_name.encode(), _entry(1, tf_shape, offset, size, crc=_crc_of(tf_shape))))
+            items.append((tf_name.encode(), entry(1, tf_shape, offset, size, crc=_crc_of(tf_shape))))
             offset += size
-    (folder / INDEX_NAME).write_bytes(_sstable(sorted(items)))
+    (folder / INDEX_NAME).write_bytes(sstable(sorted(items)))
     (folder / "checkpoint").write_text('model_checkpoint_path: "model.ckpt"\n')
     (folder / "hparams.json").write_text(json.dumps(hparams))
     return offset

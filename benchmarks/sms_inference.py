@@ -163,7 +163,8 @@ def main(argv=None) -> dict:
     info = system_info(threads, torch=True)  # the load before the run
     from jaxcls.cpu_gemm import decide_dtype
 
-    cfg = preset(args.size).replace(dtype=decide_dtype(args.dtype)[0])
+    cfg = preset(args.size)
+    cfg = cfg.replace(dtype=decide_dtype(args.dtype, width=cfg.n_embd)[0])  # as `jaxcls train` decides
     texts, encode = texts_and_encoder()
     peak = matmul_peak("float32", args.probe_n)["flops_per_s"]
     systems = [prepare_jaxcls(cfg, texts, encode, args.batch)]

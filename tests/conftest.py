@@ -57,6 +57,16 @@ ALLOWED_SKIPS: dict[str, str] = {
 }
 
 
+def save_tiny_classifier(folder: Path, labels, seed: int) -> Path:
+    """A random-init `tiny` classifier over `labels`, saved in `folder`: the saved model the CLI tests
+    classify with."""
+    from jaxcls.classifier import Classifier
+
+    Classifier.from_pretrained("tiny", label_names=labels, weights="random", tokenizer=TOKENIZER_DIR,
+                               seed=seed).save(folder)
+    return folder
+
+
 def write_sms_csv(path: Path, n: int) -> Path:
     """The first `n` rows of the shared SMS collection as a `label,text` CSV: small real training data."""
     with open(SMS, encoding="utf-8", errors="replace") as f:

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import TOKENIZER_DIR
+from conftest import TOKENIZER_DIR, save_tiny_classifier
 from jaxcls.classifier import Classifier
 from jaxcls.cli import main
 
@@ -18,10 +18,7 @@ HUGE_WS = [" " * 1_000_000, "\n" * 1_000_000, " \n\t" * 340_000]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clf")
-    Classifier.from_pretrained("tiny", label_names=LABELS, weights="random", tokenizer=TOKENIZER_DIR,
-                               seed=3).save(folder)
-    return folder
+    return save_tiny_classifier(tmp_path_factory.mktemp("clf"), LABELS, seed=3)
 
 
 def one_line_error(capsys) -> str:

@@ -92,7 +92,7 @@ def test_ab_train_step_quick_runs_every_eager_peer(tmp_path, monkeypatch):
     the auto-dtype jaxcls row is (planted: the `systems[f"jaxcls-{auto}"]` line removed)."""
     import jaxcls.cpu_gemm
 
-    monkeypatch.setattr(jaxcls.cpu_gemm, "decide_dtype", lambda requested: ("bfloat16", "test"))
+    monkeypatch.setattr(jaxcls.cpu_gemm, "decide_dtype", lambda requested, **kw: ("bfloat16", "test"))
     results = tmp_path / "r.jsonl"
     record = ab_train_step.main(["--size", "tiny", "--seq-len", "16", "--quick", "--no-compile",
                                  "--results", str(results)])

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TOKENIZER_DIR
-from jaxcls.classifier import Classifier
+from conftest import save_tiny_classifier
 from jaxcls.cli import main
 from jaxcls.errors import DataError
 from jaxcls.infer.io import PredictionWriter
@@ -29,10 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clf")
-    Classifier.from_pretrained("tiny", label_names=LABELS, weights="random", tokenizer=TOKENIZER_DIR,
-                               seed=3).save(folder)
-    return folder
+    return save_tiny_classifier(tmp_path_factory.mktemp("clf"), LABELS, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TOKENIZER_DIR
+from conftest import TOKENIZER_DIR, save_tiny_classifier
 from jaxcls.classifier import Classifier
 from jaxcls.cli import main
 from jaxcls.task import softmax
@@ -21,10 +21,7 @@ TEXTS = ["WINNER!! You have won a £1000 prize, call now", "Are we still on for 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clf3")
-    Classifier.from_pretrained("tiny", label_names=LABELS, weights="random", tokenizer=TOKENIZER_DIR,
-                               seed=7).save(folder)
-    return folder
+    return save_tiny_classifier(tmp_path_factory.mktemp("clf3"), LABELS, seed=7)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.tf_bundle import DATA_NAME, INDEX_NAME
+from benchmarks.tf_bundle import entry as _entry
+from benchmarks.tf_bundle import header as _header
+from benchmarks.tf_bundle import pb_bytes as _pb_bytes
+from benchmarks.tf_bundle import sstable as _sstable
 from conftest import SHARED
 from jaxcls.ckpt import crc32c as c32
 from jaxcls.ckpt import openai as oc
@@ -21,8 +26,6 @@ from jaxcls.errors import CheckpointError
 
 TINY = SHARED / "fixtures" / "gpt2-tiny"
 OPENAI = TINY / "openai"
-DATA_NAME = "model.ckpt.data-00000-of-00001"
-INDEX_NAME = "model.ckpt.index"
 
 
 @pytest.fixture
@@ -332,66 +335,6 @@ def test_hparams_not_utf8(ckpt_copy):
 # ---------------------------------------------------------------------------------------------
 # Hand-built bundles: a minimal SSTable + protobuf writer reaches the cases TF never writes.
 # ---------------------------------------------------------------------------------------------
-
-
-def _varint(value: int) -> bytes:
-    value &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _pb_int(number: int, value: int) -> bytes:
-    return _varint(number << 3) + _varint(value)
-
-
-def _pb_bytes(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _entry(dtype=1, shape=(2,), offset=0, size=8, crc=None, shard_id=0, slices=False) -> bytes:
-    dims = b"".join(_pb_bytes(2, _pb_int(1, d)) for d in shape)
-    out = _pb_int(1, dtype) + _pb_bytes(2, dims) + _pb_int(3, shard_id) + _pb_int(4, offset) + _pb_int(5, size)
-    if crc is not None:
-        out += _varint(6 << 3 | 5) + struct.pack("<I", c32.mask(crc))
-    if slices:
-        out += _pb_bytes(7, _pb_bytes(1, b""))
-    return out
-
-
-def _header(num_shards=1, endianness=0) -> bytes:
-    return _pb_int(1, num_shards) + _pb_int(2, endianness) + _pb_bytes(3, _pb_int(1, 1))
-
-
-def _block(items) -> bytes:
-    body, restarts = bytearray(), []
-    for key, value in items:
-        restarts.append(len(body))
-        body += _varint(0) + _varint(len(key)) + _varint(len(value)) + key + value
-    restarts = restarts or [0]
-    return bytes(body) + b"".join(struct.pack("<I", r) for r in restarts) + struct.pack("<I", len(restarts))
-
-
-def _with_trailer(block: bytes, kind: int = 0) -> bytes:
-    return block + bytes([kind]) + struct.pack("<I", c32.mask(c32.crc32c(block + bytes([kind]))))
-
-
-def _sstable(items, kind: int = 0) -> bytes:
-    data = _block(items)
-    table = _with_trailer(data, kind)
-    meta_offset = len(table)
-    meta = _block([])
-    table += _with_trailer(meta)
-    index_offset = len(table)
-    last_key = items[-1][0] + b"\xff" if items else b""
-    index = _block([(last_key, _varint(0) + _varint(len(data)))])
-    table += _with_trailer(index)
-    handles = _varint(meta_offset) + _varint(len(meta)) + _varint(index_offset) + _varint(len(index))
-    return table + handles.ljust(40, b"\0") + struct.pack("<Q", 0xDB4775248B80FB57)
 
 
 def _write_bundle(folder: Path, items, data: bytes, kind: int = 0) -> Path:
