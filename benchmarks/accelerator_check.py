@@ -1,6 +1,6 @@
 """One command that proves jaxcls on a GPU or TPU: run it once on the machine, read the report.
 
-    python -m benchmarks.accelerator_check                 # the full check (< 8 min on one H100/H200)
+    python -m benchmarks.accelerator_check                 # the full check (meant for < 8 min on one H100/H200; not yet run on a device)
     python -m benchmarks.accelerator_check --smoke         # the same code at tiny sizes, any machine
 
 It writes accelerator_check.json (every figure) and accelerator_check.md (the report) into --out:
