@@ -118,7 +118,7 @@ def compile_train_step(cfg, trainable: str, batch: int, seq_len: int, *, cached_
     group, idx = prog.plan(split, 0)[0]
     b = make_batch(split, group, idx, prog.rows, prog.cfg.accumulation, prog.cached)
     t0 = time.perf_counter()
-    compiled = prog.train_step.lower(state.trainable, prog.frozen, state.opt_state, b,
+    compiled = prog.train_step.lower(state.trainable, prog.operands, state.opt_state, b,
                                      jax.random.PRNGKey(seed)).compile()
     return prog, state, split, time.perf_counter() - t0, {"total": _xla_flops(compiled),
                                                          "dots": xla_dot_flops(compiled)}

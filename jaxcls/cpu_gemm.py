@@ -57,26 +57,45 @@ def _mkl_paths() -> list[str]:
 
 
 @functools.cache
-def load_mkl():
-    """MKL's bf16 GEMM as a ctypes function, or None where no libmkl_rt exports it.
+def _mkl_lib():
+    """libmkl_rt as a ctypes library, or None.
 
     MKL's OpenMP threads spin for 200 ms after each call by default, taking the cores from XLA's
     threads between GEMMs; KMP_BLOCKTIME=0 (unless the user set it) puts them to sleep at once:
     gpt2-small's train step went from 0.60 s to 0.42 s (docs/benchmarks.md)."""
-    os.environ.setdefault("KMP_BLOCKTIME", "0")  # read when MKL's OpenMP runtime starts, below
+    os.environ.setdefault("KMP_BLOCKTIME", "0")  # read when MKL's OpenMP runtime starts
     for path in _mkl_paths():
         try:
             lib = ctypes.CDLL(path)
-            gemm = lib.cblas_gemm_bf16bf16f32
+            lib.cblas_gemm_bf16bf16f32
         except (OSError, AttributeError):
             continue
         lib.MKL_Set_Interface_Layer(0)  # LP64: 32-bit ints, whatever MKL_INTERFACE_LAYER says
-        c_int, c_float, c_void_p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-        gemm.argtypes = [c_int, c_int, c_int, c_int, c_int, c_int, c_float, c_void_p, c_int,
-                         c_void_p, c_int, c_float, c_void_p, c_int]
-        gemm.restype = None
-        return gemm
+        return lib
     return None
+
+
+@functools.cache
+def load_mkl():
+    """MKL's bf16 GEMM as a ctypes function, or None where no libmkl_rt exports it."""
+    lib = _mkl_lib()
+    if lib is None:
+        return None
+    c_int, c_float, c_void_p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    gemm = lib.cblas_gemm_bf16bf16f32
+    gemm.argtypes = [c_int, c_int, c_int, c_int, c_int, c_int, c_float, c_void_p, c_int,
+                     c_void_p, c_int, c_float, c_void_p, c_int]
+    gemm.restype = None
+    return gemm
+
+
+@functools.cache
+def _sgemm_batch():
+    """MKL's grouped float32 batch GEMM (one group: every (row, head) product of attention)."""
+    fn = _mkl_lib().cblas_sgemm_batch
+    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 13 + [ctypes.c_int, ctypes.c_void_p]
+    fn.restype = None
+    return fn
 
 
 class _Ext(ctypes.Structure):  # XLA_FFI_Extension_Base (xla/ffi/api/c_api.h, shipped in jaxlib/include)
@@ -151,6 +170,10 @@ def _error(frame, message: str):
     return create(ctypes.byref(args))
 
 
+def _target(trans_a: bool, trans_b: bool) -> str:
+    return f"{TARGET}_{'t' if trans_a else 'n'}{'t' if trans_b else 'n'}"
+
+
 def _handler(trans_a: bool, trans_b: bool):
     """An XLA FFI handler computing C = op(A) @ op(B) (A, B bfloat16 2-D; C float32) on MKL."""
     def handle(frame_ptr):
@@ -170,18 +193,79 @@ def _handler(trans_a: bool, trans_b: bool):
     return _HANDLER(handle)
 
 
-_HANDLERS = {(ta, tb): _handler(ta, tb) for ta, tb in ((False, False), (False, True), (True, False))}
+_HANDLERS = {_target(ta, tb): _handler(ta, tb) for ta, tb in ((False, False), (False, True), (True, False))}
+
+
+class _HeadPlan:
+    """One grouped batch GEMM over every (row, head) pair of attention, read in place from the
+    (B, T, H, D) and (B, H, Tq, Tk) layouts: byte offsets of each pair's A, B and C, and the group's
+    parameters as the C arrays cblas_sgemm_batch takes. Products, with H heads of D:
+      scores    q (B,Tq,H,D), k (B,Tk,H,D) -> q_h k_h^T (B,H,Tq,Tk)
+      context   p (B,H,Tq,Tk), v (B,Tk,H,D) -> p_h v_h (B,Tq,H,D)
+      context_t p (B,H,Tq,Tk), g (B,Tq,H,D) -> p_h^T g_h (B,Tk,H,D)"""
+
+    def __init__(self, kind: str, x_dims: tuple, y_dims: tuple):
+        import numpy as np
+
+        if kind == "scores":
+            B, Tq, H, D = x_dims
+            Tk = y_dims[1]
+            m, n, k, ta, tb, lda, ldb, ldc = Tq, Tk, D, _NO_TRANS, _TRANS, H * D, H * D, Tk
+            a_rows, b_rows, c_kind = Tq, Tk, "scores"
+        else:
+            B, H, Tq, Tk = x_dims
+            D = y_dims[3]
+            if kind == "context":
+                m, n, k, ta, lda, b_rows, c_rows = Tq, D, Tk, _NO_TRANS, Tk, Tk, Tq
+            else:
+                m, n, k, ta, lda, b_rows, c_rows = Tk, D, Tq, _TRANS, Tk, Tq, Tk
+            tb, ldb, ldc = _NO_TRANS, H * D, H * D
+        b, h = np.divmod(np.arange(B * H, dtype=np.int64), H)
+        pair = (b * H + h) * Tq * Tk
+        interleaved = lambda rows: (b * rows * H + h) * D  # noqa: E731 - head h of row b in (B, rows, H, D)
+        if kind == "scores":
+            self.offsets = [interleaved(a_rows) * 4, interleaved(b_rows) * 4, pair * 4]
+        else:
+            self.offsets = [pair * 4, interleaved(b_rows) * 4, interleaved(c_rows) * 4]
+        ints = lambda *v: (ctypes.c_int * len(v))(*v)  # noqa: E731
+        self.params = [ints(ta), ints(tb), ints(m), ints(n), ints(k), (ctypes.c_float * 1)(1.0), ints(lda),
+                       ints(ldb), (ctypes.c_float * 1)(0.0), ints(ldc)]
+        self.size = ints(B * H)
+
+
+@functools.lru_cache(maxsize=256)
+def _head_plan(kind: str, x_dims: tuple, y_dims: tuple) -> _HeadPlan:
+    return _HeadPlan(kind, x_dims, y_dims)
+
+
+def _head_handler(kind: str):
+    def handle(frame_ptr):
+        frame = frame_ptr.contents
+        try:
+            if _answer_metadata(frame) or frame.stage != _EXECUTE:
+                return None
+            x, y, c = frame.args.items[0].contents, frame.args.items[1].contents, frame.rets.items[0].contents
+            plan = _head_plan(kind, tuple(x.dims[:x.rank]), tuple(y.dims[:y.rank]))
+            ptrs = [off + base for off, base in zip(plan.offsets, (x.data, y.data, c.data))]
+            _sgemm_batch()(_ROW_MAJOR, *(ctypes.addressof(p) for p in plan.params[:5]),
+                           ctypes.addressof(plan.params[5]), ptrs[0].ctypes.data, ctypes.addressof(plan.params[6]),
+                           ptrs[1].ctypes.data, ctypes.addressof(plan.params[7]), ctypes.addressof(plan.params[8]),
+                           ptrs[2].ctypes.data, ctypes.addressof(plan.params[9]), 1, ctypes.addressof(plan.size))
+            return None
+        except Exception as e:  # noqa: BLE001 - as in _handler
+            return _error(frame, f"jaxcls MKL attention {kind}: {type(e).__name__}: {e}")
+
+    return _HANDLER(handle)
+
+
+_HANDLERS.update({f"{TARGET}_{kind}": _head_handler(kind) for kind in ("scores", "context", "context_t")})
 
 
 @functools.cache
 def _registered() -> bool:
-    for (ta, tb), fn in _HANDLERS.items():
-        jax.ffi.register_ffi_target(_target(ta, tb), jax.ffi.pycapsule(ctypes.cast(fn, _P).value), platform="cpu")
+    for name, fn in _HANDLERS.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(ctypes.cast(fn, _P).value), platform="cpu")
     return True
-
-
-def _target(trans_a: bool, trans_b: bool) -> str:
-    return f"{TARGET}_{'t' if trans_a else 'n'}{'t' if trans_b else 'n'}"
 
 
 def fast_path_available(flags: frozenset[str] | None = None) -> bool:
@@ -202,33 +286,87 @@ def _gemm(a, b, trans_a: bool, trans_b: bool):
     return call(a, b)
 
 
-@jax.custom_vjp
-def _mkl_matmul(x, w):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _mkl_matmul(x, w, x_dtype: str, w_dtype: str):
+    """x @ w in float32 from their bfloat16 roundings; the gradients come back in the inputs' own
+    dtypes (`x_dtype`, `w_dtype`: names, as residuals must be arrays), unrounded."""
     lead = x.shape[:-1]
-    return _gemm(x.reshape(-1, x.shape[-1]), w, False, False).astype(x.dtype).reshape(*lead, w.shape[1])
+    a, b = x.reshape(-1, x.shape[-1]).astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    return _gemm(a, b, False, False).reshape(*lead, w.shape[1])
 
 
-def _fwd(x, w):
-    return _mkl_matmul(x, w), (x, w)
+def _fwd(x, w, x_dtype, w_dtype):
+    return _mkl_matmul(x, w, x_dtype, w_dtype), (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
 
 
-def _bwd(res, g):
-    x, w = res
-    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]).astype(x.dtype)
-    dx = _gemm(g2, w, False, True).astype(x.dtype).reshape(x.shape)  # dY W^T
-    dw = _gemm(x2, g2, True, False).astype(w.dtype)  # X^T dY
+def _bwd(x_dtype, w_dtype, res, g):
+    a, b = res
+    a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1]).astype(jnp.bfloat16)
+    dx = _gemm(g2, b, False, True).astype(x_dtype).reshape(a.shape)  # dY W^T
+    dw = _gemm(a2, g2, True, False).astype(w_dtype)  # X^T dY
     return dx, dw
 
 
 _mkl_matmul.defvjp(_fwd, _bwd)
 
 
-def matmul(x, w):
-    """x [..., K] @ w [K, N]: on MKL's bfloat16 GEMM when both are bfloat16 and the fast path is
-    available, else XLA's dot."""
-    if x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16 and w.ndim == 2 and fast_path_available():
-        return _mkl_matmul(x, w)
-    return x @ w
+def _heads(kind: str, x, y, shape):
+    _registered()
+    return jax.ffi.ffi_call(f"{TARGET}_{kind}", jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")(x, y)
+
+
+@jax.custom_vjp
+def head_scores(q, k):
+    """q (B, Tq, H, D), k (B, Tk, H, D), float32 -> q_h k_h^T per row and head (B, H, Tq, Tk), on MKL."""
+    return _heads("scores", q, k, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+
+
+def _scores_bwd(res, g):
+    q, k = res
+    return _heads("context", g, k, q.shape), _heads("context_t", g, q, k.shape)
+
+
+head_scores.defvjp(lambda q, k: (head_scores(q, k), (q, k)), _scores_bwd)
+
+
+@jax.custom_vjp
+def head_context(p, v):
+    """p (B, H, Tq, Tk), v (B, Tk, H, D), float32 -> p_h v_h per row and head (B, Tq, H, D), on MKL."""
+    B, H, Tq, _ = p.shape
+    return _heads("context", p, v, (B, Tq, H, v.shape[3]))
+
+
+def _context_bwd(res, g):
+    p, v = res
+    return _heads("scores", g, v, p.shape), _heads("context_t", p, g, v.shape)
+
+
+head_context.defvjp(lambda p, v: (head_context(p, v), (p, v)), _context_bwd)
+
+
+def attention_on_mkl(dtype) -> bool:
+    """Attention's two batched products go to MKL's float32 batch GEMM where MKL's path runs and
+    activations are float32: XLA:CPU ran them at about 70 GFLOP/s with a transposing copy around
+    each, MKL at 180-190 reading the heads in place (docs/benchmarks.md)."""
+    return jnp.dtype(dtype) == jnp.float32 and fast_path_available()
+
+
+def activation_dtype(dtype):
+    """The dtype a model computing in `dtype` keeps its activations in. On MKL's path bfloat16 is
+    the matmuls' operand dtype only: MKL returns float32, and XLA:CPU's bfloat16 elementwise work
+    (GELU, layer norm, softmax) ran 3x slower than float32's, so the rest stays in float32, as
+    PyTorch's CPU autocast keeps its norms and softmax."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype == jnp.bfloat16 and fast_path_available() else dtype
+
+
+def matmul(x, w, dtype=None):
+    """x [..., K] @ w [K, N] with operands in `dtype` (default: x's): on MKL's bfloat16 GEMM, float32
+    out, when that is bfloat16 and the fast path is available, else XLA's dot in `dtype`."""
+    dtype = jnp.dtype(x.dtype if dtype is None else dtype)
+    if dtype == jnp.bfloat16 and w.ndim == 2 and fast_path_available():
+        return _mkl_matmul(x, w, x.dtype.name, w.dtype.name)
+    return x.astype(dtype) @ w.astype(dtype)
 
 
 def decide_dtype(requested: str, platform: str | None = None, flags: frozenset[str] | None = None,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcls.config import POOLINGS, GPT2Config, head_hidden
-from jaxcls.cpu_gemm import matmul
+from jaxcls.cpu_gemm import activation_dtype, attention_on_mkl, head_context, head_scores, matmul
 from jaxcls.errors import ConfigError
 from jaxcls.lora import LoRAHead, adapter_update, init_adapter, lora_parts, lora_scale, merged_lora_params
 
@@ -26,7 +26,25 @@ def path_str(path: Iterable) -> str:
 
 
 def compute_dtype(config: GPT2Config):
-    return jnp.dtype(config.dtype)
+    """The dtype of activations and of everything but the matmuls' operands (cpu_gemm)."""
+    return activation_dtype(config.dtype)
+
+
+def cast_kernels(state, config: GPT2Config):
+    """`state` with the blocks' Linear kernels already in the matmuls' operand dtype, where that
+    differs from the activations' (bfloat16 on MKL's path): the cast then happens once, not in every
+    call, where it took a third of gpt2-small's forward pass. Values round exactly as the per-call
+    cast rounds them. Everything else, and any other configuration, is left as it is."""
+    operands = jnp.dtype(config.dtype)
+    if compute_dtype(config) == operands:
+        return state
+    leaves = [(p, v.replace(v.get_value().astype(operands)) if _block_kernel(p) else v)
+              for p, v in nnx.to_flat_state(state)]
+    return nnx.from_flat_state(leaves)
+
+
+def _block_kernel(path) -> bool:
+    return len(path) == 5 and path[0] == "h" and path[2] in ("attn", "mlp") and path[4] == "kernel"
 
 
 def check_backend(config: GPT2Config) -> None:
@@ -72,7 +90,7 @@ class Linear(nnx.Module):
                  rngs: nnx.Rngs, lora_pairs: int = 1, adapter: bool = False):
         self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (n_in, n_out), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((n_out,), jnp.float32))
-        self.dtype = compute_dtype(config)
+        self.dtype, self.operands = compute_dtype(config), jnp.dtype(config.dtype)
         self.lora_scale = lora_scale(config)
         if config.lora_rank and lora_pairs:
             self.lora_a, self.lora_b = init_adapter(config, n_in, n_out, lora_pairs, rngs.params())
@@ -84,7 +102,7 @@ class Linear(nnx.Module):
     def __call__(self, x, cols: slice = slice(None)):
         """x @ kernel + bias, or only the output columns `cols` of it (the query part of c_attn)."""
         x = x.astype(self.dtype)
-        y = matmul(x, self.kernel[:, cols].astype(self.dtype)) + self.bias[cols].astype(self.dtype)
+        y = matmul(x, self.kernel[:, cols], self.operands).astype(self.dtype) + self.bias[cols].astype(self.dtype)
         if self.lora_a is not None:
             low = adapter_update(x, self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype), cols)
             y = y + self.lora_scale * low
@@ -111,15 +129,16 @@ class Attention(nnx.Module):
         B, Tq, C = q.shape
         q = q.reshape(B, Tq, cfg.n_head, cfg.head_dim)  # (B, Tq, nh, hd)
         k, v = (t.reshape(B, t.shape[1], cfg.n_head, cfg.head_dim) for t in (k, v))
-        if dropout_key is None or cfg.dropout == 0.0:
+        mkl = attention_on_mkl(q.dtype)
+        if not mkl and (dropout_key is None or cfg.dropout == 0.0):
             y = jax.nn.dot_product_attention(q, k, v, mask=mask)
         else:
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.head_dim)
+            scores = (head_scores(q, k) if mkl else jnp.einsum("bqhd,bkhd->bhqk", q, k)) / math.sqrt(cfg.head_dim)
             if mask is not None:
                 scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
             probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
             probs = dropout(probs, cfg.dropout, dropout_key)
-            y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+            y = head_context(probs, v) if mkl else jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         return y.reshape(B, Tq, C)
 
 

@@ -34,6 +34,7 @@ from flax import nnx
 from jaxcls.data import fine_bucket_lengths, length_buckets
 from jaxcls.data.examples import Truncation
 from jaxcls.errors import ConfigError, DataError
+from jaxcls.model import cast_kernels
 from jaxcls.shared_prefix import SharedRows, check_supported, shared_prefix_logits
 from jaxcls.task import SingleLabel
 from jaxcls.tokenizer import first_tokens, pad_id_for
@@ -223,7 +224,8 @@ class Predictor:
     def refresh(self) -> None:
         """Take the model's current weights (after further training, say)."""
         with self._lock:
-            self._graphdef, self._state = nnx.split(self.model)
+            self._graphdef, state = nnx.split(self.model)
+            self._state = cast_kernels(state, self.model.config)
 
     # -- tokens -----------------------------------------------------------------------------
 

@@ -280,9 +280,10 @@ def finish(run: Run, splits: data_lib.DataSplits, compile_s: float) -> FitResult
         trainable = run.load_best()
         what = ("lowest validation loss" if cfg.monitor == "val_loss" else f"best {cfg.monitor}")
         run.log(f"keeping epoch {st.best['epoch']} ({what} {st.best.get('value', st.best['val_loss']):.4f})")
+    operands = prog.operands
     if prog.mesh is not None:
-        trainable, frozen = run.host(trainable), run.host(frozen)
-    host_prog = dataclasses.replace(prog, frozen=frozen)
+        trainable, frozen, operands = run.host(trainable), run.host(frozen), run.host(operands)
+    host_prog = dataclasses.replace(prog, frozen=frozen, operands=operands)
     data, cache = run.data, prog.cache
     report = {"splits": {}, "trainable_params": prog.n_trainable, "total_params": prog.n_trainable + prog.n_frozen,
               "wall_time_s": time.perf_counter() - run.t_start, "compile_s": compile_s, "steps": st.step,

@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxcls.config import TrainConfig
 from jaxcls.errors import ConfigError
+from jaxcls.model import cast_kernels
 from jaxcls.train import freeze, prefix_cache
 from jaxcls.train.batches import Prepared, SplitData, make_batch, plan_batches
 from jaxcls.train.state import LoopState
@@ -41,6 +42,7 @@ class Program:
     opt_sharding: object = None
     main_process: bool = True
     prefetch: prefix_cache.Prefetch | None = None  # reads a spilled cache's batches ahead of the steps
+    operands: object = None  # `frozen` as the steps read it: kernels cast once (model.cast_kernels)
 
     @property
     def cached(self) -> bool:
@@ -74,7 +76,7 @@ class Program:
 
             batch, key = dist.shard_batch(batch, self.mesh), dist.replicate(key, self.mesh)
         state.trainable, state.opt_state, metrics = self.train_step(
-            state.trainable, self.frozen, state.opt_state, batch, key)
+            state.trainable, self.operands, state.opt_state, batch, key)
         return metrics
 
     def evaluate(self, trainable, split: SplitData, plan=None, max_batches=None):
@@ -86,7 +88,7 @@ class Program:
         for g, idx in plan:
             n = len(idx[:bs])
             b = make_batch(split, g, idx[:bs], bs, 1, self.cached)
-            s, w, logits = self.eval_step(trainable, self.frozen, *(x[0] for x in b))
+            s, w, logits = self.eval_step(trainable, self.operands, *(x[0] for x in b))
             sums.append((s, w))
             logits_all.append(logits)
             labels_all.append(b.labels[0][:n])
@@ -110,8 +112,9 @@ def build_program(model, data: Prepared, task, cfg: TrainConfig,
     n_train, n_frozen = freeze.count_params(trainable), freeze.count_params(frozen)
     log(freeze.describe(n_train, n_train + n_frozen))
 
+    operands = cast_kernels(frozen, model.config)
     start = freeze.first_trainable_block(cfg.trainable, n_layer)
-    spec, cache = prefix_cache.build(model, graphdef, trainable, frozen, data, StepSpec(task), start, cfg,
+    spec, cache = prefix_cache.build(model, graphdef, trainable, operands, data, StepSpec(task), start, cfg,
                                      multi_device=mesh is not None, log=log)
     batching = cfg.resolved_batching(cache is not None) if data.mode == "buckets" else "fixed"
     mixed = batching == "global" and len(data.splits["train"].groups) > 1
@@ -131,7 +134,7 @@ def build_program(model, data: Prepared, task, cfg: TrainConfig,
     opt_state, train_step, o_sh = _optimizer(graphdef, tx, spec, trainable, mesh, p_sh, cfg)
     prog = Program(graphdef, frozen, spec, cfg, tx, train_step, make_eval_step(graphdef, spec), batching, mixed,
                    steps_per_epoch, total_steps, n_train, n_frozen, cache, mesh, p_sh, o_sh, main_process,
-                   prefix_cache.Prefetch() if cache is not None and cache.spill is not None else None)
+                   prefix_cache.Prefetch() if cache is not None and cache.spill is not None else None, operands)
     return prog, LoopState(trainable, opt_state)
 
 
@@ -179,12 +182,12 @@ def precompile(prog: Program, data: Prepared, state: LoopState, progress_bar) ->
                 b = make_batch(d, g, idx, prog.rows, prog.cfg.accumulation, prog.cached)
                 sig = ("train", b.inputs.shape)
                 if sig not in seen:
-                    prog.train_step.lower(state.trainable, prog.frozen, state.opt_state, b, key).compile()
+                    prog.train_step.lower(state.trainable, prog.operands, state.opt_state, b, key).compile()
             else:
                 b = make_batch(d, g, idx, prog.cfg.batch_size, 1, prog.cached)
                 sig = ("eval", b.inputs.shape)
                 if sig not in seen:
-                    prog.eval_step.lower(state.trainable, prog.frozen, *(x[0] for x in b)).compile()
+                    prog.eval_step.lower(state.trainable, prog.operands, *(x[0] for x in b)).compile()
             seen.add(sig)
             bar.update(task, advance=1)
     return time.perf_counter() - t0, len(seen)

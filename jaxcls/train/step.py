@@ -13,7 +13,7 @@ import optax
 from flax import nnx
 
 from jaxcls.config import TrainConfig
-from jaxcls.model import pool
+from jaxcls.model import compute_dtype, pool
 from jaxcls.task import TaskBase
 
 
@@ -47,7 +47,7 @@ def row_features(model, inputs, lengths, spec: StepSpec, dropout_key=None):
         return inputs.astype(jnp.float32)
     seen = jnp.maximum(lengths, 1)
     if spec.start_block:
-        return model.suffix_features(inputs.astype(model.config.dtype), seen, spec.start_block, dropout_key)
+        return model.suffix_features(inputs.astype(compute_dtype(model.config)), seen, spec.start_block, dropout_key)
     return model.features(inputs, seen, dropout_key=dropout_key)
 
 
