@@ -56,7 +56,6 @@ def _mkl_paths() -> list[str]:
     return found + ["libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so"]
 
 
-@functools.cache
 def _mkl_lib():
     """libmkl_rt as a ctypes library, or None.
 

@@ -84,24 +84,55 @@ def _close(got, want, rel=2e-2):
     assert np.linalg.norm(got - want) <= rel * np.linalg.norm(want)
 
 
+def _rounded(a):
+    return a.astype(jnp.bfloat16).astype(jnp.float32)
+
+
 @needs_mkl
-def test_mkl_product_and_gradients_match_xla_bfloat16():
-    """Fails if the GEMM or a backward product is wrong (planted: the handler passes lda=a.dims[0];
-    and, separately, _bwd's dW as dY^T-shaped garbage: `_gemm(x2, g2, True, False) * 0`)."""
-    x, w = _operands()
+def test_mkl_product_and_gradients_match_xla_on_rounded_operands():
+    """float32 in, the operands rounded once to bfloat16, float32 accumulation and result, gradients
+    in each input's dtype. Fails if the GEMM or a backward product is wrong (planted: the handler
+    passes lda=a.dims[0]; and, separately, _bwd's dW as `_gemm(a2, g2, True, False) * 0`), or if
+    the product is rounded to bfloat16 again (planted: `.astype(jnp.bfloat16)` on the result)."""
+    x, w = (a.astype(jnp.float32) * 1.37 for a in _operands())
+    mm = lambda a, b: cpu_gemm.matmul(a, b, "bfloat16")  # noqa: E731
 
-    def loss(mm):
-        return lambda x, w: jnp.sum(jnp.sin(mm(x, w).astype(jnp.float32)))
+    def loss(f):
+        return lambda x, w: jnp.sum(jnp.sin(f(x, w)))
 
-    assert _ffi_calls(jax.grad(loss(cpu_gemm._mkl_matmul), argnums=(0, 1)), x, w) == 3
-    got = jax.jit(cpu_gemm._mkl_matmul)(x, w)
-    assert got.dtype == jnp.bfloat16
-    _close(got, x @ w)
-    grads = jax.jit(jax.grad(loss(cpu_gemm._mkl_matmul), argnums=(0, 1)))(x, w)
-    want = jax.grad(loss(lambda a, b: a @ b), argnums=(0, 1))(x, w)
+    assert _ffi_calls(jax.grad(loss(mm), argnums=(0, 1)), x, w) == 3
+    got = jax.jit(mm)(x, w)
+    assert got.dtype == jnp.float32
+    want = jnp.matmul(_rounded(x), _rounded(w), precision="highest")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    grads = jax.jit(jax.grad(loss(mm), argnums=(0, 1)))(x, w)
+    want = jax.grad(loss(lambda a, b: jnp.matmul(_rounded(a), _rounded(b), precision="highest")),
+                    argnums=(0, 1))(x, w)
     for g, v in zip(grads, want):
-        assert g.dtype == v.dtype
+        assert g.dtype == jnp.float32
         _close(g, v)
+    w16 = w.astype(jnp.bfloat16)  # a kernel cast once (model.cast_kernels) keeps its own dtype
+    assert jax.grad(loss(mm), argnums=1)(x, w16).dtype == jnp.bfloat16
+
+
+@needs_mkl
+def test_attention_products_and_gradients_match_einsum():
+    """The batched head products read (B, T, H, D) and (B, H, Tq, Tk) in place. Fails if an offset
+    or leading dimension is wrong (planted: `interleaved(b_rows)` for `interleaved(a_rows)` in
+    scores; separately, context_t's `_TRANS` as `_NO_TRANS`), or a backward product is swapped."""
+    rng = np.random.default_rng(0)
+    B, Tq, Tk, H, D = 3, 5, 7, 4, 8
+    q, k = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((B, Tq, H, D), (B, Tk, H, D)))
+    p = jnp.asarray(rng.standard_normal((B, H, Tq, Tk)), jnp.float32)
+    cases = [(cpu_gemm.head_scores, lambda a, b: jnp.einsum("bqhd,bkhd->bhqk", a, b, precision="highest"), q, k),
+             (cpu_gemm.head_context, lambda a, b: jnp.einsum("bhqk,bkhd->bqhd", a, b, precision="highest"), p, k)]
+    for fn, ref, a, b in cases:
+        out, vjp = jax.vjp(jax.jit(fn), a, b)
+        want, vjp_ref = jax.vjp(ref, a, b)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+        g = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+        for got, exp in zip(vjp(g), vjp_ref(g)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(exp), rtol=1e-5, atol=1e-5)
 
 
 @needs_mkl
