@@ -167,20 +167,21 @@ def measure_train(cfg, *, trainable: str = "last_block", batch: int = 8, seq_len
 
 def measure_infer(cfg, *, batch: int, seq_len: int = 120, steps: int = 5, warmup: int = 1,
                   seed: int = 0, peak_flops: float | None = None) -> dict:
-    """The jitted predictor `nnx.merge(graphdef, state)(ids, lengths)` at one batch size."""
+    """The predictor's jitted step (`predict_step`, on the state `inference_state` prepares) at one
+    batch size."""
     from flax import nnx
 
+    from jaxcls.infer.predictor import inference_state, predict_step
     from jaxcls.model import GPT2Classifier
 
     reset_peak_rss()
-    graphdef, state = nnx.split(GPT2Classifier(cfg, 2, rngs=nnx.Rngs(seed)))
-    predict = jax.jit(lambda st, ids, lengths: nnx.merge(graphdef, st)(ids, lengths))
+    graphdef, state = inference_state(GPT2Classifier(cfg, 2, rngs=nnx.Rngs(seed)))
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, min(cfg.n_vocab - 1, 50256), (batch, seq_len), dtype=np.int32)
     lengths = np.full(batch, seq_len, np.int32)
     args = jax.device_put((state, ids, lengths), jax.devices()[0])
     t0 = time.perf_counter()
-    compiled = predict.lower(*args).compile()
+    compiled = predict_step.lower(graphdef, *args).compile()
     compile_s = time.perf_counter() - t0
     call = lambda: compiled(*args)  # noqa: E731
     first_s = _timed_steps(call, 1)[0]

@@ -196,36 +196,40 @@ _HANDLERS = {_target(ta, tb): _handler(ta, tb) for ta, tb in ((False, False), (F
 
 
 class _HeadPlan:
-    """One grouped batch GEMM over every (row, head) pair of attention, read in place from the
-    (B, T, H, D) and (B, H, Tq, Tk) layouts: byte offsets of each pair's A, B and C, and the group's
-    parameters as the C arrays cblas_sgemm_batch takes. Products, with H heads of D:
-      scores    q (B,Tq,H,D), k (B,Tk,H,D) -> q_h k_h^T (B,H,Tq,Tk)
-      context   p (B,H,Tq,Tk), v (B,Tk,H,D) -> p_h v_h (B,Tq,H,D)
-      context_t p (B,H,Tq,Tk), g (B,Tq,H,D) -> p_h^T g_h (B,Tk,H,D)"""
+    """One grouped batch GEMM over every (row, head) pair of attention, read in place: byte offsets
+    of each pair's A, B and C, and the group's parameters as the C arrays cblas_sgemm_batch takes.
+    Heads come as part `part` of (B, T, S, H, D), e.g. q, k and v inside c_attn's output (S = 3);
+    results are dense. Products, with H heads of D:
+      scores    q (B,Tq,Sq,H,D), k (B,Tk,Sk,H,D) -> q_h k_h^T (B,H,Tq,Tk)
+      context   p (B,H,Tq,Tk),   v (B,Tk,Sv,H,D) -> p_h v_h   (B,Tq,H,D)
+      context_t p (B,H,Tq,Tk),   g (B,Tq,Sg,H,D) -> p_h^T g_h (B,Tk,H,D)"""
 
-    def __init__(self, kind: str, x_dims: tuple, y_dims: tuple):
+    def __init__(self, kind: str, x_dims: tuple, y_dims: tuple, parts: tuple):
         import numpy as np
 
+        _, rows_y, S_y, H, D = y_dims
         if kind == "scores":
-            B, Tq, H, D = x_dims
-            Tk = y_dims[1]
-            m, n, k, ta, tb, lda, ldb, ldc = Tq, Tk, D, _NO_TRANS, _TRANS, H * D, H * D, Tk
-            a_rows, b_rows, c_kind = Tq, Tk, "scores"
+            B, Tq, S_x = x_dims[:3]
+            Tk = rows_y
         else:
-            B, H, Tq, Tk = x_dims
-            D = y_dims[3]
-            if kind == "context":
-                m, n, k, ta, lda, b_rows, c_rows = Tq, D, Tk, _NO_TRANS, Tk, Tk, Tq
-            else:
-                m, n, k, ta, lda, b_rows, c_rows = Tk, D, Tq, _TRANS, Tk, Tq, Tk
-            tb, ldb, ldc = _NO_TRANS, H * D, H * D
+            B, _, Tq, Tk = x_dims
         b, h = np.divmod(np.arange(B * H, dtype=np.int64), H)
-        pair = (b * H + h) * Tq * Tk
-        interleaved = lambda rows: (b * rows * H + h) * D  # noqa: E731 - head h of row b in (B, rows, H, D)
+        pair = (b * H + h) * Tq * Tk  # (B, H, Tq, Tk)
+
+        def heads(rows, S, part):  # head h of row b in (B, rows, S, H, D)
+            return ((b * rows * S + part) * H + h) * D
+
+        y_off, ldb = heads(rows_y, S_y, parts[1]), S_y * H * D
         if kind == "scores":
-            self.offsets = [interleaved(a_rows) * 4, interleaved(b_rows) * 4, pair * 4]
+            m, n, k, ta, tb, lda, ldc = Tq, Tk, D, _NO_TRANS, _TRANS, S_x * H * D, Tk
+            offsets = (heads(Tq, S_x, parts[0]), y_off, pair)
+        elif kind == "context":
+            m, n, k, ta, tb, lda, ldc = Tq, D, Tk, _NO_TRANS, _NO_TRANS, Tk, H * D
+            offsets = (pair, y_off, heads(Tq, 1, 0))
         else:
-            self.offsets = [pair * 4, interleaved(b_rows) * 4, interleaved(c_rows) * 4]
+            m, n, k, ta, tb, lda, ldc = Tk, D, Tq, _TRANS, _NO_TRANS, Tk, H * D
+            offsets = (pair, y_off, heads(Tk, 1, 0))
+        self.offsets = [o * 4 for o in offsets]  # float32
         ints = lambda *v: (ctypes.c_int * len(v))(*v)  # noqa: E731
         self.params = [ints(ta), ints(tb), ints(m), ints(n), ints(k), (ctypes.c_float * 1)(1.0), ints(lda),
                        ints(ldb), (ctypes.c_float * 1)(0.0), ints(ldc)]
@@ -233,8 +237,8 @@ class _HeadPlan:
 
 
 @functools.lru_cache(maxsize=256)
-def _head_plan(kind: str, x_dims: tuple, y_dims: tuple) -> _HeadPlan:
-    return _HeadPlan(kind, x_dims, y_dims)
+def _head_plan(kind: str, x_dims: tuple, y_dims: tuple, parts: tuple) -> _HeadPlan:
+    return _HeadPlan(kind, x_dims, y_dims, parts)
 
 
 def _head_handler(kind: str):
@@ -243,13 +247,14 @@ def _head_handler(kind: str):
         try:
             if _answer_metadata(frame) or frame.stage != _EXECUTE:
                 return None
-            x, y, c = frame.args.items[0].contents, frame.args.items[1].contents, frame.rets.items[0].contents
-            plan = _head_plan(kind, tuple(x.dims[:x.rank]), tuple(y.dims[:y.rank]))
+            items = frame.args.items
+            x, y, c = items[0].contents, items[1].contents, frame.rets.items[0].contents
+            parts = tuple((ctypes.c_int32 * 2).from_address(items[2].contents.data))
+            plan = _head_plan(kind, tuple(x.dims[:x.rank]), tuple(y.dims[:y.rank]), parts)
             ptrs = [off + base for off, base in zip(plan.offsets, (x.data, y.data, c.data))]
-            _sgemm_batch()(_ROW_MAJOR, *(ctypes.addressof(p) for p in plan.params[:5]),
-                           ctypes.addressof(plan.params[5]), ptrs[0].ctypes.data, ctypes.addressof(plan.params[6]),
-                           ptrs[1].ctypes.data, ctypes.addressof(plan.params[7]), ctypes.addressof(plan.params[8]),
-                           ptrs[2].ctypes.data, ctypes.addressof(plan.params[9]), 1, ctypes.addressof(plan.size))
+            p = [ctypes.addressof(v) for v in plan.params]
+            _sgemm_batch()(_ROW_MAJOR, *p[:6], ptrs[0].ctypes.data, p[6], ptrs[1].ctypes.data, p[7], p[8],
+                           ptrs[2].ctypes.data, p[9], 1, ctypes.addressof(plan.size))
             return None
         except Exception as e:  # noqa: BLE001 - as in _handler
             return _error(frame, f"jaxcls MKL attention {kind}: {type(e).__name__}: {e}")
@@ -309,38 +314,51 @@ def _bwd(x_dtype, w_dtype, res, g):
 _mkl_matmul.defvjp(_fwd, _bwd)
 
 
-def _heads(kind: str, x, y, shape):
+def _heads(kind: str, x, y, parts: tuple, shape):
     _registered()
-    return jax.ffi.ffi_call(f"{TARGET}_{kind}", jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")(x, y)
+    call = jax.ffi.ffi_call(f"{TARGET}_{kind}", jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")
+    return call(x, y, jnp.asarray(parts, jnp.int32))
 
 
-@jax.custom_vjp
-def head_scores(q, k):
-    """q (B, Tq, H, D), k (B, Tk, H, D), float32 -> q_h k_h^T per row and head (B, H, Tq, Tk), on MKL."""
-    return _heads("scores", q, k, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+def _place(d, shape, part: int):
+    """A dense (B, T, H, D) cotangent as part `part` of (B, T, S, H, D), zeros elsewhere."""
+    return d[:, :, None] if shape[2] == 1 else jnp.zeros(shape, d.dtype).at[:, :, part].set(d)
 
 
-def _scores_bwd(res, g):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def head_scores(q, k, q_part: int = 0, k_part: int = 0):
+    """Part `q_part` of q (B, Tq, Sq, H, D) times part `k_part` of k (B, Tk, Sk, H, D), transposed,
+    per row and head: float32 (B, H, Tq, Tk), on MKL."""
+    return _heads("scores", q, k, (q_part, k_part), (q.shape[0], q.shape[3], q.shape[1], k.shape[1]))
+
+
+def _scores_bwd(q_part, k_part, res, g):
     q, k = res
-    return _heads("context", g, k, q.shape), _heads("context_t", g, q, k.shape)
+    B, Tq, _, H, D = q.shape
+    dq = _heads("context", g, k, (0, k_part), (B, Tq, H, D))
+    dk = _heads("context_t", g, q, (0, q_part), (B, k.shape[1], H, D))
+    return _place(dq, q.shape, q_part), _place(dk, k.shape, k_part)
 
 
-head_scores.defvjp(lambda q, k: (head_scores(q, k), (q, k)), _scores_bwd)
+head_scores.defvjp(lambda q, k, qp, kp: (head_scores(q, k, qp, kp), (q, k)), _scores_bwd)
 
 
-@jax.custom_vjp
-def head_context(p, v):
-    """p (B, H, Tq, Tk), v (B, Tk, H, D), float32 -> p_h v_h per row and head (B, Tq, H, D), on MKL."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def head_context(p, v, v_part: int = 0):
+    """p (B, H, Tq, Tk) times part `v_part` of v (B, Tk, Sv, H, D) per row and head: float32
+    (B, Tq, H, D), on MKL."""
     B, H, Tq, _ = p.shape
-    return _heads("context", p, v, (B, Tq, H, v.shape[3]))
+    return _heads("context", p, v, (0, v_part), (B, Tq, H, v.shape[4]))
 
 
-def _context_bwd(res, g):
+def _context_bwd(v_part, res, g):
     p, v = res
-    return _heads("scores", g, v, p.shape), _heads("context_t", p, g, v.shape)
+    B, Tk, _, H, D = v.shape
+    dp = _heads("scores", g[:, :, None], v, (0, v_part), p.shape)
+    return dp, _place(_heads("context_t", p, g[:, :, None], (0, 0), (B, Tk, H, D)), v.shape, v_part)
 
 
-head_context.defvjp(lambda p, v: (head_context(p, v), (p, v)), _context_bwd)
+head_context.defvjp(lambda p, v, vp: (head_context(p, v, vp), (p, v)), _context_bwd)
 
 
 def attention_on_mkl(dtype) -> bool:

@@ -119,27 +119,39 @@ class Attention(nnx.Module):
                              lora_pairs=lora_parts(config, "attn.c_proj"), adapter=True)
 
     def __call__(self, x, mask, dropout_key=None):
-        B, T, C = x.shape
-        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
+        q, k, v = self.split_heads(self.c_attn(x), 3)
         return self.c_proj(self.attend(q, k, v, mask, dropout_key))
 
+    def split_heads(self, y, n: int):
+        """c_attn's output (B, T, n*C) as n inputs of `attend`: on MKL's path (heads, part) pairs that
+        the batch GEMM reads in place, else n arrays (B, T, C)."""
+        if not attention_on_mkl(y.dtype):
+            return jnp.split(y, n, axis=-1)
+        heads = y.reshape(*y.shape[:2], n, self.config.n_head, self.config.head_dim)
+        return [(heads, i) for i in range(n)]
+
     def attend(self, q, k, v, mask, dropout_key=None):
-        """q (B, Tq, C), k and v (B, T, C) -> (B, Tq, C)."""
+        """q (B, Tq, C), k and v (B, T, C) -> (B, Tq, C); each may be a (heads, part) pair of
+        `split_heads` instead."""
         cfg = self.config
-        B, Tq, C = q.shape
-        q = q.reshape(B, Tq, cfg.n_head, cfg.head_dim)  # (B, Tq, nh, hd)
-        k, v = (t.reshape(B, t.shape[1], cfg.n_head, cfg.head_dim) for t in (k, v))
+        q, k, v = (t if isinstance(t, tuple) else (t.reshape(*t.shape[:2], 1, cfg.n_head, cfg.head_dim), 0)
+                   for t in (q, k, v))
+        (q, q_part), (k, k_part), (v, v_part) = q, k, v
+        B, Tq = q.shape[:2]
         mkl = attention_on_mkl(q.dtype)
+        if not mkl:
+            q, k, v = q[:, :, q_part], k[:, :, k_part], v[:, :, v_part]  # (B, T, nh, hd)
         if not mkl and (dropout_key is None or cfg.dropout == 0.0):
             y = jax.nn.dot_product_attention(q, k, v, mask=mask)
         else:
-            scores = (head_scores(q, k) if mkl else jnp.einsum("bqhd,bkhd->bhqk", q, k)) / math.sqrt(cfg.head_dim)
+            scores = (head_scores(q, k, q_part, k_part) if mkl
+                      else jnp.einsum("bqhd,bkhd->bhqk", q, k)) / math.sqrt(cfg.head_dim)
             if mask is not None:
                 scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
             probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
             probs = dropout(probs, cfg.dropout, dropout_key)
-            y = head_context(probs, v) if mkl else jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        return y.reshape(B, Tq, C)
+            y = head_context(probs, v, v_part) if mkl else jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return y.reshape(B, Tq, cfg.n_embd)
 
 
 class MLP(nnx.Module):
@@ -182,7 +194,7 @@ class Block(nnx.Module):
         the output is read, which is what a classifier pooling one token needs of its last block."""
         C = x.shape[-1]
         h = self.ln_1(x)
-        k, v = jnp.split(self.attn.c_attn(h, slice(C, 3 * C)), 2, axis=-1)
+        k, v = self.attn.split_heads(self.attn.c_attn(h, slice(C, 3 * C)), 2)
         x_at = jnp.take_along_axis(x, positions[:, None, None], axis=1)  # (B, 1, C)
         h_at = jnp.take_along_axis(h, positions[:, None, None], axis=1)
         q = self.attn.c_attn(h_at, slice(0, C))

@@ -9,7 +9,7 @@ from flax import nnx
 
 from jaxcls import cpu_gemm
 from jaxcls.config import preset
-from jaxcls.model import GPT2Classifier
+from jaxcls.model import GPT2Classifier, cast_kernels, path_str
 
 needs_mkl = pytest.mark.skipif(cpu_gemm.load_mkl() is None, reason="MKL (pip install 'jaxcls[amx]') is absent")
 
@@ -116,19 +116,30 @@ def test_mkl_product_and_gradients_match_xla_on_rounded_operands():
 
 
 @needs_mkl
-def test_attention_products_and_gradients_match_einsum():
-    """The batched head products read (B, T, H, D) and (B, H, Tq, Tk) in place. Fails if an offset
-    or leading dimension is wrong (planted: `interleaved(b_rows)` for `interleaved(a_rows)` in
-    scores; separately, context_t's `_TRANS` as `_NO_TRANS`), or a backward product is swapped."""
+@pytest.mark.parametrize("stacked", [False, True])
+def test_attention_products_and_gradients_match_einsum(stacked):
+    """The batched head products read q, k and v in place, as parts of one (B, T, S, H, D) array
+    (c_attn's output, S = 3) or alone (S = 1). Fails if an offset or leading dimension is wrong
+    (planted: `heads(Tq, S_x, parts[0])` as `heads(Tq, S_x, 0)`; separately, context_t's `_TRANS`
+    as `_NO_TRANS`), or a cotangent lands in the wrong part (planted: `_place(dk, k.shape, q_part)`)."""
     rng = np.random.default_rng(0)
-    B, Tq, Tk, H, D = 3, 5, 7, 4, 8
-    q, k = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((B, Tq, H, D), (B, Tk, H, D)))
-    p = jnp.asarray(rng.standard_normal((B, H, Tq, Tk)), jnp.float32)
-    cases = [(cpu_gemm.head_scores, lambda a, b: jnp.einsum("bqhd,bkhd->bhqk", a, b, precision="highest"), q, k),
-             (cpu_gemm.head_context, lambda a, b: jnp.einsum("bhqk,bkhd->bqhd", a, b, precision="highest"), p, k)]
-    for fn, ref, a, b in cases:
-        out, vjp = jax.vjp(jax.jit(fn), a, b)
-        want, vjp_ref = jax.vjp(ref, a, b)
+    B, T, H, D = 3, 7, 4, 8
+    qkv = jnp.asarray(rng.standard_normal((B, T, 3, H, D)), jnp.float32)
+    p = jnp.asarray(rng.standard_normal((B, H, T, T)), jnp.float32)
+    ein = lambda spec: lambda a, b: jnp.einsum(spec, a, b, precision="highest")  # noqa: E731
+    if stacked:
+        scores = lambda x: cpu_gemm.head_scores(x, x, 0, 1)  # noqa: E731
+        scores_ref = lambda x: ein("bqhd,bkhd->bhqk")(x[:, :, 0], x[:, :, 1])  # noqa: E731
+        context = lambda p, x: cpu_gemm.head_context(p, x, 2)  # noqa: E731
+        context_ref = lambda p, x: ein("bhqk,bkhd->bqhd")(p, x[:, :, 2])  # noqa: E731
+        cases = [(scores, scores_ref, (qkv,)), (context, context_ref, (p, qkv))]
+    else:
+        q, k = qkv[:, :, :1], qkv[:, :, 1:2]
+        cases = [(cpu_gemm.head_scores, lambda a, b: ein("bqhd,bkhd->bhqk")(a[:, :, 0], b[:, :, 0]), (q, k)),
+                 (cpu_gemm.head_context, lambda a, b: ein("bhqk,bkhd->bqhd")(a, b[:, :, 0]), (p, k))]
+    for fn, ref, args in cases:
+        out, vjp = jax.vjp(jax.jit(fn), *args)
+        want, vjp_ref = jax.vjp(ref, *args)
         np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
         g = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
         for got, exp in zip(vjp(g), vjp_ref(g)):
@@ -157,3 +168,39 @@ def test_model_on_mkl_matches_xla(monkeypatch):
     assert calls > 0 and _ffi_calls(lambda: model(ids, lengths)) == 0
     _close(mkl_logits, xla_logits, rel=5e-2)
     _close(mkl_grad, xla_grad, rel=5e-2)
+
+
+def _kernel_dtypes(state) -> dict:
+    return {path_str(p): v.get_value().dtype for p, v in nnx.to_flat_state(state) if p[-1] == "kernel"}
+
+
+@needs_mkl
+def test_kernels_are_cast_once_for_the_steps_and_the_model_keeps_float32(monkeypatch):
+    """On MKL's path the train program's steps and the predictor read the blocks' kernels already in
+    bfloat16, with logits bit-identical to casting them in every call, while the fitted model keeps
+    its float32 weights, the frozen ones bit-identical. Fails if the cast copy replaces the model's
+    weights (planted: `build_program` passing `operands` as Program's `frozen`), or if the kernels
+    are cast per call again (planted: `cast_kernels` returning `state` unchanged)."""
+    from benchmarks import measure
+
+    monkeypatch.setattr(cpu_gemm, "host_flags", lambda: frozenset({"amx_bf16"}))
+    cfg = preset("tiny").replace(dtype="bfloat16")
+    prog, state, split = measure.train_program(cfg, "last_block", 4, 12)
+    kinds = _kernel_dtypes(prog.operands)
+    assert kinds["h/0/attn/c_attn/kernel"] == jnp.bfloat16 and kinds["h/0/mlp/c_proj/kernel"] == jnp.bfloat16
+    assert set(_kernel_dtypes(prog.frozen).values()) == {jnp.dtype(jnp.float32)}
+    before = {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(prog.frozen)}
+    group, idx = prog.plan(split, 0)[0]
+    prog.step(state, split, group, idx, jax.random.PRNGKey(0))
+    for p, v in nnx.to_flat_state(prog.frozen):
+        np.testing.assert_array_equal(np.asarray(v.get_value()), before[path_str(p)])
+
+    model = GPT2Classifier(cfg, 2, rngs=nnx.Rngs(0))
+    graphdef, full = nnx.split(model)
+    cast = cast_kernels(full, cfg)
+    assert _kernel_dtypes(cast)["h/1/mlp/c_fc/kernel"] == jnp.bfloat16
+    assert _kernel_dtypes(cast)["head/kernel"] == jnp.float32  # only the blocks' GEMM operands
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 1000, (2, 9)), jnp.int32)
+    run = jax.jit(lambda st: nnx.merge(graphdef, st)(ids))
+    np.testing.assert_array_equal(np.asarray(run(cast)), np.asarray(run(full)))
+    assert cast_kernels(full, cfg.replace(dtype="float32")) is full

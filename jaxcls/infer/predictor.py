@@ -85,6 +85,13 @@ def predict_step(graphdef, state, ids, lengths):
     return model(ids, lengths).astype(jnp.float32)
 
 
+def inference_state(model):
+    """(graphdef, state) as the predict steps read them: the blocks' kernels already in the
+    matmuls' operand dtype (model.cast_kernels), so no call casts them again."""
+    graphdef, state = nnx.split(model)
+    return graphdef, cast_kernels(state, model.config)
+
+
 def resolve_buckets(n_ctx: int, pad_length, bucket_lengths) -> tuple[int | None, tuple[int, ...]]:
     """(pad length, the padded lengths batches may have): exactly the pad length a classifier was
     trained with, or the given lengths, or the default ladder up to n_ctx."""
@@ -224,8 +231,7 @@ class Predictor:
     def refresh(self) -> None:
         """Take the model's current weights (after further training, say)."""
         with self._lock:
-            self._graphdef, state = nnx.split(self.model)
-            self._state = cast_kernels(state, self.model.config)
+            self._graphdef, self._state = inference_state(self.model)
 
     # -- tokens -----------------------------------------------------------------------------
 
