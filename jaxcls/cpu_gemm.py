@@ -1,13 +1,18 @@
-"""bfloat16 matmuls on the CPU's matrix units (AMX, AVX512-BF16) through MKL, and the `--dtype auto`
-decision that depends on them.
+"""bfloat16 matmuls on the CPU's matrix units (AMX, AVX512-BF16) through MKL, attention's batched
+products on MKL, and the `--dtype auto` decision that depends on them.
 
-XLA:CPU (jaxlib 0.10) computes a bfloat16 dot no faster than a float32 one, while MKL's
-`cblas_gemm_bf16bf16f32` (the optional `mkl` wheel: `pip install jaxcls[amx]`) runs it on the AMX
-tiles several times faster. `matmul(x, w)` sends a bfloat16 x @ w there as an XLA custom call whose
-target is a ctypes callback (no compiler at install time), with a `custom_vjp` whose two backward
-products go through the same GEMM. Inputs are bfloat16, MKL accumulates in float32, and the result is
-rounded once to bfloat16, as XLA's own bfloat16 dot returns it. Everywhere else (float32 compute,
-another backend, no MKL, a CPU without bfloat16 units, JAXCLS_CPU_GEMM=0) it is plain `x @ w`."""
+XLA:CPU (jaxlib 0.10) computes a bfloat16 dot no faster than a float32 one, and its bfloat16
+elementwise work (GELU, layer norm, softmax) about 3x slower than float32's, while MKL's
+`cblas_gemm_bf16bf16f32` (the optional `mkl` wheel: `pip install jaxcls[amx]`) runs the dot on the
+AMX tiles several times faster. So on this path bfloat16 is the matmuls' operand dtype only:
+`matmul(x, w, "bfloat16")` rounds x and w to bfloat16 and MKL returns x @ w accumulated and kept in
+float32, and everything else stays in float32 (`activation_dtype`), as PyTorch's CPU autocast keeps
+its norms and softmax. Attention's two batched products (`head_scores`, `head_context`) go to MKL's
+float32 `cblas_sgemm_batch`, which reads the heads in place inside c_attn's output. Each product is
+an XLA custom call whose target is a ctypes callback (no compiler at install time: that is why this
+is written by hand; jaxlib exposes no oneDNN path), with a `custom_vjp` whose backward products use
+the same calls. Everywhere else (float32 compute, another backend, no MKL, a CPU without bfloat16
+units, JAXCLS_CPU_GEMM=0) it is XLA's own dot in the requested dtype."""
 
 from __future__ import annotations
 

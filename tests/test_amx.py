@@ -78,6 +78,17 @@ def test_a_failure_inside_the_callback_fails_the_computation(monkeypatch):
         jax.block_until_ready(jax.jit(lambda a, b: cpu_gemm._gemm(a, b, False, False))(x, w))
 
 
+def test_a_failure_inside_the_attention_callback_fails_the_computation(monkeypatch):
+    """As above for attention's batch GEMM (planted: its `except` returning None)."""
+    def broken():
+        raise RuntimeError("stand-in batch GEMM failed")
+
+    monkeypatch.setattr(cpu_gemm, "_sgemm_batch", broken)
+    q = jnp.ones((1, 3, 1, 2, 4), jnp.float32)
+    with pytest.raises(Exception, match="jaxcls MKL attention scores.*stand-in batch GEMM failed"):
+        jax.block_until_ready(jax.jit(cpu_gemm.head_scores)(q, q))
+
+
 def _close(got, want, rel=2e-2):
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert got.shape == want.shape and got.dtype == want.dtype
