@@ -167,12 +167,12 @@ def measure_train(cfg, *, trainable: str = "last_block", batch: int = 8, seq_len
 
 def measure_infer(cfg, *, batch: int, seq_len: int = 120, steps: int = 5, warmup: int = 1,
                   seed: int = 0, peak_flops: float | None = None) -> dict:
-    """The predictor's jitted step (`predict_step`, on the state `inference_state` prepares) at one
-    batch size."""
+    """The predictor's jitted step (`predict_step`, on the state `model.inference_state` prepares)
+    at one batch size."""
     from flax import nnx
 
-    from jaxcls.infer.predictor import inference_state, predict_step
-    from jaxcls.model import GPT2Classifier
+    from jaxcls.infer.predictor import predict_step
+    from jaxcls.model import GPT2Classifier, inference_state
 
     reset_peak_rss()
     graphdef, state = inference_state(GPT2Classifier(cfg, 2, rngs=nnx.Rngs(seed)))

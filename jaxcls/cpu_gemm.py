@@ -1,18 +1,17 @@
-"""bfloat16 matmuls on the CPU's matrix units (AMX, AVX512-BF16) through MKL, attention's batched
-products on MKL, and the `--dtype auto` decision that depends on them.
+"""bfloat16 matmuls on the CPU's matrix units (AMX, AVX512-BF16) through MKL, the XLA FFI plumbing
+they share with cpu_attention, and the `--dtype auto` decision that depends on them.
 
 XLA:CPU (jaxlib 0.10) computes a bfloat16 dot no faster than a float32 one, and its bfloat16
 elementwise work (GELU, layer norm, softmax) about 3x slower than float32's, while MKL's
 `cblas_gemm_bf16bf16f32` (the optional `mkl` wheel: `pip install jaxcls[amx]`) runs the dot on the
 AMX tiles several times faster. So on this path bfloat16 is the matmuls' operand dtype only:
 `matmul(x, w, "bfloat16")` rounds x and w to bfloat16 and MKL returns x @ w accumulated and kept in
-float32, and everything else stays in float32 (`activation_dtype`), as PyTorch's CPU autocast keeps
-its norms and softmax. Attention's two batched products (`head_scores`, `head_context`) go to MKL's
-float32 `cblas_sgemm_batch`, which reads the heads in place inside c_attn's output. Each product is
-an XLA custom call whose target is a ctypes callback (no compiler at install time: that is why this
-is written by hand; jaxlib exposes no oneDNN path), with a `custom_vjp` whose backward products use
-the same calls. Everywhere else (float32 compute, another backend, no MKL, a CPU without bfloat16
-units, JAXCLS_CPU_GEMM=0) it is XLA's own dot in the requested dtype."""
+float32; everything else stays in float32 (`activation_dtype`), as PyTorch's CPU autocast keeps its
+norms and softmax. Each product is an XLA custom call whose target is a ctypes callback reading XLA's
+call frame (no compiler at install time: that, and jaxlib exposing no oneDNN path, is why this is
+written by hand), with a `custom_vjp` whose backward products use the same calls. Everywhere else
+(float32 compute, another backend, no MKL, a CPU without bfloat16 units, JAXCLS_CPU_GEMM=0) it is
+XLA's own dot in the requested dtype."""
 
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ FAST_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 # Narrower models lose: each MKL call is a Python callback, and at the `mini` preset's width (128)
 # bfloat16 on MKL trained 1.5-2.3x slower than float32 on XLA (docs/benchmarks.md); gpt2-small won.
 MIN_MKL_WIDTH = 768  # /proc/cpuinfo names of the units MKL's bf16 GEMM uses
-_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 
 
 def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
@@ -61,7 +60,7 @@ def _mkl_paths() -> list[str]:
     return found + ["libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so"]
 
 
-def _mkl_lib():
+def mkl_library():
     """libmkl_rt as a ctypes library, or None.
 
     MKL's OpenMP threads spin for 200 ms after each call by default, taking the cores from XLA's
@@ -82,7 +81,7 @@ def _mkl_lib():
 @functools.cache
 def load_mkl():
     """MKL's bf16 GEMM as a ctypes function, or None where no libmkl_rt exports it."""
-    lib = _mkl_lib()
+    lib = mkl_library()
     if lib is None:
         return None
     c_int, c_float, c_void_p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
@@ -91,15 +90,6 @@ def load_mkl():
                      c_void_p, c_int, c_float, c_void_p, c_int]
     gemm.restype = None
     return gemm
-
-
-@functools.cache
-def _sgemm_batch():
-    """MKL's grouped float32 batch GEMM (one group: every (row, head) product of attention)."""
-    fn = _mkl_lib().cblas_sgemm_batch
-    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 13 + [ctypes.c_int, ctypes.c_void_p]
-    fn.restype = None
-    return fn
 
 
 class _Ext(ctypes.Structure):  # XLA_FFI_Extension_Base (xla/ffi/api/c_api.h, shipped in jaxlib/include)
@@ -178,103 +168,57 @@ def _target(trans_a: bool, trans_b: bool) -> str:
     return f"{TARGET}_{'t' if trans_a else 'n'}{'t' if trans_b else 'n'}"
 
 
-def _handler(trans_a: bool, trans_b: bool):
-    """An XLA FFI handler computing C = op(A) @ op(B) (A, B bfloat16 2-D; C float32) on MKL."""
-    def handle(frame_ptr):
-        frame = frame_ptr.contents
-        try:
-            if _answer_metadata(frame) or frame.stage != _EXECUTE:
+_HANDLERS: dict[str, object] = {}  # target name -> ctypes handler, kept alive for XLA
+
+
+def ffi_target(name: str, what: str):
+    """Decorator: `body(args, rets)` (the call frame's operand and result buffers) becomes the XLA FFI
+    handler `name`, which answers XLA's metadata query and returns any exception to XLA as an error
+    naming `what`, never as success over an unwritten buffer."""
+    def wrap(body):
+        def handle(frame_ptr):
+            frame = frame_ptr.contents
+            try:
+                if _answer_metadata(frame) or frame.stage != _EXECUTE:
+                    return None
+                body(frame.args.items, frame.rets.items)
                 return None
-            a, b, c = frame.args.items[0].contents, frame.args.items[1].contents, frame.rets.items[0].contents
-            m, n = c.dims[0], c.dims[1]
-            k = a.dims[0] if trans_a else a.dims[1]
-            load_mkl()(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS, m, n, k,
-                       1.0, a.data, a.dims[1], b.data, b.dims[1], 0.0, c.data, n)
-            return None
-        except Exception as e:  # noqa: BLE001 - any failure must reach XLA as an error, not as success
-            return _error(frame, f"jaxcls MKL GEMM {_target(trans_a, trans_b)}: {type(e).__name__}: {e}")
+            except Exception as e:  # noqa: BLE001 - any failure must reach XLA as an error
+                return _error(frame, f"{what}: {type(e).__name__}: {e}")
 
-    return _HANDLER(handle)
+        _HANDLERS[name] = _HANDLER(handle)
+        return body
 
-
-_HANDLERS = {_target(ta, tb): _handler(ta, tb) for ta, tb in ((False, False), (False, True), (True, False))}
-
-
-class _HeadPlan:
-    """One grouped batch GEMM over every (row, head) pair of attention, read in place: byte offsets
-    of each pair's A, B and C, and the group's parameters as the C arrays cblas_sgemm_batch takes.
-    Heads come as part `part` of (B, T, S, H, D), e.g. q, k and v inside c_attn's output (S = 3);
-    results are dense. Products, with H heads of D:
-      scores    q (B,Tq,Sq,H,D), k (B,Tk,Sk,H,D) -> q_h k_h^T (B,H,Tq,Tk)
-      context   p (B,H,Tq,Tk),   v (B,Tk,Sv,H,D) -> p_h v_h   (B,Tq,H,D)
-      context_t p (B,H,Tq,Tk),   g (B,Tq,Sg,H,D) -> p_h^T g_h (B,Tk,H,D)"""
-
-    def __init__(self, kind: str, x_dims: tuple, y_dims: tuple, parts: tuple):
-        import numpy as np
-
-        _, rows_y, S_y, H, D = y_dims
-        if kind == "scores":
-            B, Tq, S_x = x_dims[:3]
-            Tk = rows_y
-        else:
-            B, _, Tq, Tk = x_dims
-        b, h = np.divmod(np.arange(B * H, dtype=np.int64), H)
-        pair = (b * H + h) * Tq * Tk  # (B, H, Tq, Tk)
-
-        def heads(rows, S, part):  # head h of row b in (B, rows, S, H, D)
-            return ((b * rows * S + part) * H + h) * D
-
-        y_off, ldb = heads(rows_y, S_y, parts[1]), S_y * H * D
-        if kind == "scores":
-            m, n, k, ta, tb, lda, ldc = Tq, Tk, D, _NO_TRANS, _TRANS, S_x * H * D, Tk
-            offsets = (heads(Tq, S_x, parts[0]), y_off, pair)
-        elif kind == "context":
-            m, n, k, ta, tb, lda, ldc = Tq, D, Tk, _NO_TRANS, _NO_TRANS, Tk, H * D
-            offsets = (pair, y_off, heads(Tq, 1, 0))
-        else:
-            m, n, k, ta, tb, lda, ldc = Tk, D, Tq, _TRANS, _NO_TRANS, Tk, H * D
-            offsets = (pair, y_off, heads(Tk, 1, 0))
-        self.offsets = [o * 4 for o in offsets]  # float32
-        ints = lambda *v: (ctypes.c_int * len(v))(*v)  # noqa: E731
-        self.params = [ints(ta), ints(tb), ints(m), ints(n), ints(k), (ctypes.c_float * 1)(1.0), ints(lda),
-                       ints(ldb), (ctypes.c_float * 1)(0.0), ints(ldc)]
-        self.size = ints(B * H)
-
-
-@functools.lru_cache(maxsize=256)
-def _head_plan(kind: str, x_dims: tuple, y_dims: tuple, parts: tuple) -> _HeadPlan:
-    return _HeadPlan(kind, x_dims, y_dims, parts)
-
-
-def _head_handler(kind: str):
-    def handle(frame_ptr):
-        frame = frame_ptr.contents
-        try:
-            if _answer_metadata(frame) or frame.stage != _EXECUTE:
-                return None
-            items = frame.args.items
-            x, y, c = items[0].contents, items[1].contents, frame.rets.items[0].contents
-            parts = tuple((ctypes.c_int32 * 2).from_address(items[2].contents.data))
-            plan = _head_plan(kind, tuple(x.dims[:x.rank]), tuple(y.dims[:y.rank]), parts)
-            ptrs = [off + base for off, base in zip(plan.offsets, (x.data, y.data, c.data))]
-            p = [ctypes.addressof(v) for v in plan.params]
-            _sgemm_batch()(_ROW_MAJOR, *p[:6], ptrs[0].ctypes.data, p[6], ptrs[1].ctypes.data, p[7], p[8],
-                           ptrs[2].ctypes.data, p[9], 1, ctypes.addressof(plan.size))
-            return None
-        except Exception as e:  # noqa: BLE001 - as in _handler
-            return _error(frame, f"jaxcls MKL attention {kind}: {type(e).__name__}: {e}")
-
-    return _HANDLER(handle)
-
-
-_HANDLERS.update({f"{TARGET}_{kind}": _head_handler(kind) for kind in ("scores", "context", "context_t")})
+    return wrap
 
 
 @functools.cache
-def _registered() -> bool:
-    for name, fn in _HANDLERS.items():
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(ctypes.cast(fn, _P).value), platform="cpu")
-    return True
+def _register(name: str) -> None:
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(ctypes.cast(_HANDLERS[name], _P).value), platform="cpu")
+
+
+def ffi_call(name: str, shape, *operands):
+    """The registered target `name` on `operands`, one float32 result of `shape`."""
+    _register(name)
+    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")
+    return call(*operands)
+
+
+def _gemm_target(trans_a: bool, trans_b: bool) -> str:
+    """C = op(A) @ op(B) (A, B bfloat16 2-D; C float32) on MKL."""
+    name = _target(trans_a, trans_b)
+
+    @ffi_target(name, f"jaxcls MKL GEMM {name}")
+    def gemm(args, rets):
+        a, b, c = args[0].contents, args[1].contents, rets[0].contents
+        m, n = c.dims[0], c.dims[1]
+        k = a.dims[0] if trans_a else a.dims[1]
+        load_mkl()(ROW_MAJOR, TRANS if trans_a else NO_TRANS, TRANS if trans_b else NO_TRANS, m, n, k,
+                   1.0, a.data, a.dims[1], b.data, b.dims[1], 0.0, c.data, n)
+
+
+for _ta, _tb in ((False, False), (False, True), (True, False)):
+    _gemm_target(_ta, _tb)
 
 
 def fast_path_available(flags: frozenset[str] | None = None) -> bool:
@@ -287,12 +231,9 @@ def fast_path_available(flags: frozenset[str] | None = None) -> bool:
 
 def _gemm(a, b, trans_a: bool, trans_b: bool):
     """op(a) @ op(b) in float32 from bfloat16 2-D operands, on MKL."""
-    _registered()
     m = a.shape[1] if trans_a else a.shape[0]
     n = b.shape[0] if trans_b else b.shape[1]
-    call = jax.ffi.ffi_call(_target(trans_a, trans_b), jax.ShapeDtypeStruct((m, n), jnp.float32),
-                            vmap_method="sequential")
-    return call(a, b)
+    return ffi_call(_target(trans_a, trans_b), (m, n), a, b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -317,60 +258,6 @@ def _bwd(x_dtype, w_dtype, res, g):
 
 
 _mkl_matmul.defvjp(_fwd, _bwd)
-
-
-def _heads(kind: str, x, y, parts: tuple, shape):
-    _registered()
-    call = jax.ffi.ffi_call(f"{TARGET}_{kind}", jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")
-    return call(x, y, jnp.asarray(parts, jnp.int32))
-
-
-def _place(d, shape, part: int):
-    """A dense (B, T, H, D) cotangent as part `part` of (B, T, S, H, D), zeros elsewhere."""
-    return d[:, :, None] if shape[2] == 1 else jnp.zeros(shape, d.dtype).at[:, :, part].set(d)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def head_scores(q, k, q_part: int = 0, k_part: int = 0):
-    """Part `q_part` of q (B, Tq, Sq, H, D) times part `k_part` of k (B, Tk, Sk, H, D), transposed,
-    per row and head: float32 (B, H, Tq, Tk), on MKL."""
-    return _heads("scores", q, k, (q_part, k_part), (q.shape[0], q.shape[3], q.shape[1], k.shape[1]))
-
-
-def _scores_bwd(q_part, k_part, res, g):
-    q, k = res
-    B, Tq, _, H, D = q.shape
-    dq = _heads("context", g, k, (0, k_part), (B, Tq, H, D))
-    dk = _heads("context_t", g, q, (0, q_part), (B, k.shape[1], H, D))
-    return _place(dq, q.shape, q_part), _place(dk, k.shape, k_part)
-
-
-head_scores.defvjp(lambda q, k, qp, kp: (head_scores(q, k, qp, kp), (q, k)), _scores_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def head_context(p, v, v_part: int = 0):
-    """p (B, H, Tq, Tk) times part `v_part` of v (B, Tk, Sv, H, D) per row and head: float32
-    (B, Tq, H, D), on MKL."""
-    B, H, Tq, _ = p.shape
-    return _heads("context", p, v, (0, v_part), (B, Tq, H, v.shape[4]))
-
-
-def _context_bwd(v_part, res, g):
-    p, v = res
-    B, Tk, _, H, D = v.shape
-    dp = _heads("scores", g[:, :, None], v, (0, v_part), p.shape)
-    return dp, _place(_heads("context_t", p, g[:, :, None], (0, 0), (B, Tk, H, D)), v.shape, v_part)
-
-
-head_context.defvjp(lambda p, v, vp: (head_context(p, v, vp), (p, v)), _context_bwd)
-
-
-def attention_on_mkl(dtype) -> bool:
-    """Attention's two batched products go to MKL's float32 batch GEMM where MKL's path runs and
-    activations are float32: XLA:CPU ran them at about 70 GFLOP/s with a transposing copy around
-    each, MKL at 180-190 reading the heads in place (docs/benchmarks.md)."""
-    return jnp.dtype(dtype) == jnp.float32 and fast_path_available()
 
 
 def activation_dtype(dtype):

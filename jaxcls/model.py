@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcls.config import POOLINGS, GPT2Config, head_hidden
-from jaxcls.cpu_gemm import activation_dtype, attention_on_mkl, head_context, head_scores, matmul
+from jaxcls.cpu_attention import attention_on_mkl, head_context, head_scores
+from jaxcls.cpu_gemm import activation_dtype, matmul
 from jaxcls.errors import ConfigError
 from jaxcls.lora import LoRAHead, adapter_update, init_adapter, lora_parts, lora_scale, merged_lora_params
 
@@ -41,6 +42,12 @@ def cast_kernels(state, config: GPT2Config):
     leaves = [(p, v.replace(v.get_value().astype(operands)) if _block_kernel(p) else v)
               for p, v in nnx.to_flat_state(state)]
     return nnx.from_flat_state(leaves)
+
+
+def inference_state(model: nnx.Module):
+    """(graphdef, state) as inference reads them: `nnx.split` with the kernels cast once."""
+    graphdef, state = nnx.split(model)
+    return graphdef, cast_kernels(state, model.config)
 
 
 def _block_kernel(path) -> bool:
@@ -125,7 +132,7 @@ class Attention(nnx.Module):
     def split_heads(self, y, n: int):
         """c_attn's output (B, T, n*C) as n inputs of `attend`: on MKL's path (heads, part) pairs that
         the batch GEMM reads in place, else n arrays (B, T, C)."""
-        if not attention_on_mkl(y.dtype):
+        if not attention_on_mkl(self.config.dtype):
             return jnp.split(y, n, axis=-1)
         heads = y.reshape(*y.shape[:2], n, self.config.n_head, self.config.head_dim)
         return [(heads, i) for i in range(n)]
@@ -138,7 +145,7 @@ class Attention(nnx.Module):
                    for t in (q, k, v))
         (q, q_part), (k, k_part), (v, v_part) = q, k, v
         B, Tq = q.shape[:2]
-        mkl = attention_on_mkl(q.dtype)
+        mkl = attention_on_mkl(cfg.dtype)
         if not mkl:
             q, k, v = q[:, :, q_part], k[:, :, k_part], v[:, :, v_part]  # (B, T, nh, hd)
         if not mkl and (dropout_key is None or cfg.dropout == 0.0):

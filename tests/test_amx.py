@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxcls import cpu_gemm
+from jaxcls import cpu_attention, cpu_gemm
 from jaxcls.config import preset
 from jaxcls.model import GPT2Classifier, cast_kernels, path_str
 
@@ -83,10 +83,10 @@ def test_a_failure_inside_the_attention_callback_fails_the_computation(monkeypat
     def broken():
         raise RuntimeError("stand-in batch GEMM failed")
 
-    monkeypatch.setattr(cpu_gemm, "_sgemm_batch", broken)
+    monkeypatch.setattr(cpu_attention, "_sgemm_batch", broken)
     q = jnp.ones((1, 3, 1, 2, 4), jnp.float32)
     with pytest.raises(Exception, match="jaxcls MKL attention scores.*stand-in batch GEMM failed"):
-        jax.block_until_ready(jax.jit(cpu_gemm.head_scores)(q, q))
+        jax.block_until_ready(jax.jit(cpu_attention.head_scores)(q, q))
 
 
 def _close(got, want, rel=2e-2):
@@ -139,15 +139,15 @@ def test_attention_products_and_gradients_match_einsum(stacked):
     p = jnp.asarray(rng.standard_normal((B, H, T, T)), jnp.float32)
     ein = lambda spec: lambda a, b: jnp.einsum(spec, a, b, precision="highest")  # noqa: E731
     if stacked:
-        scores = lambda x: cpu_gemm.head_scores(x, x, 0, 1)  # noqa: E731
+        scores = lambda x: cpu_attention.head_scores(x, x, 0, 1)  # noqa: E731
         scores_ref = lambda x: ein("bqhd,bkhd->bhqk")(x[:, :, 0], x[:, :, 1])  # noqa: E731
-        context = lambda p, x: cpu_gemm.head_context(p, x, 2)  # noqa: E731
+        context = lambda p, x: cpu_attention.head_context(p, x, 2)  # noqa: E731
         context_ref = lambda p, x: ein("bhqk,bkhd->bqhd")(p, x[:, :, 2])  # noqa: E731
         cases = [(scores, scores_ref, (qkv,)), (context, context_ref, (p, qkv))]
     else:
         q, k = qkv[:, :, :1], qkv[:, :, 1:2]
-        cases = [(cpu_gemm.head_scores, lambda a, b: ein("bqhd,bkhd->bhqk")(a[:, :, 0], b[:, :, 0]), (q, k)),
-                 (cpu_gemm.head_context, lambda a, b: ein("bhqk,bkhd->bqhd")(a, b[:, :, 0]), (p, k))]
+        cases = [(cpu_attention.head_scores, lambda a, b: ein("bqhd,bkhd->bhqk")(a[:, :, 0], b[:, :, 0]), (q, k)),
+                 (cpu_attention.head_context, lambda a, b: ein("bhqk,bkhd->bqhd")(a, b[:, :, 0]), (p, k))]
     for fn, ref, args in cases:
         out, vjp = jax.vjp(jax.jit(fn), *args)
         want, vjp_ref = jax.vjp(ref, *args)

@@ -34,7 +34,7 @@ from flax import nnx
 from jaxcls.data import fine_bucket_lengths, length_buckets
 from jaxcls.data.examples import Truncation
 from jaxcls.errors import ConfigError, DataError
-from jaxcls.model import cast_kernels
+from jaxcls.model import inference_state
 from jaxcls.shared_prefix import SharedRows, check_supported, shared_prefix_logits
 from jaxcls.task import SingleLabel
 from jaxcls.tokenizer import first_tokens, pad_id_for
@@ -83,13 +83,6 @@ def predict_step(graphdef, state, ids, lengths):
     _traces.n = _trace_count() + 1
     model = nnx.merge(graphdef, state)
     return model(ids, lengths).astype(jnp.float32)
-
-
-def inference_state(model):
-    """(graphdef, state) as the predict steps read them: the blocks' kernels already in the
-    matmuls' operand dtype (model.cast_kernels), so no call casts them again."""
-    graphdef, state = nnx.split(model)
-    return graphdef, cast_kernels(state, model.config)
 
 
 def resolve_buckets(n_ctx: int, pad_length, bucket_lengths) -> tuple[int | None, tuple[int, ...]]:
