@@ -20,7 +20,6 @@ from jaxcls import model as model_lib
 from jaxcls.model import GPT2Classifier, path_str
 from jaxcls.task import SingleLabel, task_from_json
 from jaxcls.tokenizer import encode, tokenizer_dir_for, tokenizer_from_folder
-from jaxcls.train import freeze
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelSpec)}
 DATA_FIELDS = {f.name for f in dataclasses.fields(DataSpec)}
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -273,6 +272,8 @@ class Classifier:
         delta = not full and self.base is not None
         if delta:
             c = model.config
+            from jaxcls.train import freeze  # the train layer (orbax) loads only when used
+
             keep = freeze.is_trainable(freeze.trainable_pattern(self.trainable, c.n_layer, c.lora_style))
             params = [(p, v) for p, v in params if keep(p, None) or not in_checkpoint(p)]
             if "sha256" not in self.base:
