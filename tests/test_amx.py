@@ -215,3 +215,4 @@ def test_kernels_are_cast_once_for_the_steps_and_the_model_keeps_float32(monkeyp
     run = jax.jit(lambda st: nnx.merge(graphdef, st)(ids))
     np.testing.assert_array_equal(np.asarray(run(cast)), np.asarray(run(full)))
     assert cast_kernels(full, cfg.replace(dtype="float32")) is full
+

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxcls import cpu_gemm
 from jaxcls.config import GPT2Config
 from jaxcls.errors import ConfigError, DataError
 from jaxcls.model import GPT2Classifier
@@ -143,3 +144,19 @@ def test_dropout_runs_under_grad_and_unsupported_models_are_refused(model):
             shared_prefix_features(other, *s)
     with pytest.raises(ConfigError, match="causal=False"):
         shared_prefix_features(GPT2Classifier(CFG.replace(causal=False), 1, rngs=nnx.Rngs(0)), *s)
+
+
+@pytest.mark.skipif(cpu_gemm.load_mkl() is None, reason="MKL (pip install 'jaxcls[amx]') is absent")
+def test_on_mkl_the_shared_prefix_equals_the_flattened_rows(monkeypatch):
+    """On MKL's path (bfloat16 matmul operands, float32 activations) the shared form, whose option
+    rows attend over the prefix's keys on XLA, gives the flattened rows' features, whose attention
+    runs on MKL's batch GEMM. Fails if a head product reads the wrong part of c_attn's output
+    (planted: `Attention.split_heads` returning `[(heads, 0)] * n`)."""
+    monkeypatch.setattr(cpu_gemm, "host_flags", lambda: frozenset({"amx_bf16"}))
+    model = GPT2Classifier(CFG.replace(dtype="bfloat16"), 1, rngs=nnx.Rngs(3))
+    ids, lengths = choice_rows()
+    s = split_rows(ids, lengths, R, prefix_width=13, option_width=9)
+    shared = np.asarray(jax.jit(shared_prefix_features)(model, *s))
+    flat = np.asarray(jax.jit(lambda m, i, n: m.features(i, jnp.maximum(n, 1)))(model, ids, lengths))
+    present = lengths > 0
+    np.testing.assert_allclose(shared[present], flat[present], atol=1e-5, rtol=1e-5)
