@@ -172,7 +172,8 @@ def measure_infer(cfg, *, batch: int, seq_len: int = 120, steps: int = 5, warmup
     from flax import nnx
 
     from jaxcls.infer.predictor import predict_step
-    from jaxcls.model import GPT2Classifier, inference_state
+    from jaxcls.model import GPT2Classifier
+    from jaxcls.precision import inference_state
 
     reset_peak_rss()
     graphdef, state = inference_state(GPT2Classifier(cfg, 2, rngs=nnx.Rngs(seed)))

@@ -31,29 +31,6 @@ def compute_dtype(config: GPT2Config):
     return activation_dtype(config.dtype)
 
 
-def cast_kernels(state, config: GPT2Config):
-    """`state` with the blocks' Linear kernels already in the matmuls' operand dtype, where that
-    differs from the activations' (bfloat16 on MKL's path): the cast then happens once, not in every
-    call, where it took a third of gpt2-small's forward pass. Values round exactly as the per-call
-    cast rounds them. Everything else, and any other configuration, is left as it is."""
-    operands = jnp.dtype(config.dtype)
-    if compute_dtype(config) == operands:
-        return state
-    leaves = [(p, v.replace(v.get_value().astype(operands)) if _block_kernel(p) else v)
-              for p, v in nnx.to_flat_state(state)]
-    return nnx.from_flat_state(leaves)
-
-
-def inference_state(model: nnx.Module):
-    """(graphdef, state) as inference reads them: `nnx.split` with the kernels cast once."""
-    graphdef, state = nnx.split(model)
-    return graphdef, cast_kernels(state, model.config)
-
-
-def _block_kernel(path) -> bool:
-    return len(path) == 5 and path[0] == "h" and path[2] in ("attn", "mlp") and path[4] == "kernel"
-
-
 def check_backend(config: GPT2Config) -> None:
     """Refuse a compute dtype the default backend cannot run, before anything is compiled: XLA:CPU
     has no float16 attention (jitted, it fails with "precision 'F16_F16_F32' is not supported")."""

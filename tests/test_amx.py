@@ -9,7 +9,8 @@ from flax import nnx
 
 from jaxcls import cpu_attention, cpu_gemm
 from jaxcls.config import preset
-from jaxcls.model import GPT2Classifier, cast_kernels, path_str
+from jaxcls.model import GPT2Classifier, path_str
+from jaxcls.precision import cast_kernels
 
 needs_mkl = pytest.mark.skipif(cpu_gemm.load_mkl() is None, reason="MKL (pip install 'jaxcls[amx]') is absent")
 

@@ -123,3 +123,25 @@ def test_train_float16_on_cpu_is_a_one_line_error(tmp_path, capsys):
     assert "float16" in err and "bfloat16 or float32" in err
     assert main(["train", "--data", str(data), "--dtype", "float64", "--quiet"]) == 2
     assert "ModelSpec.dtype" in one_line_error(capsys)
+
+
+def test_dtype_flag_recomputes_in_the_dtype_asked_and_says_so(model_dir, clf, tmp_path, capsys):
+    """`--dtype` on classify: the saved dtype by default (no line), bfloat16 when asked (the same
+    weights: probabilities within bfloat16's rounding of the float32 ones, not equal to them), and
+    `auto` decided for this machine as train decides it (tiny is too narrow for MKL: float32, said
+    with the reason). Fails if the flag is parsed but not applied (planted: `clf.model = ...` dropped
+    in load_classifier), or if the decision goes unreported (planted: the print removed)."""
+    def probs(*flags):
+        out = tmp_path / f"out{len(flags)}{flags[-1] if flags else ''}.jsonl"
+        assert main(["classify", "--model", str(model_dir), "--output", str(out), *flags, *TEXTS]) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        return np.array([[r["probs"][k] for k in LABELS] for r in rows]), capsys.readouterr().err
+
+    saved, err = probs()
+    assert "dtype:" not in err
+    bf16, err = probs("--dtype", "bfloat16")
+    assert "dtype: bfloat16 (requested)" in err
+    assert not np.array_equal(bf16, saved) and np.abs(bf16 - saved).max() < 0.05
+    auto, err = probs("--dtype", "auto")
+    assert "dtype: float32 (" in err  # tiny is float32 on any CPU, by the width rule or for want of units
+    np.testing.assert_array_equal(auto, saved)

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from jaxcls.config import DTYPE_CHOICES
 from jaxcls.errors import CheckpointError, ConfigError
 
 LONG_MODES = ("truncate", "sliding")
@@ -74,6 +75,9 @@ def model_options(p) -> None:
                         "or average overlapping windows (sliding)")
     p.add_argument("--window-stride", type=int, default=None, metavar="N",
                    help="tokens between sliding windows (default: half the maximum length)")
+    p.add_argument("--dtype", choices=("saved",) + DTYPE_CHOICES, default="saved",
+                   help="the compute dtype: as the classifier was saved (default), or auto (decided for "
+                        "this machine, as `train` decides it), float32 or bfloat16; the weights are the same")
     compilation_cache_options(p)
     wrong_flag(p, "--checkpoint", CHECKPOINT_HINT)
 
@@ -136,7 +140,15 @@ def load_classifier(args):
     use_compilation_cache(args)
     from jaxcls.classifier import Classifier
 
-    return Classifier.load(args.model, base=args.base)
+    clf = Classifier.load(args.model, base=args.base)
+    if args.dtype != "saved":
+        from jaxcls.cpu_gemm import decide_dtype
+        from jaxcls.precision import with_dtype
+
+        used, why = decide_dtype(args.dtype, width=clf.model.config.n_embd)
+        clf.model = with_dtype(clf.model, used)
+        print(f"dtype: {used} ({why})", file=sys.stderr)
+    return clf
 
 
 def predictor_kw(args, **extra) -> dict:

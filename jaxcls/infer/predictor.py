@@ -34,7 +34,7 @@ from flax import nnx
 from jaxcls.data import fine_bucket_lengths, length_buckets
 from jaxcls.data.examples import Truncation
 from jaxcls.errors import ConfigError, DataError
-from jaxcls.model import inference_state
+from jaxcls.precision import inference_state
 from jaxcls.shared_prefix import SharedRows, check_supported, shared_prefix_logits
 from jaxcls.task import SingleLabel
 from jaxcls.tokenizer import first_tokens, pad_id_for

@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxcls.config import TrainConfig
 from jaxcls.errors import ConfigError
-from jaxcls.model import cast_kernels
+from jaxcls.precision import cast_kernels
 from jaxcls.train import freeze, prefix_cache
 from jaxcls.train.batches import Prepared, SplitData, make_batch, plan_batches
 from jaxcls.train.state import LoopState
