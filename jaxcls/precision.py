@@ -14,7 +14,7 @@ from jaxcls.model import GPT2Classifier, compute_dtype
 def cast_kernels(state, config: GPT2Config):
     """`state` with the blocks' Linear kernels already in the matmuls' operand dtype, where that
     differs from the activations' (bfloat16 on MKL's path): the cast then happens once, not in every
-    call, where it took a third of gpt2-small's forward pass. Values round exactly as the per-call
+    call, where it took a quarter of gpt2-small's forward pass. Values round exactly as the per-call
     cast rounds them. Everything else, and any other configuration, is left as it is."""
     operands = jnp.dtype(config.dtype)
     if compute_dtype(config) == operands:
