@@ -34,7 +34,7 @@ ONEDNN_PROBE = ("import jax, jax.numpy as jnp; a = jnp.ones((512, 512), jnp.bflo
                 "print('__onednn' in jax.jit(lambda a, b: a @ b).lower(a, a).compile().as_text())")
 
 
-def _median_s(fn, args, repeats: int) -> float:
+def median_s(fn, args, repeats: int) -> float:
     import jax
 
     jax.block_until_ready(fn(*args))
@@ -89,7 +89,7 @@ def gemm_rows(repeats: int) -> list[dict]:
             a = jax.random.normal(key, (m, k), dtype)
             b = jax.random.normal(jax.random.fold_in(key, 1), (k, n), dtype)
             flops = 2 * m * k * n * (3 if name.endswith("fwd_bwd") else 1)
-            row[name] = flops / _median_s(fn, (a, b), repeats) / 1e9
+            row[name] = flops / median_s(fn, (a, b), repeats) / 1e9
         rows.append(row)
         print(f"| {m}x{k}x{n} | " + " | ".join(f"{row[p]:.0f}" for p in paths) + " |", flush=True)
     return rows

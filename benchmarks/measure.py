@@ -167,7 +167,7 @@ def measure_train(cfg, *, trainable: str = "last_block", batch: int = 8, seq_len
 
 def measure_infer(cfg, *, batch: int, seq_len: int = 120, steps: int = 5, warmup: int = 1,
                   seed: int = 0, peak_flops: float | None = None) -> dict:
-    """The predictor's jitted step (`predict_step`, on the state `model.inference_state` prepares)
+    """The predictor's jitted step (`predict_step`, on the state `precision.inference_state` prepares)
     at one batch size."""
     from flax import nnx
 

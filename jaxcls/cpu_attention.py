@@ -1,7 +1,8 @@
 """Attention's two batched products on MKL, for models on cpu_gemm's path (bfloat16 matmul operands,
 float32 activations): every (row, head) product of a layer in one call of MKL's float32
-`cblas_sgemm_batch`, reading q, k and v in place inside c_attn's output. XLA:CPU ran these products at
-about 70 GFLOP/s with a transposing copy around each; MKL's batch GEMM at 180-190 (docs/benchmarks.md).
+`cblas_sgemm_batch`, reading q, k and v in place inside c_attn's output. At gpt2-small's shapes XLA:CPU
+ran these products at 42-47 GFLOP/s, MKL's batch GEMM at 182-185 (benchmarks/cpu_kernels.py, Intel
+Xeon with AMX-BF16; inside the model XLA also copied the heads around each product).
 Written by hand for the reason cpu_gemm is: jaxlib exposes no such kernel, and a ctypes FFI handler
 needs no compiler at install time."""
 
@@ -133,9 +134,8 @@ head_context.defvjp(lambda p, v, vp: (head_context(p, v, vp), (p, v)), _context_
 
 def attention_on_mkl(dtype) -> bool:
     """Attention's two batched products go to MKL's float32 batch GEMM when a model computing in
-    `dtype` runs on MKL's path (bfloat16 operands, float32 activations): XLA:CPU ran them at about
-    70 GFLOP/s with a transposing copy around each, MKL at 180-190 reading the heads in place
-    (docs/benchmarks.md). A float32 model keeps XLA's own attention."""
+    `dtype` runs on MKL's path (bfloat16 operands, float32 activations), about 4x XLA:CPU's speed
+    there (benchmarks/cpu_kernels.py). A float32 model keeps XLA's own attention."""
     return jnp.dtype(dtype) == jnp.bfloat16 and fast_path_available()
 
 

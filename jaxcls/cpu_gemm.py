@@ -2,7 +2,7 @@
 they share with cpu_attention, and the `--dtype auto` decision that depends on them.
 
 XLA:CPU (jaxlib 0.10) computes a bfloat16 dot no faster than a float32 one, and its bfloat16
-elementwise work (GELU, layer norm, softmax) about 3x slower than float32's, while MKL's
+elementwise work slower than float32's (GELU 2.3x on an Intel Xeon with AMX: benchmarks/cpu_kernels.py), while MKL's
 `cblas_gemm_bf16bf16f32` (the optional `mkl` wheel: `pip install jaxcls[amx]`) runs the dot on the
 AMX tiles several times faster. So on this path bfloat16 is the matmuls' operand dtype only:
 `matmul(x, w, "bfloat16")` rounds x and w to bfloat16 and MKL returns x @ w accumulated and kept in
@@ -263,7 +263,7 @@ _mkl_matmul.defvjp(_fwd, _bwd)
 def activation_dtype(dtype):
     """The dtype a model computing in `dtype` keeps its activations in. On MKL's path bfloat16 is
     the matmuls' operand dtype only: MKL returns float32, and XLA:CPU's bfloat16 elementwise work
-    (GELU, layer norm, softmax) ran 3x slower than float32's, so the rest stays in float32, as
+    (GELU, layer norm, softmax) is the slower one (benchmarks/cpu_kernels.py), so the rest stays in float32, as
     PyTorch's CPU autocast keeps its norms and softmax."""
     dtype = jnp.dtype(dtype)
     return jnp.dtype(jnp.float32) if dtype == jnp.bfloat16 and fast_path_available() else dtype

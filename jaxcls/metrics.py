@@ -9,12 +9,12 @@ from typing import Sequence
 import numpy as np
 
 
-
 def _rankdata(values):
     """scipy's average ranks, imported on first use: scipy.stats costs 0.4 s at every start."""
     from scipy.stats import rankdata
 
     return rankdata(values)
+
 
 def _ratio(num, den) -> np.ndarray:
     """num / den elementwise, 0 where den is 0 (scikit-learn's zero_division=0)."""

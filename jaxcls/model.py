@@ -118,13 +118,14 @@ class Attention(nnx.Module):
         """q (B, Tq, C), k and v (B, T, C) -> (B, Tq, C); each may be a (heads, part) pair of
         `split_heads` instead."""
         cfg = self.config
-        q, k, v = (t if isinstance(t, tuple) else (t.reshape(*t.shape[:2], 1, cfg.n_head, cfg.head_dim), 0)
-                   for t in (q, k, v))
-        (q, q_part), (k, k_part), (v, v_part) = q, k, v
-        B, Tq = q.shape[:2]
+        B, Tq = (q[0] if isinstance(q, tuple) else q).shape[:2]
         mkl = attention_on_mkl(cfg.dtype)
-        if not mkl:
-            q, k, v = q[:, :, q_part], k[:, :, k_part], v[:, :, v_part]  # (B, T, nh, hd)
+        if mkl:  # every input as (B, T, S, H, D) and its part
+            (q, q_part), (k, k_part), (v, v_part) = (
+                t if isinstance(t, tuple) else (t.reshape(*t.shape[:2], 1, cfg.n_head, cfg.head_dim), 0)
+                for t in (q, k, v))
+        else:
+            q, k, v = (t.reshape(*t.shape[:2], cfg.n_head, cfg.head_dim) for t in (q, k, v))  # (B, T, nh, hd)
         if not mkl and (dropout_key is None or cfg.dropout == 0.0):
             y = jax.nn.dot_product_attention(q, k, v, mask=mask)
         else:
@@ -362,6 +363,13 @@ class GPT2Classifier(GPT2):
         return self.head_fn(dropout_key)(self.features(token_ids, lengths, dropout_key=dropout_key))
 
 
+def skeleton(model: GPT2Classifier, config: GPT2Config):
+    """(graphdef, abstract state) of a classifier like `model` (its classes and pooling) built from
+    `config`, without making any array: what merge_lora and precision.with_dtype fill in."""
+    return nnx.split(nnx.eval_shape(
+        lambda: GPT2Classifier(config, model.num_classes, pooling=model.pooling, rngs=nnx.Rngs(0))))
+
+
 def merge_lora(model: GPT2Classifier) -> GPT2Classifier:
     """The same classifier without adapters (lora_rank 0), its kernels holding the merged update:
     the same logits, at a plain model's cost."""
@@ -370,7 +378,6 @@ def merge_lora(model: GPT2Classifier) -> GPT2Classifier:
     params = merged_lora_params(model)
     plain = GPT2Config()
     config = model.config.replace(lora_rank=0, lora_alpha=plain.lora_alpha, lora_style=plain.lora_style)
-    graphdef, abstract = nnx.split(nnx.eval_shape(
-        lambda: GPT2Classifier(config, model.num_classes, pooling=model.pooling, rngs=nnx.Rngs(0))))
+    graphdef, abstract = skeleton(model, config)
     leaves = [(p, v.replace(jnp.asarray(params[p], v.get_value().dtype))) for p, v in nnx.to_flat_state(abstract)]
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))

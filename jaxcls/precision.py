@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxcls.config import GPT2Config
-from jaxcls.model import GPT2Classifier, compute_dtype
+from jaxcls.model import GPT2Classifier, compute_dtype, skeleton
 
 
 def cast_kernels(state, config: GPT2Config):
@@ -38,7 +38,5 @@ def with_dtype(model: GPT2Classifier, dtype: str) -> GPT2Classifier:
     """The same classifier (its parameters shared, not copied) computing in `dtype`."""
     if model.config.dtype == dtype:
         return model
-    config = model.config.replace(dtype=dtype)
-    graphdef, _ = nnx.split(nnx.eval_shape(
-        lambda: GPT2Classifier(config, model.num_classes, pooling=model.pooling, rngs=nnx.Rngs(0))))
+    graphdef, _ = skeleton(model, model.config.replace(dtype=dtype))
     return nnx.merge(graphdef, nnx.state(model))

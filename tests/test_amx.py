@@ -123,7 +123,7 @@ def test_mkl_product_and_gradients_match_xla_on_rounded_operands():
     for g, v in zip(grads, want):
         assert g.dtype == jnp.float32
         _close(g, v)
-    w16 = w.astype(jnp.bfloat16)  # a kernel cast once (model.cast_kernels) keeps its own dtype
+    w16 = w.astype(jnp.bfloat16)  # a kernel cast once (precision.cast_kernels) keeps its own dtype
     assert jax.grad(loss(mm), argnums=1)(x, w16).dtype == jnp.bfloat16
 
 

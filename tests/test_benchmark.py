@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks import e2e, flops, measure, sms_inference, system, throughput
 from conftest import SMS, TOKENIZER_DIR, requires_shared
+from jaxcls import cpu_gemm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -221,3 +222,20 @@ def test_choice_prefix_smoke(tmp_path):
         assert record["speedup"][mode]["n"] == 1
     choice_prefix.main(base + ["--no-train"])
     assert len(results.read_text().splitlines()) == 1  # no --record, no line
+
+
+@pytest.mark.skipif(cpu_gemm.load_mkl() is None, reason="MKL (pip install 'jaxcls[amx]') is absent")
+def test_cpu_kernels_smoke(tmp_path, monkeypatch):
+    """The design readings of the MKL path (`--quick`): one record with both systems' attention
+    products, GELU in both dtypes, the bandwidth reading and the GEMM at both row counts, its CPU
+    named. Fails if a reading is dropped (planted: the `("xla", xla)` pair removed from the loop)."""
+    from benchmarks import cpu_kernels
+
+    monkeypatch.setattr(cpu_gemm, "host_flags", lambda: frozenset({"amx_bf16"}))
+    results = tmp_path / "r.jsonl"
+    record = cpu_kernels.main(["--quick", "--results", str(results)])
+    assert json.loads(results.read_text())["kind"] == "cpu_kernels"
+    assert set(record["attention"]) == {"scores_xla", "scores_mkl", "context_xla", "context_mkl"}
+    assert all(v["gflops"] > 0 for v in record["attention"].values())
+    assert set(record["gelu_ms"]) == {"float32", "bfloat16"} and record["relu_gb_per_s"] > 0
+    assert len(record["mkl_bf16_gemm_gflops"]) == 4 and record["system_info"]["cpu_kind"]

@@ -42,7 +42,7 @@ class Program:
     opt_sharding: object = None
     main_process: bool = True
     prefetch: prefix_cache.Prefetch | None = None  # reads a spilled cache's batches ahead of the steps
-    operands: object = None  # `frozen` as the steps read it: kernels cast once (model.cast_kernels)
+    operands: object = None  # `frozen` as the steps read it: kernels cast once (precision.cast_kernels)
 
     @property
     def cached(self) -> bool:
