@@ -1,15 +1,32 @@
 """JAX's persistent compilation cache, switched on for a whole process: used by training and
 inference alike, so it lives above both. The CLI turns it on by default, in a folder under
 `$JAXCLS_HOME`, so that a second `jaxcls train`/`classify`/`eval`/`serve` loads its programs from
-disk instead of compiling them again."""
+disk instead of compiling them again.
+
+JAX's cache is keyed by the lowered program, so a hit still pays for tracing and lowering: 0.2-0.4 s
+per inference shape of gpt2-small, about 2 s of a 7 s `jaxcls classify`. Beside it, `ProgramStore`
+keeps whole compiled inference programs (jax.experimental.serialize_executable) under a key made
+without tracing: the function, its static arguments, the arguments' shapes and dtypes, and
+everything else a trace depends on (jax, jaxlib, the backend, the CPU's features, the jaxcls source,
+JAX's and XLA's settings). No library keeps executables keyed that way, hence this code."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import os
+import pickle
+import re
+import threading
+import warnings
 from pathlib import Path
 
 import jax
+import jaxlib
 
 FOLDER = "compilation-cache"
+PROGRAMS = "programs"  # ProgramStore's subfolder of the cache folder
 DEFAULT_MAX_MB = 2048  # gpt2-small's train step and six inference buckets take ~100 MB
 
 
@@ -43,6 +60,8 @@ def enable_compilation_cache(path: str | Path, *, min_compile_time_secs: float =
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     compilation_cache.reset_cache()  # JAX decides once whether the cache is on; ask again
+    global _store
+    _store = ProgramStore(path / PROGRAMS, None if max_mb is None else max_mb / 4)
     return path
 
 
@@ -68,3 +87,159 @@ def disable_compilation_cache() -> None:
     jax.config.update("jax_enable_compilation_cache", False)
     jax.config.update("jax_compilation_cache_max_size", -1)  # no bound left behind for a later enable
     compilation_cache.reset_cache()
+    global _store
+    _store = None
+
+
+_store: "ProgramStore | None" = None
+_compile_lock = threading.Lock()
+
+
+def program_store() -> "ProgramStore | None":
+    """The store of the cache `enable_compilation_cache` turned on; None while it is off."""
+    return _store
+
+
+@contextlib.contextmanager
+def _without_persistent_cache():
+    """JAX's persistent cache off for one compile: an executable JAX loaded from it serializes
+    without its kernels (running the copy fails with "Function ... not found"), so a program
+    for the store is always compiled afresh."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    with _compile_lock:
+        was = jax.config.jax_enable_compilation_cache
+        jax.config.update("jax_enable_compilation_cache", False)
+        compilation_cache.reset_cache()
+        try:
+            yield
+        finally:
+            jax.config.update("jax_enable_compilation_cache", was)
+            compilation_cache.reset_cache()
+
+
+_FUNCTION = re.compile(r"<function ([\w.<>]+) at 0x[0-9a-f]+>")
+_ENV = ("JAX_", "XLA_", "LIBTPU", "TPU_", "CUDA_", "NVIDIA_", "JAXCLS_CPU_GEMM")  # what a program may depend on
+
+
+@functools.cache
+def _source_digest() -> str:
+    """sha256 of every jaxcls module: a program traced by other code is another program."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _context() -> str:
+    """What a trace or its compile depends on besides the function and its arguments."""
+    from jaxcls.cpu_gemm import fast_path_available, host_flags
+
+    backend = jax.devices()[0].client
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV))
+    config = {k: getattr(jax.config, k) for k in ("jax_enable_x64", "jax_default_matmul_precision",
+                                                   "jax_default_prng_impl", "jax_numpy_rank_promotion")}
+    return repr((jax.__version__, jaxlib.__version__, backend.platform, backend.platform_version, [d.device_kind for d in jax.devices()],
+                 sorted(host_flags()), fast_path_available(), _source_digest(), env, config))
+
+
+class ProgramStore:
+    """Compiled programs on disk, one file each, found without tracing (see the module docstring).
+
+    `compiled(fn, static, dynamic)` gives `fn.lower(*static, *dynamic).compile()`, loaded from the
+    folder when an earlier process saved it, else compiled and saved (atomically, so processes may
+    share the folder). Past `max_mb` the least recently used files go. A file that does not load is
+    a warning and a recompile. The folder is trusted as JAX's is: loading a program runs its code."""
+
+    def __init__(self, folder: str | Path, max_mb: float | None = None):
+        self.folder = Path(folder)
+        self.max_bytes = None if max_mb is None else int(max_mb * 2**20)
+        self.loads = self.saves = 0
+
+    def key(self, fn, static: tuple, dynamic: tuple) -> str | None:
+        """The file name for these arguments, or None when they cannot be named across processes
+        (a static argument whose repr holds an address, an argument not on one device)."""
+        named = _FUNCTION.sub(r"<function \1>", repr(static))  # flax's LayerNorm holds promote_dtype
+        if " at 0x" in named:
+            return None
+        leaves, tree = jax.tree.flatten(dynamic)
+        sig = []
+        for x in leaves:
+            sharding = getattr(x, "sharding", None)
+            if sharding is not None and not isinstance(sharding, jax.sharding.SingleDeviceSharding):
+                return None
+            sig.append((tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False))))
+        h = hashlib.sha256()
+        for part in (f"{fn.__module__}.{fn.__qualname__}", named, str(tree), repr(sig), _context()):
+            h.update(part.encode() + b"\0")
+        return h.hexdigest()
+
+    def compiled(self, fn, static: tuple, dynamic: tuple):
+        key = self.key(fn, static, dynamic)
+        if key is None:
+            return fn.lower(*static, *dynamic).compile()
+        path = self.folder / f"{key}.program"
+        loaded = self._load(path)
+        if loaded is not None:
+            return loaded
+        lowered = fn.lower(*static, *dynamic)
+        with _without_persistent_cache():
+            program = lowered.compile()
+        self._save(path, program)
+        return program
+
+    def _load(self, path: Path):
+        from jax.experimental.serialize_executable import deserialize_and_load
+
+        from jaxcls.cpu_gemm import register_all
+
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None  # not saved yet, or evicted meanwhile
+        try:
+            register_all()
+            payload, in_tree, out_tree = pickle.loads(data)
+            program = deserialize_and_load(payload, in_tree, out_tree)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is only a recompile
+            warnings.warn(f"{path}: a saved program that does not load ({type(e).__name__}: {e}); "
+                          "compiling it again", stacklevel=3)
+            return None
+        self.loads += 1
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: evicted last
+        return program
+
+    def _save(self, path: Path, program) -> None:
+        from jax.experimental.serialize_executable import serialize
+
+        from jaxcls.fileio import atomic_write_bytes
+
+        try:
+            data = pickle.dumps(serialize(program))
+        except Exception:  # noqa: BLE001 - a program that cannot be serialized just is not kept
+            return
+        try:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            atomic_write_bytes(path, data)
+        except OSError:
+            return  # a full or read-only disk only costs the next process a compile
+        self.saves += 1
+        self._evict()
+
+    def _evict(self) -> None:
+        if self.max_bytes is None:
+            return
+        files = []
+        for p in self.folder.glob("*.program"):
+            with contextlib.suppress(OSError):
+                st = p.stat()
+                files.append((st.st_mtime_ns, st.st_size, p))
+        total = sum(size for _, size, _ in files)
+        for _, size, p in sorted(files):
+            if total <= self.max_bytes:
+                break
+            with contextlib.suppress(OSError):
+                p.unlink()
+                total -= size

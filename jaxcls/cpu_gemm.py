@@ -197,6 +197,15 @@ def _register(name: str) -> None:
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(ctypes.cast(_HANDLERS[name], _P).value), platform="cpu")
 
 
+def register_all() -> None:
+    """Register every handler jaxcls defines (these GEMMs and cpu_attention's products): a program
+    loaded from disk without tracing (compile_cache.ProgramStore) calls them by name."""
+    import jaxcls.cpu_attention  # noqa: F401 - defines its handlers on import
+
+    for name in _HANDLERS:
+        _register(name)
+
+
 def ffi_call(name: str, shape, *operands):
     """The registered target `name` on `operands`, one float32 result of `shape`."""
     _register(name)

@@ -107,6 +107,18 @@ def _private_cache_home(tmp_path_factory):
     patch.undo()
 
 
+@pytest.fixture(autouse=True)
+def _program_store_left_as_found():
+    """A test that runs the CLI in this process turns the compilation cache on, and with it the
+    store of compiled inference programs (compile_cache.ProgramStore); later tests then start
+    without it, as they would alone, so a Predictor's compile count never depends on test order."""
+    from jaxcls import compile_cache
+
+    store = compile_cache._store
+    yield
+    compile_cache._store = store
+
+
 # ---- strict skips -------------------------------------------------------------------------------
 
 

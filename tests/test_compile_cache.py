@@ -29,10 +29,14 @@ class Misses(logging.Handler):
             misses.append(record.args[0])
 logging.getLogger("jax._src.compiler").addHandler(Misses(logging.WARNING))
 jax.config.update("jax_explain_cache_misses", True)
+from jaxcls import compile_cache
 from jaxcls.cli import main
+from jaxcls.infer import predictor
 rc = main(sys.argv[1:])
-print("CACHE " + json.dumps({"rc": rc, "hits": counts["/jax/compilation_cache/cache_hits"], "misses": misses}),
-      file=sys.stderr)
+store = compile_cache.program_store()
+print("CACHE " + json.dumps({"rc": rc, "hits": counts["/jax/compilation_cache/cache_hits"], "misses": misses,
+                             "traces": predictor._trace_count(), "loads": store.loads if store else None,
+                             "saves": store.saves if store else None}), file=sys.stderr)
 """
 
 
@@ -64,6 +68,12 @@ def _entries(folder) -> set[str]:
     return {p.name for p in folder.iterdir() if p.name.endswith("-cache")} if folder.is_dir() else set()
 
 
+def _programs(folder) -> set[str]:
+    """Whole inference programs the ProgramStore keeps in the cache folder."""
+    folder = folder / "programs"
+    return {p.name for p in folder.glob("*.program")} if folder.is_dir() else set()
+
+
 def test_second_process_loads_every_program_from_the_cache(tmp_path):
     """Train twice, then classify three times, in fresh processes. With no flag the cache is on, in
     $JAXCLS_HOME/compilation-cache; the second train compiles nothing (no persistent-cache miss, a
@@ -73,7 +83,9 @@ def test_second_process_loads_every_program_from_the_cache(tmp_path):
     Fails if the folder is not used as a persistent cache (planted: the jax_compilation_cache_dir
     update removed from enable_compilation_cache), if the CLI leaves the cache off by default
     (planted: `folder = args.compilation_cache` in use_compilation_cache), and if a second process
-    trips over the folder the first made (planted: exist_ok=False in enable_compilation_cache)."""
+    trips over the folder the first made (planted: exist_ok=False in enable_compilation_cache).
+    Classify's programs come from the ProgramStore: the third process traces nothing and loads
+    every saved program (fails with `store = None` planted in Predictor._call)."""
     with open(SMS, encoding="utf-8", errors="replace") as f:
         rows = [line.rstrip("\n").split("\t", 1) for line in f][:40]
     data = tmp_path / "sms.csv"
@@ -101,14 +113,19 @@ def test_second_process_loads_every_program_from_the_cache(tmp_path):
     first, other = (_wait(p) for p in together)
     assert first["stdout"] == other["stdout"] and first["stdout"].strip()
     shared = tmp_path / "shared-home" / "compilation-cache"
-    written = _entries(shared)
-    assert first["misses"] and len(written) >= len(set(first["misses"])), first
+    written, programs = _entries(shared), _programs(shared)
+    for run in (first, other):  # every program it ran was traced and saved, or loaded
+        assert run["saves"] + run["loads"] >= 1 and run["traces"] >= run["saves"], run
+    assert 1 <= len(programs) <= first["saves"] + other["saves"], (programs, first, other)
     third = _run(*classify, "--compilation-cache", shared, home=tmp_path / "unused-home")
     assert third["misses"] == [] and third["hits"] >= len(written), (first, third)
-    assert _entries(shared) == written
+    assert third["traces"] == third["saves"] == 0 and third["loads"] == len(programs), (third, first, other, programs)
+    assert third["stdout"] == first["stdout"]
+    assert _entries(shared) == written and _programs(shared) == programs
 
-    _run(*classify, "--no-compilation-cache", home=tmp_path / "home-off")
+    off = _run(*classify, "--no-compilation-cache", home=tmp_path / "home-off")
     assert not (tmp_path / "home-off" / "compilation-cache").exists()
+    assert off["loads"] is None and off["traces"] >= 1 and off["stdout"] == first["stdout"]
 
 
 def test_size_bound_evicts_least_recently_used(tmp_path):
@@ -189,3 +206,124 @@ def test_default_folder_that_cannot_be_made_turns_the_cache_off_with_a_line(tmp_
             use_compilation_cache(argparse.Namespace(compilation_cache=str(home / "c"), no_compilation_cache=False))
     finally:
         jax.config.update("jax_enable_compilation_cache", True)
+
+
+# ---- the ProgramStore: whole inference programs, found without tracing ---------------------------
+
+def _tiny_predictor(seed, batch_size=2):
+    from flax import nnx
+
+    from conftest import TOKENIZER_DIR
+    from jaxcls.config import TINY_SIZES
+    from jaxcls.infer.predictor import Predictor
+    from jaxcls.model import GPT2Classifier
+    from jaxcls.tokenizer import encode, encoding_from_files
+
+    enc = encoding_from_files(TOKENIZER_DIR / "vocab.bpe", TOKENIZER_DIR / "encoder.json")
+    model = GPT2Classifier(TINY_SIZES["tiny"], 3, rngs=nnx.Rngs(seed))
+    return Predictor(model, lambda t: encode(enc, t), batch_size=batch_size, bucket_lengths=(16, 24))
+
+
+STORE_TEXTS = ["free cash now", "lunch " * 20, "x"]  # buckets 16 and 24
+
+
+def test_store_loads_programs_a_second_predictor_would_trace(tmp_path, monkeypatch):
+    """With the cache on, a Predictor's programs are saved whole; another Predictor of the same
+    architecture (other weights) traces nothing, loads them, and gives exactly the logits of a
+    Predictor run without any cache. A changed setting a trace depends on (XLA_FLAGS) or another
+    batch shape is another program; a damaged file is a warning and a recompile, never a wrong
+    answer. Fails if the store is bypassed (planted: `store = None` in Predictor._call: traces
+    again), if XLA's settings are left out of the key (planted: `env = []` in compile_cache._context),
+    and if a file that does not load escapes as an error (planted: `except Exception` in
+    ProgramStore._load narrowed to `except OSError`)."""
+    import numpy as np
+
+    from jaxcls.compile_cache import disable_compilation_cache, enable_compilation_cache, program_store
+
+    try:
+        enable_compilation_cache(tmp_path / "xla")
+        store = program_store()
+        _tiny_predictor(seed=1).logits(STORE_TEXTS)
+        saved = sorted((tmp_path / "xla" / "programs").glob("*.program"))
+        assert len(saved) == store.saves == 2 and store.loads == 0
+
+        second = _tiny_predictor(seed=2)
+        got = second.logits(STORE_TEXTS)
+        assert second.num_compiles == 0 and store.loads == 2 and store.saves == 2
+
+        assert _tiny_predictor(seed=2, batch_size=4).logits(STORE_TEXTS).shape == (3, 3)
+        assert store.saves == 3  # one batch of 4 rows: a new program
+
+        monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_thunk_runtime=true")
+        np.testing.assert_array_equal(_tiny_predictor(seed=2).logits(STORE_TEXTS), got)
+        assert store.saves == 5 and store.loads == 2
+        monkeypatch.undo()
+
+        saved[0].write_bytes(b"not a program")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            np.testing.assert_array_equal(_tiny_predictor(seed=2).logits(STORE_TEXTS), got)
+        assert store.saves == 6 and store.loads == 3
+        assert any("does not load" in str(w.message) for w in caught)
+    finally:
+        disable_compilation_cache()
+    assert program_store() is None
+    np.testing.assert_array_equal(_tiny_predictor(seed=2).logits(STORE_TEXTS), got)  # no cache at all
+
+
+REUSE = """
+import sys, numpy as np
+sys.path.insert(0, {tests!r})
+from test_compile_cache import STORE_TEXTS, _tiny_predictor
+from jaxcls.compile_cache import enable_compilation_cache, program_store
+from jaxcls.infer import predictor
+enable_compilation_cache({folder!r})
+pred = _tiny_predictor(seed=3)
+if sys.argv[1] == "jit":  # JAX's own cache only, as a jaxcls without the store would run
+    pred._call = lambda step, static, dynamic: step(*static, *dynamic)
+print("LOGITS", np.asarray(pred.logits(STORE_TEXTS)).tobytes().hex(), predictor._trace_count(), program_store().loads)
+"""
+
+
+def test_store_never_keeps_a_program_jax_loaded_from_its_own_cache(tmp_path):
+    """An executable JAX loaded from its persistent cache serializes without its kernels, and the
+    copy fails when run ("Function ... not found"). Three processes on one folder: the first fills
+    JAX's cache through plain jit, the second (the store on) must compile afresh and save, the third
+    loads the saved programs, traces nothing and gets the same logits. Fails if the store compiles
+    through JAX's cache (planted: `with _without_persistent_cache():` replaced by
+    `with contextlib.nullcontext():` in ProgramStore.compiled: the third process errors)."""
+    from pathlib import Path
+
+    script = REUSE.format(tests=str(Path(__file__).parent), folder=str(tmp_path / "xla"))
+
+    def run(mode):
+        r = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        line = [l for l in r.stdout.splitlines() if l.startswith("LOGITS ")]
+        assert r.returncode == 0 and line, r.stderr[-2000:]
+        return line[0].split()[1:]
+
+    jitted, fresh, loaded = run("jit"), run("store"), run("store")
+    assert jitted[1:] == ["2", "0"] and fresh[1:] == ["2", "0"] and loaded[1:] == ["0", "2"], (jitted, fresh, loaded)
+    assert jitted[0] == fresh[0] == loaded[0]
+
+
+def test_store_size_is_bounded(tmp_path):
+    """Past max_mb the least recently used programs go and the newest stay. Fails if nothing is
+    evicted (planted: `return` at the top of ProgramStore._evict)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxcls.compile_cache import ProgramStore
+
+    f = jax.jit(lambda x: jnp.tanh(x) * 3.0 + 1.0)
+    probe = ProgramStore(tmp_path / "probe")
+    probe.compiled(f, (), (np.ones(7, np.float32),))
+    one = sum(p.stat().st_size for p in (tmp_path / "probe").glob("*.program"))
+    store = ProgramStore(tmp_path / "bounded", max_mb=2.5 * one / 2**20)
+    for n in range(8, 14):
+        out = store.compiled(f, (), (np.ones(n, np.float32),))(np.ones(n, np.float32))
+        np.testing.assert_allclose(np.asarray(out), np.tanh(1.0) * 3.0 + 1.0, rtol=1e-6)
+    kept = list((tmp_path / "bounded").glob("*.program"))
+    assert store.saves == 6 and 1 <= len(kept) <= 2 and sum(p.stat().st_size for p in kept) <= 2.5 * one

@@ -6,7 +6,7 @@ import io
 import zipfile
 from pathlib import Path
 
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from jaxcls.data.labels import DataSplits, TextDataset
 from jaxcls.errors import DataError
@@ -15,6 +15,9 @@ SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collectio
 SMS_SPAM_LABELS = ("ham", "spam")
 # Names the SMS file and its zip go by: UCI's own, and the book's after it unzips and renames.
 _SMS_FILES = ("SMSSpamCollection", "SMSSpamCollection.tsv")
+if TYPE_CHECKING:
+    import pandas as pd
+
 _SMS_ZIPS = ("sms+spam+collection.zip", "sms_spam_collection.zip")
 
 
@@ -27,6 +30,8 @@ def load_sms_spam(
     `path` is the SMSSpamCollection file, UCI's zip, or a folder holding either. None means the
     copy in `cache_home()/"data/sms_spam"`, else the one packaged with jaxcls (sms_spam_file).
     """
+    import pandas as pd  # here, not at import: reading the SMS set is rare, pandas costs 0.15 s
+
     df = _read_sms_frame(sms_spam_file(path, progress=progress))
     num_spam = df[df["Label"] == "spam"].shape[0]
     ham_subset = df[df["Label"] == "ham"].sample(num_spam, random_state=seed)
@@ -95,8 +100,10 @@ def _sms_in_folder(folder: Path) -> Path | None:
     return None
 
 
-def _read_sms_frame(path: Path) -> pd.DataFrame:
+def _read_sms_frame(path: Path) -> "pd.DataFrame":
     """Read as the book does (default quoting, so 5,572 rows); odd bytes are replaced, not fatal."""
+    import pandas as pd
+
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as zf:

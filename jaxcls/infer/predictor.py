@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxcls.compile_cache import program_store
 from jaxcls.data import fine_bucket_lengths, length_buckets
 from jaxcls.data.examples import Truncation
 from jaxcls.errors import ConfigError, DataError
@@ -225,6 +226,7 @@ class Predictor:
         """Take the model's current weights (after further training, say)."""
         with self._lock:
             self._graphdef, self._state = inference_state(self.model)
+            self._programs: dict = {}  # (step, static arguments, shapes, store) -> compiled program
 
     # -- tokens -----------------------------------------------------------------------------
 
@@ -279,17 +281,30 @@ class Predictor:
         examples' logits; `ids` may be SharedRows (choice with a shared prefix, no lengths)."""
         before = _trace_count()
         if isinstance(ids, SharedRows):
-            out = shared_step(self._graphdef, task, self._state, ids)
+            out = self._call(shared_step, (self._graphdef, task), (self._state, ids))
             size = ids.prefix_ids.size + ids.option_ids.size
         elif task is None:
-            out, size = predict_step(self._graphdef, self._state, ids, lengths), ids.size
+            out, size = self._call(predict_step, (self._graphdef,), (self._state, ids, lengths)), ids.size
         else:
-            out, size = rows_step(self._graphdef, task, self._state, ids, lengths), ids.size
+            out, size = self._call(rows_step, (self._graphdef, task), (self._state, ids, lengths)), ids.size
         out = np.asarray(out)
         self.num_compiles += _trace_count() - before
         self.stats.batches += 1
         self.stats.tokens_run += size
         return out
+
+    def _call(self, step, static: tuple, dynamic: tuple):
+        """`step(*static, *dynamic)`; with the compilation cache on, through a compiled program
+        the store keeps (compile_cache.ProgramStore), so a second process does not trace."""
+        store = program_store()
+        if store is None:
+            return step(*static, *dynamic)
+        shapes = tuple((x.shape, x.dtype) for x in jax.tree.leaves(dynamic[1:]))
+        key = (step, static, shapes, store)
+        program = self._programs.get(key)
+        if program is None:
+            program = self._programs[key] = store.compiled(step, static, dynamic)
+        return program(*dynamic)
 
     def _batch(self, seqs: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
         rows = next(r for r in self.row_buckets if r >= len(seqs))

@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 
 import jax
 import numpy as np
-from scipy.special import expit
 
 from jaxcls.errors import ConfigError
 
@@ -31,7 +30,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """Elementwise logistic on the host, float32, without overflow warnings."""
+    """Elementwise logistic on the host, float32, without overflow warnings (scipy's, imported
+    here: scipy.special adds 0.1 s to every start)."""
+    from scipy.special import expit
+
     return expit(np.asarray(logits, np.float64)).astype(np.float32)
 
 
