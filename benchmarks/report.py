@@ -86,7 +86,9 @@ def markdown(record: dict) -> str:
         for r in e2e:
             if r.get("estimate"):
                 fast = " (the fastest peer)" if r.get("fastest") else ""
-                lines.append(f"| {r['system']}{fast} | ESTIMATE from steady-state step times | {r['steps']} | "
+                final = r.get("final_eval_system", r["system"])
+                how = "" if final == r["system"] else f"; final evaluation as {final}"
+                lines.append(f"| {r['system']}{fast} | ESTIMATE from steady-state step times{how} | {r['steps']} | "
                              f"{_fmt(r.get('train_loop_s'), 0)} | {_fmt(r.get('total_s'), 0)} | not run |")
             else:
                 acc = r.get("test_accuracy")

@@ -7,8 +7,11 @@
   padded to the longest training text, 120 tokens, batch 8: chapter 6's `SpamDataset`); batches in
   file order padded to their own longest text (a DataLoader with dynamic padding); and, its best
   case, texts sorted by length first (what `group_by_length` aims at); the last two also under
-  `torch.autocast("cpu", dtype=torch.bfloat16)`, several times faster on CPUs with AMX;
-- the book's own GPTModel on the book's test loader (padded to 120), in float32 and bfloat16.
+  `torch.autocast("cpu", dtype=torch.bfloat16)`, several times faster on CPUs with AMX, and the
+  sorted one also with its weights cast to bfloat16 (`model.to(torch.bfloat16)`, no autocast:
+  pure bfloat16 inference, faster still there);
+- the book's own GPTModel on the book's test loader (padded to 120), in float32, under bfloat16
+  autocast and with bfloat16 weights.
 
 torch.compile is left out here: the batches have many shapes, each a recompile.
 
@@ -70,14 +73,14 @@ def prepare_jaxcls(cfg, texts, encode, batch: int) -> tuple[dict, callable]:
 def prepare_torch(impl: str, cfg, texts, encode, batch: int, threads: int, *, fixed: int | None = None,
                   sort: bool = False, dtype: str = "float32") -> tuple[dict, callable]:
     """(row, run) for a PyTorch peer fed as described by `fixed` (pad every text to it) or `sort`,
-    computing in `dtype` (bfloat16: CPU autocast)."""
+    computing in `dtype` (bfloat16: CPU autocast; bfloat16-weights: the model cast to bfloat16)."""
     import torch
 
     from benchmarks import torch_peers as tp
     from benchmarks.peers import peer_config
 
     torch.set_num_threads(threads)
-    model = tp.build_model(impl, peer_config(cfg), seed=0).eval()
+    model = tp.cast_weights(tp.build_model(impl, peer_config(cfg), seed=0), dtype).eval()
     seqs = [encode(t)[: fixed or cfg.n_ctx] for t in texts]
     if sort:
         seqs.sort(key=len)
@@ -105,8 +108,9 @@ def prepare_torch(impl: str, cfg, texts, encode, batch: int, threads: int, *, fi
            "sorted by length, each batch padded to its longest" if sort else
            "file order, each batch padded to its longest")
     name = ("HF GPT2ForSequenceClassification" if impl == "hf" else "book GPTModel") + f", {how}, batch {batch}"
-    name += ", bf16 autocast" if dtype == "bfloat16" else ""
-    row = {"system": name, "dtype": dtype, "tokens_run": sum(ids.numel() for ids, _ in batches),
+    name += {"float32": "", "bfloat16": ", bf16 autocast", tp.BF16_WEIGHTS: ", bf16 weights"}[dtype]
+    row = {"system": name, "dtype": dtype, "param_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+           "tokens_run": sum(ids.numel() for ids, _ in batches),
            "flops": sum(forward_flops(cfg, ids.shape[0], ids.shape[1], single_token=False) for ids, _ in batches)}
     return row, run
 
@@ -144,7 +148,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--probe-n", type=int, default=4096, help="matmul size of the peak probe")
     p.add_argument("--no-book", action="store_true", help="skip the two padded-to-120 rows (the slowest)")
-    p.add_argument("--no-bf16", action="store_true", help="skip the bfloat16-autocast peer rows")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="skip the bfloat16 peer rows (bf16 autocast and bf16 weights)")
     p.add_argument("--quick", action="store_true", help="a smoke run: one round, no padded-to-120 rows, "
                                                         "a 128^3 probe")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
@@ -177,6 +182,11 @@ def main(argv=None) -> dict:
             systems.append(prepare_torch("hf", cfg, sort=True, **kw))
             if not args.no_book:
                 systems.append(prepare_torch("hf", cfg, fixed=BOOK_PAD, **kw))
+                systems.append(prepare_torch("book", cfg, fixed=BOOK_PAD, **kw))
+        if not args.no_bf16:  # inference only: the weights cast to bfloat16, each peer's best case
+            kw = dict(texts=texts, encode=encode, batch=args.batch, threads=threads, dtype="bfloat16-weights")
+            systems.append(prepare_torch("hf", cfg, sort=True, **kw))
+            if not args.no_book:
                 systems.append(prepare_torch("book", cfg, fixed=BOOK_PAD, **kw))
     except ImportError as e:
         print(f"peers skipped: {e}", file=sys.stderr)

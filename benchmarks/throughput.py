@@ -49,7 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--e2e-max-steps", type=int, default=None, help="cut the e2e runs short (tests)")
     p.add_argument("--peers", action="store_true", help="also measure the PyTorch peers (needs torch)")
     p.add_argument("--no-peer-compile", action="store_true", help="skip the torch.compile peers")
-    p.add_argument("--no-peer-bf16", action="store_true", help="skip the bfloat16-autocast peers")
+    p.add_argument("--no-peer-bf16", action="store_true",
+                   help="skip the bfloat16 peers (autocast, and the inference-only bfloat16-weights ones)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 2 steps, 1 warm-up, inference batches 1 and 8 once, a 128^3 probe")
     p.add_argument("--threads", type=int, default=None, help="cores for JAX and torch (default: all usable)")

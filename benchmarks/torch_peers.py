@@ -13,6 +13,12 @@ last token, cross-entropy, AdamW(lr=5e-5, weight_decay=0.1) over the trainable p
 book's freezing presets (``head``, ``last_block``, ``all``). The book's training loop itself is in
 benchmarks/torch_finetune.py.
 
+For inference only there is a third dtype, ``bfloat16-weights`` (names suffixed ``-bf16-weights``,
+:data:`BF16_WEIGHTS_CONFIGS`): the model's parameters and buffers cast with
+``model.to(torch.bfloat16)``, no autocast, so every op runs in bfloat16 and no float32 weight is
+converted per call (on CPUs with AMX it classifies faster than autocast). Nobody trains that way
+(AdamW updates on bfloat16 weights lose most small steps), so :func:`measure_train` refuses it.
+
 This module imports neither jax nor jaxcls; everything it returns is a plain JSON-serialisable
 dict. Quick manual run from the repository root::
 
@@ -42,12 +48,15 @@ from benchmarks.system import peak_rss_mb, reset_peak_rss
 from benchmarks.torch_book import PAD_ID, BookGPT, load_into_book
 from benchmarks.torch_hf import hf_model
 
-__all__ = ["SIZES", "TRAINABLE_PRESETS", "PEER_CONFIGS", "BookGPT", "build_model", "apply_freezing",
-           "load_gpt2_weights", "torch_info", "measure_train", "measure_infer", "fastest"]
+__all__ = ["SIZES", "TRAINABLE_PRESETS", "PEER_CONFIGS", "BF16_WEIGHTS_CONFIGS", "BookGPT", "build_model",
+           "apply_freezing", "cast_weights", "load_gpt2_weights", "torch_info", "measure_train", "measure_infer",
+           "fastest"]
 
 TRAINABLE_PRESETS = ("head", "last_block", "all")
 IMPLS = ("book", "hf")
-DTYPES = ("float32", "bfloat16")
+TRAIN_DTYPES = ("float32", "bfloat16")  # bfloat16: CPU autocast over float32 parameters
+BF16_WEIGHTS = "bfloat16-weights"  # inference only: parameters and buffers cast to bfloat16, no autocast
+DTYPES = (*TRAIN_DTYPES, BF16_WEIGHTS)
 
 _BASE = {"n_vocab": 50257, "n_ctx": 1024, "drop_rate": 0.0, "qkv_bias": True}
 SIZES: dict[str, dict[str, Any]] = {
@@ -69,30 +78,48 @@ class PeerConfig(NamedTuple):
         return system_name(self.impl, self.compile, self.dtype)
 
 
-# Every configuration a user might pick; the benchmarks compare jaxcls with the fastest of them.
-PEER_CONFIGS = tuple(PeerConfig(impl, comp, dtype) for dtype in DTYPES
-                     for impl, comp in (("book", False), ("hf", False), ("book", True), ("hf", True)))
+_MODELS = (("book", False), ("hf", False), ("book", True), ("hf", True))
+# Every configuration a user might pick to train (and classify with); the benchmarks compare jaxcls
+# with the fastest of them.
+PEER_CONFIGS = tuple(PeerConfig(impl, comp, dtype) for dtype in TRAIN_DTYPES for impl, comp in _MODELS)
+# ... and those a user might pick to classify only: the weights cast to bfloat16.
+BF16_WEIGHTS_CONFIGS = tuple(PeerConfig(impl, comp, BF16_WEIGHTS) for impl, comp in _MODELS)
 
 
-def peer_configs(*, compile: bool = True, bf16: bool = True) -> list[PeerConfig]:
-    """PEER_CONFIGS without the torch.compile ones (``compile=False``) or the bfloat16 ones."""
-    return [c for c in PEER_CONFIGS if (compile or not c.compile) and (bf16 or c.dtype == "float32")]
+def peer_configs(*, compile: bool = True, bf16: bool = True, infer: bool = False) -> list[PeerConfig]:
+    """PEER_CONFIGS without the torch.compile ones (``compile=False``) or the bfloat16 ones; with
+    ``infer``, followed by BF16_WEIGHTS_CONFIGS (inference only; ``bf16=False`` drops them too)."""
+    configs = PEER_CONFIGS + (BF16_WEIGHTS_CONFIGS if infer else ())
+    return [c for c in configs if (compile or not c.compile) and (bf16 or c.dtype == "float32")]
 
 
 def system_name(impl: str, compile: bool = False, dtype: str = "float32") -> str:
-    """``pytorch-book-eager``, ``hf-transformers-compile-bf16``...: float32 names are unsuffixed."""
+    """``pytorch-book-eager``, ``hf-transformers-compile-bf16``, ``hf-transformers-bf16-weights``...:
+    float32 names are unsuffixed, ``-bf16`` is autocast, ``-bf16-weights`` the weights in bfloat16."""
     if impl == "book":
         name = "pytorch-book-compile" if compile else "pytorch-book-eager"
     else:
         name = "hf-transformers-compile" if compile else "hf-transformers"
-    return name + ("-bf16" if dtype == "bfloat16" else "")
+    return name + {"float32": "", "bfloat16": "-bf16", BF16_WEIGHTS: "-bf16-weights"}[dtype]
 
 
 def autocast(dtype: str):
-    """The context a peer computes in: bfloat16 autocast on the CPU, or nothing for float32."""
+    """The context a peer computes in: bfloat16 autocast on the CPU for ``bfloat16``; nothing for
+    float32, nor for ``bfloat16-weights`` (its model is cast instead: :func:`cast_weights`)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
     return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+
+
+def cast_weights(model: nn.Module, dtype: str) -> nn.Module:
+    """``model`` with its parameters and buffers in bfloat16 for ``bfloat16-weights`` (in place, as
+    ``model.to`` does; before any torch.compile), unchanged for the other dtypes. Both models then
+    run in pure bfloat16, masks included (the book reads its causal-mask buffer as booleans;
+    transformers builds its masks from the inputs): tests/test_torch_peers.py checks their logits
+    against float32's."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
+    return model.to(torch.bfloat16) if dtype == BF16_WEIGHTS else model
 
 
 def fastest(rows: list[dict], key: str = "step_time_s_median") -> dict | None:
@@ -238,10 +265,11 @@ def _timed_record(impl: str, cfg: dict, mode: str, prepare, *, batch: int, seq_l
     """The body shared by :func:`measure_train` and :func:`measure_infer`.
 
     Builds the model and one fixed random batch ``(x, y)``, then ``prepare(model, x, y)`` puts the
-    model in its mode and returns ``(run, fields)``: ``run(fwd)`` does one step through ``fwd`` (the
-    model or its ``torch.compile`` wrapper) inside the ``dtype``'s autocast context, and ``fields``
-    go into the record. ``warmup`` untimed steps, then ``steps`` timed ones. With ``compile`` or
-    bfloat16, a failure to compile or run is returned as ``{"system", "error"}`` (a configuration
+    model in its mode (and dtype: it may cast the weights) and returns ``(run, fields)``: ``run(fwd)``
+    does one step through ``fwd`` (the model or its ``torch.compile`` wrapper, made after
+    ``prepare``) inside the ``dtype``'s autocast context, and ``fields`` go into the record.
+    ``warmup`` untimed steps, then ``steps`` timed ones. With ``compile`` or bfloat16 (either
+    kind), a failure to compile or run is returned as ``{"system", "error"}`` (a configuration
     this machine cannot run); a float32 eager failure propagates."""
     _check_shape(cfg, batch, seq_len, steps, warmup)
     torch.set_num_threads(threads)
@@ -286,7 +314,11 @@ def measure_train(impl: str, cfg: dict, *, trainable: str, batch: int, seq_len: 
     time of ``steps`` timed steps after ``warmup`` untimed ones (``warmup_s`` includes
     ``torch.compile``'s compilation). With ``dtype="bfloat16"`` the forward pass and loss run under
     CPU autocast (the backward follows its dtypes; parameters and AdamW stay float32).
-    ``peak_rss_mb`` is the process's peak RSS since this call started (Linux)."""
+    ``peak_rss_mb`` is the process's peak RSS since this call started (Linux). ``bfloat16-weights``
+    is refused: it is an inference configuration (nobody trains with AdamW on bfloat16 weights)."""
+    if dtype not in TRAIN_DTYPES:
+        raise ValueError(f"training peers run in one of {TRAIN_DTYPES}, not {dtype!r}"
+                         + (" (an inference-only configuration)" if dtype == BF16_WEIGHTS else ""))
 
     def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         model.train()
@@ -307,16 +339,18 @@ def measure_train(impl: str, cfg: dict, *, trainable: str, batch: int, seq_len: 
 
 def measure_infer(impl: str, cfg: dict, *, batch: int, seq_len: int, steps: int, warmup: int, threads: int,
                   compile: bool = False, dtype: str = "float32", seed: int = 0) -> dict:
-    """Steady-state classification throughput (eval mode, ``inference_mode``, ``dtype`` autocast)."""
+    """Steady-state classification throughput (eval mode, ``inference_mode``, ``dtype`` autocast, or
+    for ``bfloat16-weights`` the model cast to bfloat16 before any torch.compile); the record's
+    ``param_dtype`` says what the weights were."""
 
     def prepare(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-        model.eval()
+        cast_weights(model, dtype).eval()
 
         def run(fwd: nn.Module) -> None:
             with torch.inference_mode():
                 classify(impl, fwd, x).argmax(dim=-1)
 
-        return run, {}
+        return run, {"param_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
 
     return _timed_record(impl, cfg, "infer", prepare, batch=batch, seq_len=seq_len, steps=steps, warmup=warmup,
                          threads=threads, compile=compile, dtype=dtype, seed=seed)
@@ -341,13 +375,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
-    ap.add_argument("--dtype", choices=DTYPES, default="float32", help="bfloat16: CPU autocast")
+    ap.add_argument("--dtype", choices=DTYPES, default="float32",
+                    help=f"bfloat16: CPU autocast; {BF16_WEIGHTS}: the weights cast to bfloat16 (infer only)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
     if args.mode == "info":
         print(json.dumps(torch_info(), indent=2))
         return 0
+    if args.mode == "train" and args.dtype not in TRAIN_DTYPES:
+        ap.error(f"--dtype {args.dtype} is for --mode infer only")
     cfg = dict(SIZES[args.size])
     seq_len = args.seq_len if args.seq_len is not None else min(120, cfg["n_ctx"])
     common = dict(batch=args.batch, seq_len=seq_len, steps=args.steps, warmup=args.warmup,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib
 import os
 import pickle
 import re
@@ -100,6 +101,12 @@ def program_store() -> "ProgramStore | None":
     return _store
 
 
+def run_program(step, static: tuple, dynamic: tuple):
+    """`step(*static, *dynamic)` for a jitted `step`; with the cache on, through the compiled
+    program the ProgramStore keeps, so that a second process does not trace it."""
+    return step(*static, *dynamic) if _store is None else _store.call(step, static, dynamic)
+
+
 @contextlib.contextmanager
 def _without_persistent_cache():
     """JAX's persistent cache off for one compile: an executable JAX loaded from it serializes
@@ -156,6 +163,14 @@ class ProgramStore:
         self.folder = Path(folder)
         self.max_bytes = None if max_mb is None else int(max_mb * 2**20)
         self.loads = self.saves = 0
+        self._loaded: dict = {}  # (step, static, shapes and dtypes) -> program, for this process
+
+    def call(self, step, static: tuple, dynamic: tuple):
+        """`step(*static, *dynamic)` through its compiled program, found once per process."""
+        key = (step, static, tuple((x.shape, x.dtype) for x in jax.tree.leaves(dynamic)))
+        if (program := self._loaded.get(key)) is None:
+            program = self._loaded[key] = self.compiled(step, static, dynamic)
+        return program(*dynamic)
 
     def key(self, fn, static: tuple, dynamic: tuple) -> str | None:
         """The file name for these arguments, or None when they cannot be named across processes
@@ -192,6 +207,7 @@ class ProgramStore:
     def _load(self, path: Path):
         from jax.experimental.serialize_executable import deserialize_and_load
 
+        importlib.import_module("jaxcls.cpu_attention")  # defines its handlers on import
         from jaxcls.cpu_gemm import register_all
 
         try:

@@ -198,10 +198,9 @@ def _register(name: str) -> None:
 
 
 def register_all() -> None:
-    """Register every handler jaxcls defines (these GEMMs and cpu_attention's products): a program
-    loaded from disk without tracing (compile_cache.ProgramStore) calls them by name."""
-    import jaxcls.cpu_attention  # noqa: F401 - defines its handlers on import
-
+    """Register every handler defined so far (these GEMMs; cpu_attention's products once it is
+    imported): a program loaded from disk without tracing (compile_cache.ProgramStore) calls them
+    by name."""
     for name in _HANDLERS:
         _register(name)
 

@@ -14,6 +14,7 @@ from benchmarks import ab_train_step, e2e, report, system, throughput  # noqa: E
 from benchmarks import torch_peers as tp  # noqa: E402
 
 EAGER = ["pytorch-book-eager", "hf-transformers", "pytorch-book-eager-bf16", "hf-transformers-bf16"]
+EAGER_BF16_WEIGHTS = ["pytorch-book-eager-bf16-weights", "hf-transformers-bf16-weights"]  # inference only
 
 
 def test_bfloat16_peers_compute_under_autocast():
@@ -33,19 +34,29 @@ def test_bfloat16_peers_compute_under_autocast():
 
 
 def test_peer_configs_cover_what_users_pick():
-    """Both models, eager and compiled, in float32 and bfloat16; the flags drop exactly their part."""
+    """Both models, eager and compiled, in float32 and bfloat16; for inference also with bfloat16
+    weights; the flags drop exactly their part. Fails if the inference list leaves out the
+    bfloat16-weights configurations (planted: `configs = PEER_CONFIGS` in peer_configs) or the
+    training list takes them in (planted: BF16_WEIGHTS_CONFIGS added to PEER_CONFIGS)."""
     names = [c.system for c in tp.PEER_CONFIGS]
     assert len(set(names)) == 8 and "hf-transformers-compile-bf16" in names and "pytorch-book-compile" in names
     assert [c.system for c in tp.peer_configs(compile=False)] == EAGER
     assert {c.dtype for c in tp.peer_configs(bf16=False)} == {"float32"}
+    assert [c.system for c in tp.peer_configs(compile=False, infer=True)] == EAGER + EAGER_BF16_WEIGHTS
+    assert len(tp.peer_configs(infer=True)) == 12 and "hf-transformers-compile-bf16-weights" in \
+        [c.system for c in tp.peer_configs(infer=True)]
+    assert {c.dtype for c in tp.peer_configs(bf16=False, infer=True)} == {"float32"}
+    assert {c.dtype for c in tp.PEER_CONFIGS} == set(tp.TRAIN_DTYPES) == {"float32", "bfloat16"}
 
 
 def test_throughput_quick_compares_with_the_fastest_peer(tmp_path):
     """`benchmarks.throughput --size tiny --quick --peers --no-peer-compile`: every eager peer
-    configuration trains and infers, the record names the quickest per measurement, and the report
-    says so and names the CPU's matrix features. Fails if the bfloat16 peers are dropped (planted:
-    `bf16=False` in run_peers' peer_configs call) or the slowest is called fastest (planted: `max`
-    for `min` in torch_peers.fastest)."""
+    configuration trains and infers, the bfloat16-weights ones infer only (weights in bfloat16),
+    the record names the quickest per measurement among all of them, and the report says so and
+    names the CPU's matrix features. Fails if the bfloat16 peers are dropped (planted: `bf16=False`
+    in run_peers' peer_configs call), if the bfloat16-weights peers are (planted: `infer=True` removed
+    from that call) or the slowest is called fastest (planted: `max` for `min` in
+    torch_peers.fastest)."""
     md = tmp_path / "r.md"
     args = throughput.parse_args(["--size", "tiny", "--quick", "--seq-len", "16", "--peers", "--no-peer-compile",
                                   "--no-cached", "--results", str(tmp_path / "r.jsonl"), "--markdown", str(md)])
@@ -53,7 +64,9 @@ def test_throughput_quick_compares_with_the_fastest_peer(tmp_path):
     record = throughput.run(args, log=lambda s: None)
     peers = record["peers"]
     assert [r["system"] for r in peers["train"]] == EAGER and not any("error" in r for r in peers["train"])
-    assert len(peers["infer"]) == 2 * len(EAGER)
+    assert [r["system"] for r in peers["infer"]] == [s for s in EAGER + EAGER_BF16_WEIGHTS for _ in (1, 8)]
+    assert not any("error" in r for r in peers["infer"])
+    assert {r["param_dtype"] for r in peers["infer"] if r["dtype"] == "bfloat16-weights"} == {"bfloat16"}
     best = min(peers["train"], key=lambda r: r["step_time_s_median"])
     assert peers["fastest"]["train"] == best["system"]
     for b in ("1", "8"):
@@ -82,6 +95,29 @@ def test_e2e_estimates_every_peer_and_marks_the_fastest():
     assert [e["system"] for e in est] == ["pytorch-book-eager", "hf-transformers-bf16", "pytorch-book-compile"]
     assert [e["system"] for e in est if e.get("fastest")] == ["hf-transformers-bf16"]
     assert est[1]["total_s"] == pytest.approx(650 * 0.4 + 0.2 * (180 + 188))
+
+
+def test_e2e_final_evaluation_may_cast_the_weights():
+    """After training, the book's final train/val/test pass may run the trained model with its
+    weights cast to bfloat16 when that is quicker; the evaluations during training cannot. Fails if
+    the estimate ignores the bfloat16-weights peers (planted: `final = r["system"]` in
+    peer_estimates) or uses them during training too (planted: `i8[final]` for `i8[r["system"]]`
+    as book_e2e_estimate's second argument)."""
+    peers = {"train": [{"system": "hf-transformers", "step_time_s_median": 1.0},
+                       {"system": "hf-transformers-bf16", "step_time_s_median": 0.5},
+                       {"system": "pytorch-book-eager", "step_time_s_median": 2.0}],
+             "infer": [{"system": s, "batch": 8, "step_time_s_median": t} for s, t in
+                       (("hf-transformers", 0.4), ("hf-transformers-bf16", 0.3), ("pytorch-book-eager", 0.6),
+                        ("hf-transformers-bf16-weights", 0.1), ("pytorch-book-eager-bf16-weights", 0.9))]}
+    est = {e["system"]: e for e in e2e.peer_estimates(peers)}
+    assert list(est) == ["hf-transformers", "hf-transformers-bf16", "pytorch-book-eager"]
+    assert {k: e["final_eval_system"] for k, e in est.items()} == {
+        "hf-transformers": "hf-transformers-bf16-weights", "hf-transformers-bf16": "hf-transformers-bf16-weights",
+        "pytorch-book-eager": "pytorch-book-eager"}  # its bf16-weights pass is slower: not taken
+    assert est["hf-transformers-bf16"]["train_loop_s"] == pytest.approx(650 * 0.5 + 180 * 0.3)
+    assert est["hf-transformers-bf16"]["final_eval_s"] == pytest.approx(188 * 0.1)
+    assert est["pytorch-book-eager"]["final_eval_s"] == pytest.approx(188 * 0.6)
+    assert [k for k, e in est.items() if e.get("fastest")] == ["hf-transformers-bf16"]
 
 
 def test_ab_train_step_quick_runs_every_eager_peer(tmp_path, monkeypatch):

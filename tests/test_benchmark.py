@@ -1,10 +1,12 @@
 """The benchmarks package: the analytical FLOP count against XLA's own count of the train step
-users run, and smoke runs of `python -m benchmarks.throughput` and `benchmarks.sms_inference`.
+users run, smoke runs of `python -m benchmarks.throughput` and `benchmarks.sms_inference`, and the
+transformers peer of `jaxcls classify` (`benchmarks.hf_classify`, timed by `benchmarks.first_run`).
 Never asserts a speed."""
 
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import e2e, flops, measure, sms_inference, system, throughput
-from conftest import SMS, TOKENIZER_DIR, requires_shared
+from conftest import SMS, TOKENIZER_DIR, requires_shared, save_tiny_classifier
 from jaxcls import cpu_gemm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,10 +127,13 @@ def test_cli_parses_defaults():
 @requires_shared
 def test_sms_inference_smoke(tmp_path, monkeypatch):
     """The SMS test-set benchmark on the tiny model (`--quick`): every row does at least the least
-    exact work, and where transformers is installed its rows are there in float32 and under
-    bfloat16 autocast, and the fastest of them is the one jaxcls is compared with (fails, not
-    skips, without them: planted `raise ImportError` before the HF rows in sms_inference.main;
-    fails if the bfloat16 rows are dropped: planted `("float32",)` for the dtype loop)."""
+    exact work, and where transformers is installed its rows are there in float32, under
+    bfloat16 autocast and (sorted by length) with bfloat16 weights, and the fastest of them is the
+    one jaxcls is compared with (fails, not skips, without them: planted `raise ImportError` before
+    the HF rows in sms_inference.main; fails if the bfloat16 rows are dropped: planted
+    `("float32",)` for the dtype loop; fails if the bfloat16-weights row is dropped, planted: its
+    `systems.append(prepare_torch("hf", cfg, sort=True, **kw))` line removed, or runs float32
+    weights, planted: `tp.cast_weights(...)` removed from prepare_torch)."""
     monkeypatch.setattr(system, "DEFAULT_SMS", SMS)
     monkeypatch.setattr(system, "DEFAULT_TOKENIZER", TOKENIZER_DIR)
     mod = sms_inference
@@ -147,18 +152,22 @@ def test_sms_inference_smoke(tmp_path, monkeypatch):
         assert hf_rows == []
         pytest.skip("torch or transformers not installed (the bench extra): the HF rows were not run")
     hf = "HF GPT2ForSequenceClassification, {}, each batch padded to its longest, batch 8{}"
-    bf16 = ", bf16 autocast"
+    bf16, bf16w = ", bf16 autocast", ", bf16 weights"
     assert [r["system"] for r in hf_rows] == [hf.format("file order", ""), hf.format("sorted by length", ""),
-                                              hf.format("file order", bf16), hf.format("sorted by length", bf16)]
-    assert [r["dtype"] for r in hf_rows] == ["float32", "float32", "bfloat16", "bfloat16"]
+                                              hf.format("file order", bf16), hf.format("sorted by length", bf16),
+                                              hf.format("sorted by length", bf16w)]
+    assert [r["dtype"] for r in hf_rows] == ["float32", "float32", "bfloat16", "bfloat16", "bfloat16-weights"]
+    assert [r["param_dtype"] for r in hf_rows] == ["float32"] * 4 + ["bfloat16"]
     assert hf_rows[1]["tokens_run"] <= hf_rows[0]["tokens_run"]  # sorting can only shrink the padding
+    assert hf_rows[4]["tokens_run"] == hf_rows[1]["tokens_run"]  # the same batches, other weights
     # the fastest peer is chosen among all of them, bfloat16 included, and jaxcls is compared with it
     quickest = min(hf_rows, key=lambda r: r["seconds"])
     assert record["fastest_peer"] == quickest["system"]
     assert record["jaxcls_speedup_vs_fastest_peer"] == quickest["jaxcls_speedup"]
 
 
-SCRIPTS = ["throughput", "sms_inference", "ab_train_step", "bf16_probe", "choice_prefix", "first_run"]
+SCRIPTS = ["throughput", "sms_inference", "ab_train_step", "bf16_probe", "choice_prefix", "first_run",
+           "hf_classify"]
 
 
 def test_scripts_run_as_modules_without_jax_at_import():
@@ -239,3 +248,98 @@ def test_cpu_kernels_smoke(tmp_path, monkeypatch):
     assert all(v["gflops"] > 0 for v in record["attention"].values())
     assert set(record["gelu_ms"]) == {"float32", "bfloat16"} and record["relu_gb_per_s"] > 0
     assert len(record["mkl_bf16_gemm_gflops"]) == 4 and record["system_info"]["cpu_kind"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A saved tiny classifier (three labels, the CLI tests' helper), its transformers export
+    (`jaxcls export`), and a .txt of texts: 40 SMS texts of mixed lengths, a blank line (skipped by
+    both readers) and a text longer than the model's 64 positions (cut to its first tokens)."""
+    from jaxcls.cli import main as jaxcls_main
+
+    tmp = tmp_path_factory.mktemp("hf-classify")
+    run = save_tiny_classifier(tmp / "run", ["ham", "spam", "other"], seed=7)
+    assert jaxcls_main(["export", "--model", str(run), str(tmp / "hf")]) == 0
+    with open(SMS, encoding="utf-8", errors="replace") as f:
+        texts = [line.rstrip("\n").split("\t", 1)[1] for line in f][:40]
+    texts.insert(5, " ".join(texts[:12]))  # ~200 tokens
+    path = tmp / "texts.txt"
+    path.write_text("\n".join(texts[:20] + [""] + texts[20:]) + "\n", encoding="utf-8")
+    return run, tmp / "hf", path, texts
+
+
+def _csv_rows(path: Path) -> list[list[str]]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+def test_hf_classify_labels_as_jaxcls_classify(tiny_run, tmp_path):
+    """`python -m benchmarks.hf_classify` (the transformers user's whole command) on a `jaxcls
+    export`: a text,label CSV in input order, label names from id2label, in float32 the labels
+    `Classifier.predict` gives for the saved run, the long text cut as jaxcls cuts it; under
+    autocast and with bfloat16 weights it runs too (labels mostly the same). Fails if the output
+    keeps the length-sorted order (planted: `zip(range(start, start + len(rows)), ...)` for
+    `zip(rows, ...)`), if it writes label ids (planted: `str(i)` for `config.id2label[i]`) or does
+    not truncate (planted: `tok(texts)` for the truncating call: the 200-token text overruns the
+    64 positions)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from benchmarks import hf_classify
+    from jaxcls.classifier import Classifier
+
+    run, hf, path, texts = tiny_run
+    clf = Classifier.load(run)
+    assert max(len(clf.encode(t)) for t in texts) > clf.max_length == 64
+    want = list(clf.predict(texts))
+    assert len(set(want)) > 1  # order and labels both matter
+    out = tmp_path / "peer.csv"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.hf_classify", "--model", str(hf), "--input", str(path),
+                        "--output", str(out), "--dtype", "float32", "--threads", "1"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-800:]
+    assert f"{len(texts)} texts, float32, 1 torch threads" in r.stderr
+    rows = _csv_rows(out)
+    assert rows[0] == ["text", "label"] and [row[0] for row in rows[1:]] == texts
+    assert [row[1] for row in rows[1:]] == want
+    names = set(json.loads((hf / "config.json").read_text())["id2label"].values())
+    assert names == {"ham", "spam", "other"}
+    for dtype in ("autocast", "bfloat16"):
+        assert hf_classify.main(["--model", str(hf), "--input", str(path), "--output", str(out), "--dtype", dtype]) == 0
+        rows = _csv_rows(out)  # replaced in place
+        assert [row[0] for row in rows[1:]] == texts and {row[1] for row in rows[1:]} <= names
+        assert sum(row[1] == w for row, w in zip(rows[1:], want)) >= 0.8 * len(texts), dtype
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peer.csv"]  # no temporary file left
+
+
+def test_first_run_times_the_peer_command(tiny_run, tmp_path):
+    """first_run's peer part on the tiny run: the run exported once, benchmarks.hf_classify timed
+    twice per dtype in fresh processes, each CSV written; `compare` takes the peer's quickest second
+    run and divides it by jaxcls classify's; `peer_missing` names a torch that does not import.
+    Fails if the slowest peer is taken (planted: `max` for `min` in compare), if the first run is
+    timed twice (planted: `("first_s", "first_s")` in measure_peer's loop: no second run), if a
+    dtype is not passed on (planted: `"--dtype", "float32"` in measure_peer's cmd: the summary names
+    float32), or if a missing torch goes unnoticed (planted: peer_missing returning None)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from benchmarks import first_run
+
+    run, _, path, texts = tiny_run
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    rows = first_run.measure_peer(run, path, tmp_path, env, log=lambda s: None, dtypes=("float32", "bfloat16"))
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+    for r in rows:
+        assert r["first_s"] > 0 and r["second_s"] > 0 and r["second_run_speedup"] == r["first_s"] / r["second_s"]
+        assert f"{len(texts)} texts, {r['dtype']}," in r["summary"] and r["command"].endswith(r["dtype"])
+        assert len(_csv_rows(tmp_path / f"peer-{r['dtype']}.csv")) == len(texts) + 1
+    assert (tmp_path / "hf-export" / "config.json").is_file()
+    fake = [{"command": c, "dtype": c, "first_s": 9.0, "second_s": s} for c, s in (("a", 3.0), ("b", 1.5), ("c", 2.0))]
+    got = first_run.compare({"second_s": 1.2}, fake)
+    assert (got["fastest_peer"], got["fastest_peer_second_s"]) == ("b", 1.5)
+    assert got["jaxcls_classify_second_run_speedup"] == pytest.approx(1.25)
+    assert first_run.peer_missing(env) is None
+    (tmp_path / "no_torch").mkdir()
+    (tmp_path / "no_torch" / "torch.py").write_text("raise ImportError('no torch here')\n")
+    why = first_run.peer_missing({**env, "PYTHONPATH": str(tmp_path / "no_torch")})
+    assert why is not None and "no torch here" in why

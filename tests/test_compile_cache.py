@@ -85,7 +85,7 @@ def test_second_process_loads_every_program_from_the_cache(tmp_path):
     (planted: `folder = args.compilation_cache` in use_compilation_cache), and if a second process
     trips over the folder the first made (planted: exist_ok=False in enable_compilation_cache).
     Classify's programs come from the ProgramStore: the third process traces nothing and loads
-    every saved program (fails with `store = None` planted in Predictor._call)."""
+    every saved program (fails with run_program planted to call `step` directly)."""
     with open(SMS, encoding="utf-8", errors="replace") as f:
         rows = [line.rstrip("\n").split("\t", 1) for line in f][:40]
     data = tmp_path / "sms.csv"
@@ -232,7 +232,8 @@ def test_store_loads_programs_a_second_predictor_would_trace(tmp_path, monkeypat
     architecture (other weights) traces nothing, loads them, and gives exactly the logits of a
     Predictor run without any cache. A changed setting a trace depends on (XLA_FLAGS) or another
     batch shape is another program; a damaged file is a warning and a recompile, never a wrong
-    answer. Fails if the store is bypassed (planted: `store = None` in Predictor._call: traces
+    answer. (Each `enable_compilation_cache` starts a new store, as a new process would.) Fails if
+    the store is bypassed (planted: run_program calling `step` directly: traces
     again), if XLA's settings are left out of the key (planted: `env = []` in compile_cache._context),
     and if a file that does not load escapes as an error (planted: `except Exception` in
     ProgramStore._load narrowed to `except OSError`)."""
@@ -247,23 +248,26 @@ def test_store_loads_programs_a_second_predictor_would_trace(tmp_path, monkeypat
         saved = sorted((tmp_path / "xla" / "programs").glob("*.program"))
         assert len(saved) == store.saves == 2 and store.loads == 0
 
+        store = program_store() if enable_compilation_cache(tmp_path / "xla") else None  # as a new process
         second = _tiny_predictor(seed=2)
         got = second.logits(STORE_TEXTS)
-        assert second.num_compiles == 0 and store.loads == 2 and store.saves == 2
+        assert second.num_compiles == 0 and store.loads == 2 and store.saves == 0
 
         assert _tiny_predictor(seed=2, batch_size=4).logits(STORE_TEXTS).shape == (3, 3)
-        assert store.saves == 3  # one batch of 4 rows: a new program
+        assert store.saves == 1  # one batch of 4 rows: a new program
 
         monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_thunk_runtime=true")
+        store = program_store() if enable_compilation_cache(tmp_path / "xla") else None
         np.testing.assert_array_equal(_tiny_predictor(seed=2).logits(STORE_TEXTS), got)
-        assert store.saves == 5 and store.loads == 2
+        assert store.saves == 2 and store.loads == 0
         monkeypatch.undo()
 
         saved[0].write_bytes(b"not a program")
+        store = program_store() if enable_compilation_cache(tmp_path / "xla") else None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             np.testing.assert_array_equal(_tiny_predictor(seed=2).logits(STORE_TEXTS), got)
-        assert store.saves == 6 and store.loads == 3
+        assert store.saves == 1 and store.loads == 1
         assert any("does not load" in str(w.message) for w in caught)
     finally:
         disable_compilation_cache()
@@ -280,7 +284,7 @@ from jaxcls.infer import predictor
 enable_compilation_cache({folder!r})
 pred = _tiny_predictor(seed=3)
 if sys.argv[1] == "jit":  # JAX's own cache only, as a jaxcls without the store would run
-    pred._call = lambda step, static, dynamic: step(*static, *dynamic)
+    predictor.run_program = lambda step, static, dynamic: step(*static, *dynamic)
 print("LOGITS", np.asarray(pred.logits(STORE_TEXTS)).tobytes().hex(), predictor._trace_count(), program_store().loads)
 """
 

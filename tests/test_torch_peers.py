@@ -114,3 +114,59 @@ def test_peers_share_the_rss_helpers_and_import_without_jax():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-500:]
+
+
+def _logits(impl: str, model, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each row's class logits: the book reads the last position (rows unpadded), transformers the
+    last real token of right-padded rows under their attention mask."""
+    if impl == "book":
+        return model(x)[:, -1, :]
+    return model(input_ids=x, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("impl", ["book", "hf"])
+def test_bf16_weights_inference_runs_in_bfloat16_close_to_float32(impl):
+    """The inference-only peer dtype: `cast_weights` puts every parameter and floating buffer in
+    bfloat16 (the book's causal-mask buffer included) and the model then runs without autocast, its
+    causal mask and (transformers) attention mask working in pure bfloat16: bfloat16 logits within
+    3% of the logit scale of the float32 model's (bfloat16 keeps 8 bits of mantissa: ~0.5-1% here).
+    measure_infer records the cast. Fails if the cast does nothing (planted: `cast_weights`
+    returning `model` for every dtype: float32 logits, param_dtype float32) or is coarser than
+    bfloat16 (planted: `model.to(torch.float8_e5m2).to(torch.bfloat16)` in cast_weights: ~10% off)."""
+    if impl == "hf":
+        pytest.importorskip("transformers")
+    model = tp.build_model(impl, TINY, seed=1).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, tp.PAD_ID, (3, 12), generator=g)
+    mask = torch.ones_like(x)
+    if impl == "hf":  # right padding: rows of 12, 7 and 3 real tokens
+        for row, n in ((1, 7), (2, 3)):
+            x[row, n:], mask[row, n:] = tp.PAD_ID, 0
+    with torch.inference_mode():
+        want = _logits(impl, model, x, mask).numpy()
+        assert tp.cast_weights(model, "float32") is model and next(model.parameters()).dtype == torch.float32
+        tp.cast_weights(model, "bfloat16-weights")
+        floating = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+        assert floating and {t.dtype for t in floating} == {torch.bfloat16}
+        with tp.autocast("bfloat16-weights"):
+            got = _logits(impl, model, x, mask)
+    assert got.dtype == torch.bfloat16
+    np.testing.assert_allclose(got.float().numpy(), want, rtol=0, atol=0.03 * np.abs(want).max())
+    res = tp.measure_infer(impl, TINY, batch=2, seq_len=16, steps=2, warmup=1, threads=1, dtype="bfloat16-weights")
+    _check_timing(res, 2)
+    assert (res["dtype"], res["param_dtype"]) == ("bfloat16-weights", "bfloat16")
+    assert res["system"] == tp.system_name(impl, dtype="bfloat16-weights") and res["system"].endswith("-bf16-weights")
+
+
+def test_measure_train_refuses_bf16_weights():
+    """Training with bfloat16 weights is not a configuration anyone picks: measure_train and the
+    module's CLI refuse it by name, before building anything. Fails if the refusal is dropped
+    (planted: the `if dtype not in TRAIN_DTYPES` check removed from measure_train: it trains a
+    float32 model under the bfloat16-weights name)."""
+    for impl in ("book", "hf"):
+        with pytest.raises(ValueError, match="inference-only"):
+            tp.measure_train(impl, TINY, trainable="last_block", batch=2, seq_len=8, steps=1, warmup=0, threads=1,
+                             dtype="bfloat16-weights")
+    with pytest.raises(SystemExit) as e:
+        tp.main(["--mode", "train", "--dtype", "bfloat16-weights"])
+    assert e.value.code == 2

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxcls.compile_cache import program_store
+from jaxcls.compile_cache import run_program
 from jaxcls.data import fine_bucket_lengths, length_buckets
 from jaxcls.data.examples import Truncation
 from jaxcls.errors import ConfigError, DataError
@@ -50,6 +50,7 @@ class TooManyTokens(DataError):
     def __init__(self, message: str, index: int):
         super().__init__(message)
         self.index = index
+
 
 _traces = threading.local()  # tracing runs in the calling thread, so a thread-local count is exact
 
@@ -155,10 +156,9 @@ class Predictor:
     counted in `stats.empty`.
 
     The weights are split from the model once, here: a model trained further afterwards needs
-    `refresh()`. `num_compiles` counts the traces (compiles, or persistent-cache loads) this
-    predictor caused; it never exceeds len(shapes()) (choice examples with more options than
-    trained add their own row counts). Calls are serialized
-    by a lock, so one predictor can serve several threads.
+    `refresh()`. `num_compiles` counts the traces this predictor caused (programs loaded whole
+    from the compilation cache take none), never more than len(shapes()) (choice examples with
+    more options than trained add row counts). A lock serializes calls: threads may share it.
     """
 
     def __init__(
@@ -226,7 +226,6 @@ class Predictor:
         """Take the model's current weights (after further training, say)."""
         with self._lock:
             self._graphdef, self._state = inference_state(self.model)
-            self._programs: dict = {}  # (step, static arguments, shapes, store) -> compiled program
 
     # -- tokens -----------------------------------------------------------------------------
 
@@ -279,32 +278,17 @@ class Predictor:
     def _run(self, ids, lengths: np.ndarray | None = None, task=None) -> np.ndarray:
         """One model call: rows -> their logits, or with `task` (R > 1 rows per example) the
         examples' logits; `ids` may be SharedRows (choice with a shared prefix, no lengths)."""
-        before = _trace_count()
-        if isinstance(ids, SharedRows):
-            out = self._call(shared_step, (self._graphdef, task), (self._state, ids))
-            size = ids.prefix_ids.size + ids.option_ids.size
-        elif task is None:
-            out, size = self._call(predict_step, (self._graphdef,), (self._state, ids, lengths)), ids.size
+        before, shared = _trace_count(), isinstance(ids, SharedRows)
+        if shared:
+            step, static, dynamic = shared_step, (self._graphdef, task), (self._state, ids)
         else:
-            out, size = self._call(rows_step, (self._graphdef, task), (self._state, ids, lengths)), ids.size
-        out = np.asarray(out)
+            step, static = (predict_step, (self._graphdef,)) if task is None else (rows_step, (self._graphdef, task))
+            dynamic = (self._state, ids, lengths)
+        out = np.asarray(run_program(step, static, dynamic))
         self.num_compiles += _trace_count() - before
         self.stats.batches += 1
-        self.stats.tokens_run += size
+        self.stats.tokens_run += ids.prefix_ids.size + ids.option_ids.size if shared else ids.size
         return out
-
-    def _call(self, step, static: tuple, dynamic: tuple):
-        """`step(*static, *dynamic)`; with the compilation cache on, through a compiled program
-        the store keeps (compile_cache.ProgramStore), so a second process does not trace."""
-        store = program_store()
-        if store is None:
-            return step(*static, *dynamic)
-        shapes = tuple((x.shape, x.dtype) for x in jax.tree.leaves(dynamic[1:]))
-        key = (step, static, shapes, store)
-        program = self._programs.get(key)
-        if program is None:
-            program = self._programs[key] = store.compiled(step, static, dynamic)
-        return program(*dynamic)
 
     def _batch(self, seqs: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
         rows = next(r for r in self.row_buckets if r >= len(seqs))
