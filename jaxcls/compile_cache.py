@@ -23,8 +23,10 @@ import threading
 import warnings
 from pathlib import Path
 
+import flax
 import jax
 import jaxlib
+import numpy as np
 
 FOLDER = "compilation-cache"
 PROGRAMS = "programs"  # ProgramStore's subfolder of the cache folder
@@ -147,7 +149,8 @@ def _context() -> str:
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV))
     config = {k: getattr(jax.config, k) for k in ("jax_enable_x64", "jax_default_matmul_precision",
                                                    "jax_default_prng_impl", "jax_numpy_rank_promotion")}
-    return repr((jax.__version__, jaxlib.__version__, backend.platform, backend.platform_version, [d.device_kind for d in jax.devices()],
+    versions = [(m.__name__, m.__version__) for m in (jax, jaxlib, flax, np)]
+    return repr((versions, backend.platform, backend.platform_version, [d.device_kind for d in jax.devices()],
                  sorted(host_flags()), fast_path_available(), _source_digest(), env, config))
 
 
@@ -167,9 +170,21 @@ class ProgramStore:
 
     def call(self, step, static: tuple, dynamic: tuple):
         """`step(*static, *dynamic)` through its compiled program, found once per process."""
-        key = (step, static, tuple((x.shape, x.dtype) for x in jax.tree.leaves(dynamic)))
-        if (program := self._loaded.get(key)) is None:
-            program = self._loaded[key] = self.compiled(step, static, dynamic)
+        key = (step, static, tuple(str(jax.typeof(x)) for x in jax.tree.leaves(dynamic)))
+        if (program := self._loaded.get(key)) is not None:
+            return program(*dynamic)
+        program, loaded = self._compiled(step, static, dynamic)
+        if loaded:  # its first run, synchronously: a copy that loads but cannot run is compiled again
+            try:
+                out = jax.block_until_ready(program(*dynamic))
+            except jax.errors.JaxRuntimeError as e:
+                warnings.warn(f"{self.folder}: a saved program that does not run ({e}); compiling it again",
+                              stacklevel=2)
+                program, _ = self._compiled(step, static, dynamic, reuse=False)
+                out = program(*dynamic)
+            self._loaded[key] = program
+            return out
+        self._loaded[key] = program
         return program(*dynamic)
 
     def key(self, fn, static: tuple, dynamic: tuple) -> str | None:
@@ -184,25 +199,28 @@ class ProgramStore:
             sharding = getattr(x, "sharding", None)
             if sharding is not None and not isinstance(sharding, jax.sharding.SingleDeviceSharding):
                 return None
-            sig.append((tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False))))
+            sig.append(str(jax.typeof(x)))  # shape, dtype, weak type
         h = hashlib.sha256()
         for part in (f"{fn.__module__}.{fn.__qualname__}", named, str(tree), repr(sig), _context()):
             h.update(part.encode() + b"\0")
         return h.hexdigest()
 
     def compiled(self, fn, static: tuple, dynamic: tuple):
+        return self._compiled(fn, static, dynamic)[0]
+
+    def _compiled(self, fn, static: tuple, dynamic: tuple, reuse: bool = True):
+        """(program, whether it came from a file)."""
         key = self.key(fn, static, dynamic)
         if key is None:
-            return fn.lower(*static, *dynamic).compile()
+            return fn.lower(*static, *dynamic).compile(), False
         path = self.folder / f"{key}.program"
-        loaded = self._load(path)
-        if loaded is not None:
-            return loaded
+        if reuse and (loaded := self._load(path)) is not None:
+            return loaded, True
         lowered = fn.lower(*static, *dynamic)
         with _without_persistent_cache():
             program = lowered.compile()
         self._save(path, program)
-        return program
+        return program, False
 
     def _load(self, path: Path):
         from jax.experimental.serialize_executable import deserialize_and_load

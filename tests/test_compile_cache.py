@@ -276,26 +276,37 @@ def test_store_loads_programs_a_second_predictor_would_trace(tmp_path, monkeypat
 
 
 REUSE = """
-import sys, numpy as np
+import contextlib, shutil, sys, warnings, numpy as np
 sys.path.insert(0, {tests!r})
 from test_compile_cache import STORE_TEXTS, _tiny_predictor
-from jaxcls.compile_cache import enable_compilation_cache, program_store
+from jaxcls import compile_cache
 from jaxcls.infer import predictor
-enable_compilation_cache({folder!r})
+compile_cache.enable_compilation_cache({folder!r})
 pred = _tiny_predictor(seed=3)
 if sys.argv[1] == "jit":  # JAX's own cache only, as a jaxcls without the store would run
     predictor.run_program = lambda step, static, dynamic: step(*static, *dynamic)
-print("LOGITS", np.asarray(pred.logits(STORE_TEXTS)).tobytes().hex(), predictor._trace_count(), program_store().loads)
+if sys.argv[1] == "poison":  # the store compiling through JAX's cache: copies that load but cannot run
+    compile_cache._without_persistent_cache = contextlib.nullcontext
+    shutil.rmtree(compile_cache.program_store().folder)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    logits = np.asarray(pred.logits(STORE_TEXTS))
+store = compile_cache.program_store()
+print("LOGITS", logits.tobytes().hex(), predictor._trace_count(), store.loads,
+      sum("does not run" in str(w.message) for w in caught))
 """
 
 
 def test_store_never_keeps_a_program_jax_loaded_from_its_own_cache(tmp_path):
-    """An executable JAX loaded from its persistent cache serializes without its kernels, and the
-    copy fails when run ("Function ... not found"). Three processes on one folder: the first fills
-    JAX's cache through plain jit, the second (the store on) must compile afresh and save, the third
-    loads the saved programs, traces nothing and gets the same logits. Fails if the store compiles
-    through JAX's cache (planted: `with _without_persistent_cache():` replaced by
-    `with contextlib.nullcontext():` in ProgramStore.compiled: the third process errors)."""
+    """An executable JAX loaded from its persistent cache serializes without its kernels: the copy
+    loads, then fails when run ("Function ... not found"). Processes on one folder: the first fills
+    JAX's cache through plain jit; the second (the store on) must compile afresh and save; the third
+    loads those, traces nothing and gets the same logits. Then copies saved the wrong way (a
+    process made to compile through JAX's cache) are each a warning and a recompile, and the
+    process after that loads clean ones. Fails if the store compiles through JAX's cache (planted:
+    `with _without_persistent_cache():` replaced by `with contextlib.nullcontext():` in
+    ProgramStore._compiled), and if a copy that does not run escapes as an error (planted: the
+    `except jax.errors.JaxRuntimeError` in ProgramStore.call narrowed to `except KeyError`)."""
     from pathlib import Path
 
     script = REUSE.format(tests=str(Path(__file__).parent), folder=str(tmp_path / "xla"))
@@ -307,9 +318,11 @@ def test_store_never_keeps_a_program_jax_loaded_from_its_own_cache(tmp_path):
         assert r.returncode == 0 and line, r.stderr[-2000:]
         return line[0].split()[1:]
 
-    jitted, fresh, loaded = run("jit"), run("store"), run("store")
-    assert jitted[1:] == ["2", "0"] and fresh[1:] == ["2", "0"] and loaded[1:] == ["0", "2"], (jitted, fresh, loaded)
-    assert jitted[0] == fresh[0] == loaded[0]
+    runs = {mode: run(mode.rstrip("0123456789")) for mode in ("jit", "store1", "store2", "poison", "store3", "store4")}
+    counts = {mode: r[1:] for mode, r in runs.items()}  # traces, loads, "does not run" warnings
+    assert counts == {"jit": ["2", "0", "0"], "store1": ["2", "0", "0"], "store2": ["0", "2", "0"],
+                      "poison": ["2", "0", "0"], "store3": ["2", "2", "2"], "store4": ["0", "2", "0"]}, counts
+    assert len({r[0] for r in runs.values()}) == 1  # the same logits every time
 
 
 def test_store_size_is_bounded(tmp_path):
