@@ -45,6 +45,26 @@ def test_train_writes_everything_and_loss_falls(trained):
     assert set(m["splits"]["test"]["per_class"]) == {"ham", "spam"}
 
 
+def test_curves_are_drawn_and_a_run_too_short_to_evaluate_warns_nothing(trained, tmp_path):
+    """`train --out` draws loss.png and accuracy.png (matplotlib is in the bench extra CI installs);
+    a run whose metrics hold only training losses draws both without matplotlib's "no artists with
+    labels" warning. Fails if the curves are not written (planted: `plot_curves` returning None
+    first) and if the empty legend is still asked for (planted: the `if` before ax.legend removed)."""
+    import warnings
+
+    from jaxcls.cli.train import plot_curves
+
+    pytest.importorskip("matplotlib")
+    for name in ("loss.png", "accuracy.png"):
+        assert (trained / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": i, "examples_seen": 8 * i, "train_loss": 1.0 / i}) + "\n" for i in (1, 2)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot_curves(tmp_path) == tmp_path / "loss.png"
+    assert {p.name for p in tmp_path.glob("*.png")} == {"loss.png", "accuracy.png"}
+
+
 def test_saved_delta_holds_only_trained_weights_and_reloads(trained):
     keys = set(load_file(str(trained / "weights.safetensors")))
     assert keys and all(k.startswith(("h/1/", "ln_f/", "head/")) for k in keys)

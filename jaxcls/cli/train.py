@@ -286,7 +286,8 @@ def plot_curves(out: Path) -> Path | None:
                 ax.plot(*zip(*pts), label=key)
         ax.set_xlabel(x.replace("_", " "))
         ax.set_ylabel(name)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a run too short to evaluate has nothing to name
+            ax.legend()
         fig.tight_layout()
         with atomic_open(out / f"{name}.png", "wb") as f:
             fig.savefig(f, format="png")
