@@ -109,7 +109,7 @@ def prepare_torch(impl: str, cfg, texts, encode, batch: int, threads: int, *, fi
            "file order, each batch padded to its longest")
     name = ("HF GPT2ForSequenceClassification" if impl == "hf" else "book GPTModel") + f", {how}, batch {batch}"
     name += {"float32": "", "bfloat16": ", bf16 autocast", tp.BF16_WEIGHTS: ", bf16 weights"}[dtype]
-    row = {"system": name, "dtype": dtype, "param_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    row = {"system": name, "dtype": dtype, "param_dtype": tp.param_dtype(model),
            "tokens_run": sum(ids.numel() for ids, _ in batches),
            "flops": sum(forward_flops(cfg, ids.shape[0], ids.shape[1], single_token=False) for ids, _ in batches)}
     return row, run

@@ -49,7 +49,7 @@ from benchmarks.torch_book import PAD_ID, BookGPT, load_into_book
 from benchmarks.torch_hf import hf_model
 
 __all__ = ["SIZES", "TRAINABLE_PRESETS", "PEER_CONFIGS", "BF16_WEIGHTS_CONFIGS", "BookGPT", "build_model",
-           "apply_freezing", "cast_weights", "load_gpt2_weights", "torch_info", "measure_train", "measure_infer",
+           "apply_freezing", "cast_weights", "param_dtype", "load_gpt2_weights", "torch_info", "measure_train", "measure_infer",
            "fastest"]
 
 TRAINABLE_PRESETS = ("head", "last_block", "all")
@@ -120,6 +120,11 @@ def cast_weights(model: nn.Module, dtype: str) -> nn.Module:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
     return model.to(torch.bfloat16) if dtype == BF16_WEIGHTS else model
+
+
+def param_dtype(model: nn.Module) -> str:
+    """The dtype the weights are in ("float32", "bfloat16"), as records name it."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def fastest(rows: list[dict], key: str = "step_time_s_median") -> dict | None:
@@ -350,7 +355,7 @@ def measure_infer(impl: str, cfg: dict, *, batch: int, seq_len: int, steps: int,
             with torch.inference_mode():
                 classify(impl, fwd, x).argmax(dim=-1)
 
-        return run, {"param_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+        return run, {"param_dtype": param_dtype(model)}
 
     return _timed_record(impl, cfg, "infer", prepare, batch=batch, seq_len=seq_len, steps=steps, warmup=warmup,
                          threads=threads, compile=compile, dtype=dtype, seed=seed)

@@ -37,7 +37,4 @@ def __dir__():
 
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "Classifier", "ConfigError", "DataError", "DataSpec", "DataSplits", "DownloadError",
-           "FitResult", "GPT2", "GPT2Classifier", "GPT2Config", "GPT2_SIZES", "JaxclsError", "ModelSpec", "PAD_ID",
-           "Predictor", "SingleLabel", "TextDataset", "TrainConfig", "TrainingError", "build_program", "fit",
-           "load_data", "load_pretrained", "load_sms_spam", "load_spec", "load_tokenizer", "preset"]
+__all__ = sorted(_EXPORTS)

@@ -4,7 +4,7 @@ inference alike, so it lives above both. The CLI turns it on by default, in a fo
 disk instead of compiling them again.
 
 JAX's cache is keyed by the lowered program, so a hit still pays for tracing and lowering: 0.2-0.4 s
-per inference shape of gpt2-small, about 2 s of a 7 s `jaxcls classify`. Beside it, `ProgramStore`
+per inference shape of gpt2-small, about 2 s of a 7 s `jaxcls classify` (2-core Intel Xeon). Beside it, `ProgramStore`
 keeps whole compiled inference programs (jax.experimental.serialize_executable) under a key made
 without tracing: the function, its static arguments, the arguments' shapes and dtypes, and
 everything else a trace depends on (jax, jaxlib, the backend, the CPU's features, the jaxcls source,
@@ -103,10 +103,14 @@ def program_store() -> "ProgramStore | None":
     return _store
 
 
-def run_program(step, static: tuple, dynamic: tuple):
-    """`step(*static, *dynamic)` for a jitted `step`; with the cache on, through the compiled
-    program the ProgramStore keeps, so that a second process does not trace it."""
-    return step(*static, *dynamic) if _store is None else _store.call(step, static, dynamic)
+def load_program(step, static: tuple, dynamic: tuple):
+    """(program, its output on `dynamic`) for a jitted `step`: `step` with `static` bound, from the
+    ProgramStore while the cache is on (so a second process does not trace it), else `step` itself.
+    The caller keeps the program for later calls with arguments of the same shapes."""
+    if _store is None:
+        program = functools.partial(step, *static)
+        return program, program(*dynamic)
+    return _store.first_run(step, static, dynamic)
 
 
 @contextlib.contextmanager
@@ -166,26 +170,21 @@ class ProgramStore:
         self.folder = Path(folder)
         self.max_bytes = None if max_mb is None else int(max_mb * 2**20)
         self.loads = self.saves = 0
-        self._loaded: dict = {}  # (step, static, shapes and dtypes) -> program, for this process
 
-    def call(self, step, static: tuple, dynamic: tuple):
-        """`step(*static, *dynamic)` through its compiled program, found once per process."""
-        key = (step, static, tuple(str(jax.typeof(x)) for x in jax.tree.leaves(dynamic)))
-        if (program := self._loaded.get(key)) is not None:
-            return program(*dynamic)
-        program, loaded = self._compiled(step, static, dynamic)
-        if loaded:  # its first run, synchronously: a copy that loads but cannot run is compiled again
+    def first_run(self, step, static: tuple, dynamic: tuple):
+        """(program, its output on `dynamic`). A program loaded from a file runs synchronously
+        here, its first run: a copy that loads but cannot run is a warning and a recompile."""
+        program, loaded = self.compiled(step, static, dynamic)
+        out = program(*dynamic)
+        if loaded:
             try:
-                out = jax.block_until_ready(program(*dynamic))
+                out = jax.block_until_ready(out)
             except jax.errors.JaxRuntimeError as e:
                 warnings.warn(f"{self.folder}: a saved program that does not run ({e}); compiling it again",
-                              stacklevel=2)
-                program, _ = self._compiled(step, static, dynamic, reuse=False)
+                              stacklevel=3)
+                program, _ = self.compiled(step, static, dynamic, reuse=False)
                 out = program(*dynamic)
-            self._loaded[key] = program
-            return out
-        self._loaded[key] = program
-        return program(*dynamic)
+        return program, out
 
     def key(self, fn, static: tuple, dynamic: tuple) -> str | None:
         """The file name for these arguments, or None when they cannot be named across processes
@@ -205,11 +204,8 @@ class ProgramStore:
             h.update(part.encode() + b"\0")
         return h.hexdigest()
 
-    def compiled(self, fn, static: tuple, dynamic: tuple):
-        return self._compiled(fn, static, dynamic)[0]
-
-    def _compiled(self, fn, static: tuple, dynamic: tuple, reuse: bool = True):
-        """(program, whether it came from a file)."""
+    def compiled(self, fn, static: tuple, dynamic: tuple, reuse: bool = True):
+        """(`fn.lower(*static, *dynamic).compile()`, whether it came from a file)."""
         key = self.key(fn, static, dynamic)
         if key is None:
             return fn.lower(*static, *dynamic).compile(), False

@@ -85,7 +85,7 @@ def test_second_process_loads_every_program_from_the_cache(tmp_path):
     (planted: `folder = args.compilation_cache` in use_compilation_cache), and if a second process
     trips over the folder the first made (planted: exist_ok=False in enable_compilation_cache).
     Classify's programs come from the ProgramStore: the third process traces nothing and loads
-    every saved program (fails with run_program planted to call `step` directly)."""
+    every saved program (fails with load_program planted to return the jitted `step` always)."""
     with open(SMS, encoding="utf-8", errors="replace") as f:
         rows = [line.rstrip("\n").split("\t", 1) for line in f][:40]
     data = tmp_path / "sms.csv"
@@ -233,7 +233,7 @@ def test_store_loads_programs_a_second_predictor_would_trace(tmp_path, monkeypat
     Predictor run without any cache. A changed setting a trace depends on (XLA_FLAGS) or another
     batch shape is another program; a damaged file is a warning and a recompile, never a wrong
     answer. (Each `enable_compilation_cache` starts a new store, as a new process would.) Fails if
-    the store is bypassed (planted: run_program calling `step` directly: traces
+    the store is bypassed (planted: load_program returning the jitted `step` always: traces
     again), if XLA's settings are left out of the key (planted: `env = []` in compile_cache._context),
     and if a file that does not load escapes as an error (planted: `except Exception` in
     ProgramStore._load narrowed to `except OSError`)."""
@@ -276,7 +276,7 @@ def test_store_loads_programs_a_second_predictor_would_trace(tmp_path, monkeypat
 
 
 REUSE = """
-import contextlib, shutil, sys, warnings, numpy as np
+import contextlib, functools, shutil, sys, warnings, numpy as np
 sys.path.insert(0, {tests!r})
 from test_compile_cache import STORE_TEXTS, _tiny_predictor
 from jaxcls import compile_cache
@@ -284,7 +284,7 @@ from jaxcls.infer import predictor
 compile_cache.enable_compilation_cache({folder!r})
 pred = _tiny_predictor(seed=3)
 if sys.argv[1] == "jit":  # JAX's own cache only, as a jaxcls without the store would run
-    predictor.run_program = lambda step, static, dynamic: step(*static, *dynamic)
+    predictor.load_program = lambda step, static, dynamic: (functools.partial(step, *static), step(*static, *dynamic))
 if sys.argv[1] == "poison":  # the store compiling through JAX's cache: copies that load but cannot run
     compile_cache._without_persistent_cache = contextlib.nullcontext
     shutil.rmtree(compile_cache.program_store().folder)
@@ -305,8 +305,8 @@ def test_store_never_keeps_a_program_jax_loaded_from_its_own_cache(tmp_path):
     process made to compile through JAX's cache) are each a warning and a recompile, and the
     process after that loads clean ones. Fails if the store compiles through JAX's cache (planted:
     `with _without_persistent_cache():` replaced by `with contextlib.nullcontext():` in
-    ProgramStore._compiled), and if a copy that does not run escapes as an error (planted: the
-    `except jax.errors.JaxRuntimeError` in ProgramStore.call narrowed to `except KeyError`)."""
+    ProgramStore.compiled), and if a copy that does not run escapes as an error (planted: the
+    `except jax.errors.JaxRuntimeError` in ProgramStore.first_run narrowed to `except KeyError`)."""
     from pathlib import Path
 
     script = REUSE.format(tests=str(Path(__file__).parent), folder=str(tmp_path / "xla"))
@@ -340,7 +340,7 @@ def test_store_size_is_bounded(tmp_path):
     one = sum(p.stat().st_size for p in (tmp_path / "probe").glob("*.program"))
     store = ProgramStore(tmp_path / "bounded", max_mb=2.5 * one / 2**20)
     for n in range(8, 14):
-        out = store.compiled(f, (), (np.ones(n, np.float32),))(np.ones(n, np.float32))
+        out = store.compiled(f, (), (np.ones(n, np.float32),))[0](np.ones(n, np.float32))
         np.testing.assert_allclose(np.asarray(out), np.tanh(1.0) * 3.0 + 1.0, rtol=1e-6)
     kept = list((tmp_path / "bounded").glob("*.program"))
     assert store.saves == 6 and 1 <= len(kept) <= 2 and sum(p.stat().st_size for p in kept) <= 2.5 * one

@@ -119,3 +119,22 @@ def test_functions_stay_short():
                 if n > 60 and "# long:" not in around:
                     long.append(f"{name}.{node.name} ({n} lines)")
     assert not long, "functions over 60 lines without a reason: " + ", ".join(long)
+
+
+def test_classify_imports_only_what_it_runs():
+    """What `jaxcls classify` imports before it loads a model (the package, the CLI, the classifier
+    facade, the input reader) leaves out the training layer, pandas and scipy, which load on first
+    use; every name in `jaxcls.__all__` still resolves. Fails if the package imports its layers up
+    front again (planted: `from jaxcls.train import fit` at the top of jaxcls/__init__.py) or the
+    SMS reader imports pandas at module level (planted: `import pandas as pd` at the top of
+    jaxcls/data/sms.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, jaxcls, jaxcls.cli.predict, jaxcls.classifier, jaxcls.infer.io\n"
+            "print(sorted(m for m in ('jaxcls.train', 'pandas', 'scipy.special', 'scipy.stats') if m in sys.modules))\n"
+            "assert all(getattr(jaxcls, n) is not None for n in jaxcls.__all__)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=PKG.parent)
+    assert r.returncode == 0, r.stderr[-1000:]
+    assert r.stdout.strip() == "[]", r.stdout

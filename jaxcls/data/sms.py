@@ -5,19 +5,18 @@ from __future__ import annotations
 import io
 import zipfile
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from jaxcls.data.labels import DataSplits, TextDataset
 from jaxcls.errors import DataError
 
+if TYPE_CHECKING:
+    import pandas as pd  # imported where used: only the SMS reader needs it, and it costs 0.15 s
+
 SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 SMS_SPAM_LABELS = ("ham", "spam")
 # Names the SMS file and its zip go by: UCI's own, and the book's after it unzips and renames.
 _SMS_FILES = ("SMSSpamCollection", "SMSSpamCollection.tsv")
-if TYPE_CHECKING:
-    import pandas as pd
-
 _SMS_ZIPS = ("sms+spam+collection.zip", "sms_spam_collection.zip")
 
 
@@ -30,7 +29,7 @@ def load_sms_spam(
     `path` is the SMSSpamCollection file, UCI's zip, or a folder holding either. None means the
     copy in `cache_home()/"data/sms_spam"`, else the one packaged with jaxcls (sms_spam_file).
     """
-    import pandas as pd  # here, not at import: reading the SMS set is rare, pandas costs 0.15 s
+    import pandas as pd
 
     df = _read_sms_frame(sms_spam_file(path, progress=progress))
     num_spam = df[df["Label"] == "spam"].shape[0]

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxcls.compile_cache import run_program
+from jaxcls.compile_cache import load_program
 from jaxcls.data import fine_bucket_lengths, length_buckets
 from jaxcls.data.examples import Truncation
 from jaxcls.errors import ConfigError, DataError
@@ -226,6 +226,7 @@ class Predictor:
         """Take the model's current weights (after further training, say)."""
         with self._lock:
             self._graphdef, self._state = inference_state(self.model)
+            self._programs = {}  # (step, static arguments, batch shapes) -> compile_cache.load_program's
 
     # -- tokens -----------------------------------------------------------------------------
 
@@ -278,17 +279,19 @@ class Predictor:
     def _run(self, ids, lengths: np.ndarray | None = None, task=None) -> np.ndarray:
         """One model call: rows -> their logits, or with `task` (R > 1 rows per example) the
         examples' logits; `ids` may be SharedRows (choice with a shared prefix, no lengths)."""
-        before, shared = _trace_count(), isinstance(ids, SharedRows)
-        if shared:
-            step, static, dynamic = shared_step, (self._graphdef, task), (self._state, ids)
+        before, shared, g = _trace_count(), isinstance(ids, SharedRows), self._graphdef
+        step, static = ((shared_step, (g, task)) if shared else
+                        (predict_step, (g,)) if task is None else (rows_step, (g, task)))
+        dynamic = (self._state, ids) if shared else (self._state, ids, lengths)
+        key = (step, static, tuple(np.shape(x) for x in jax.tree.leaves(dynamic[1:])))  # the weights are fixed
+        if (program := self._programs.get(key)) is None:
+            self._programs[key], out = load_program(step, static, dynamic)
         else:
-            step, static = (predict_step, (self._graphdef,)) if task is None else (rows_step, (self._graphdef, task))
-            dynamic = (self._state, ids, lengths)
-        out = np.asarray(run_program(step, static, dynamic))
+            out = program(*dynamic)
         self.num_compiles += _trace_count() - before
         self.stats.batches += 1
         self.stats.tokens_run += ids.prefix_ids.size + ids.option_ids.size if shared else ids.size
-        return out
+        return np.asarray(out)
 
     def _batch(self, seqs: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
         rows = next(r for r in self.row_buckets if r >= len(seqs))
@@ -375,8 +378,7 @@ class Predictor:
     def warmup(self) -> int:
         """Compile every batch shape now; returns the number of new compiles (0 when warm)."""
         with self._lock:
-            before = self.num_compiles
-            tokens_run = self.stats.tokens_run
+            before, tokens_run = self.num_compiles, self.stats.tokens_run
             for rows, *widths in self.shapes():
                 ids = np.full((rows, sum(widths)), self.pad_id, np.int32)
                 lengths = np.ones((rows,), np.int32)
@@ -388,7 +390,6 @@ class Predictor:
                 self.stats.batches -= 1  # warm-up calls are not work
             self.stats.tokens_run = tokens_run
             return self.num_compiles - before
-
 
 
 def _exact_shared(model) -> bool:
