@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "jaxcls"
 
 # layer -> layers it must never import
 CORE = ("config", "model", "lora", "tokenizer", "errors", "fileio", "metrics", "task", "shared_prefix",
-        "download", "compile_cache", "generate", "cpu_gemm", "cpu_attention", "precision")
+        "download", "compile_cache", "generate", "cpu_gemm", "cpu_attention", "precision", "chunks")
 FORBIDDEN = {
     "core": {"ckpt", "data", "train", "infer", "cli", "classifier"},
     "ckpt": {"data", "train", "infer", "cli", "classifier"},

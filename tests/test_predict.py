@@ -12,9 +12,10 @@ from jaxcls.config import TINY_SIZES
 from jaxcls.data import pad_batch
 from jaxcls.errors import ConfigError
 from jaxcls.compile_cache import enable_compilation_cache
-from jaxcls.infer.predictor import Predictor
+from jaxcls.infer.predictor import Predictor, predict_step, rows_step
+from jaxcls.chunks import CPU_CHUNK_TOKENS, over_row_chunks, row_chunks
 from jaxcls.model import GPT2Classifier, path_str
-from jaxcls.task import softmax
+from jaxcls.task import SingleLabel, softmax
 from jaxcls.tokenizer import PAD_ID, encode, encoding_from_files
 
 CFG = TINY_SIZES["tiny"]  # n_ctx 64
@@ -106,6 +107,47 @@ def test_bucketed_equals_one_text_at_a_time(tok, texts, pooling):
     perm = np.random.default_rng(1).permutation(len(texts))
     np.testing.assert_array_equal(pred.logits([texts[i] for i in perm]), got[perm])
     assert pred.num_compiles == 2
+
+
+def test_row_chunks_split_large_cpu_batches_evenly():
+    """Planted: row_chunks returning B (no chunking) or rounding the piece count down -> fails."""
+    assert CPU_CHUNK_TOKENS == 2048
+    assert row_chunks(64, 120, "cpu") == 16 and row_chunks(8, 120, "cpu") == 8
+    assert row_chunks(100, 120, "cpu") == 17 and row_chunks(17, 120, "cpu") == 17 and row_chunks(18, 120, "cpu") == 9
+    assert row_chunks(64, 120, "gpu") == row_chunks(64, 120, "tpu") == 64
+    x = np.arange(10 * 3, dtype=np.float32).reshape(10, 3)
+    seen = []
+
+    def rowwise(a, b):
+        seen.append(a.shape[0])
+        return a * 2 + b[:, None]
+
+    for rows in (4, 5, 10, 99):  # whole chunks and a remainder; whole chunks only; one call
+        seen.clear()
+        got = jax.jit(lambda a, b, r=rows: over_row_chunks(rowwise, a, b, rows=r))(x, np.arange(10.0))
+        np.testing.assert_array_equal(got, x * 2 + np.arange(10.0)[:, None])
+        assert seen == {4: [4, 2], 5: [5], 10: [10], 99: [10]}[rows]
+
+
+@pytest.mark.parametrize("batch,bucket", [(40, 64), (45, 64)])
+def test_large_batches_run_in_row_chunks_with_the_same_numbers(tok, texts, batch, bucket):
+    """A batch of more than CPU_CHUNK_TOKENS tokens runs as a loop over row chunks inside one
+    program (2 x 20 rows; 23 rows and a remainder of 22) and gives each text its own logits.
+    Planted: over_row_chunks reshaping rows column-first (rows of different chunks swapped) -> the
+    numbers fail; row_chunks always B -> the `while` check fails."""
+    model = model_of("last_real", seed=2)
+    graphdef, state = nnx.split(model)
+    ids = np.zeros((batch, bucket), np.int32)
+    lengths = np.full(batch, 3, np.int32)
+    for step in (lambda: predict_step.lower(graphdef, state, ids, lengths),
+                 lambda: rows_step.lower(graphdef, SingleLabel(tuple("abcde")), state, ids, lengths)):
+        assert "stablehlo.while" in step().as_text()
+    pred = Predictor(model, tok, batch_size=batch, bucket_lengths=(bucket,))
+    got = pred.logits(texts[:batch])
+    params = np_params(model)
+    want = np.stack([np_classify(model, reference_ids(tok, t), params) for t in texts[:batch]])
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+    assert got.std(axis=0).min() > 1e-2
 
 
 def test_predict_warmup_and_compile_bound(tok, texts):

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxcls.chunks import inference_features
 from jaxcls.compile_cache import load_program
 from jaxcls.data import fine_bucket_lengths, length_buckets
 from jaxcls.data.examples import Truncation
@@ -66,7 +67,7 @@ def rows_step(graphdef, task, state, ids, lengths):
     rows' pooled features combined by the task. One compile per (graphdef, task, E*R, T)."""
     _traces.n = _trace_count() + 1
     model = nnx.merge(graphdef, state)
-    features = model.features(ids, jnp.maximum(lengths, 1))
+    features = inference_features(model, ids, jnp.maximum(lengths, 1))
     return task.logits_from_features(model.head, features, lengths).astype(jnp.float32)
 
 
@@ -84,7 +85,7 @@ def predict_step(graphdef, state, ids, lengths):
     (graphdef, B, T); the Python body (and so the counter) runs only when JAX traces."""
     _traces.n = _trace_count() + 1
     model = nnx.merge(graphdef, state)
-    return model(ids, lengths).astype(jnp.float32)
+    return model.head(inference_features(model, ids, lengths)).astype(jnp.float32)
 
 
 def resolve_buckets(n_ctx: int, pad_length, bucket_lengths) -> tuple[int | None, tuple[int, ...]]:
@@ -131,7 +132,8 @@ class Predictor:
     encode: text -> token ids (e.g. `lambda t: jaxcls.tokenizer.encode(enc, t)`).
     pad_length: the fixed length a classifier was trained with (needed for `last` pooling):
         one bucket of exactly that length; texts are truncated and padded to it.
-    batch_size: rows per model call; a partial batch is filled with dummy rows.
+    batch_size: rows per model call; a partial batch is filled with dummy rows. On the CPU a call
+        of more than about 2,048 tokens runs as a loop over equal row chunks (jaxcls.chunks).
     bucket_lengths: the padded lengths batches may have (default 16, 24, 32, 48, 64, 96, ... up to n_ctx);
         the largest is `max_length`. Not allowed together with pad_length.
     row_buckets: row counts a batch may have (default: only batch_size). E.g. (1, 8, 32) lets a
@@ -152,8 +154,7 @@ class Predictor:
         flattened rows.
 
     A text with no tokens (the empty string) has no token to pool; it is classified as a single
-    padding token (length 1), which gives a well-defined, text-independent prediction, and is
-    counted in `stats.empty`.
+    padding token (length 1), a well-defined, text-independent prediction (`stats.empty`).
 
     The weights are split from the model once, here: a model trained further afterwards needs
     `refresh()`. `num_compiles` counts the traces this predictor caused (programs loaded whole
@@ -191,8 +192,7 @@ class Predictor:
         if rows[0] < 1 or rows[-1] != batch_size:
             raise ConfigError(f"row_buckets must be positive and end with batch_size {batch_size}, got {rows}")
         self.max_length = buckets[-1]
-        if window_stride is None:
-            window_stride = max(1, self.max_length // 2)
+        window_stride = max(1, self.max_length // 2) if window_stride is None else window_stride
         if long == "sliding" and not 1 <= int(window_stride) <= self.max_length:
             raise ConfigError(f"window_stride must be in 1..{self.max_length}, got {window_stride!r}")
         self.model = model
