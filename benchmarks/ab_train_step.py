@@ -1,4 +1,6 @@
-"""Interleaved A/B of the fixed-shape train step (gpt2-small, last_block, batch 8 x 120): jaxcls
+"""Interleaved A/B of the fixed-shape train step (gpt2-small, last_block, batch 8 x 120), or with
+`--infer` of fixed-shape inference (the predictor's step; peers in eval mode, bfloat16-weights
+configurations included): jaxcls
 (float32, and in bfloat16 where `--dtype auto` picks it: MKL's GEMM on a CPU with AMX or AVX512-BF16)
 and every PyTorch peer configuration (the book's model and transformers'
 GPT2ForSequenceClassification, eager and under torch.compile, in float32 and under bfloat16 CPU
@@ -7,6 +9,7 @@ load hits all of them alike.
 
     .venv-bench/bin/python -m benchmarks.ab_train_step --rounds 5 --steps 5    # from the repo root
     .venv-bench/bin/python -m benchmarks.ab_train_step --size tiny --seq-len 16 --quick   # smoke
+    .venv-bench/bin/python -m benchmarks.ab_train_step --infer --batch 64 --peers hf-transformers-compile-bf16-weights
 
 Each round times `--steps` steps of each system after a warm-up and keeps their median. The record
 (appended to benchmarks/results.jsonl) has every step time, each system's median over rounds with
@@ -34,6 +37,9 @@ def main(argv=None) -> dict:
     p.add_argument("--no-jaxcls-auto", action="store_true",
                    help="jaxcls in float32 only (by default also in the dtype --dtype auto picks, when not float32)")
     p.add_argument("--quick", action="store_true", help="a smoke run: one round of one step each")
+    p.add_argument("--infer", action="store_true", help="time inference instead of the train step")
+    p.add_argument("--peers", default=None, metavar="NAMES",
+                   help="comma-separated peer systems to keep (e.g. hf-transformers-compile-bf16-weights)")
     p.add_argument("--results", default=str(system.RESULTS))
     args = p.parse_args(argv)
     if args.quick:
@@ -46,17 +52,26 @@ def main(argv=None) -> dict:
     info = system.system_info(threads, torch=True)  # the load before the run
     cfg = measure.model_config(args.size)
     pc = peer_config(cfg)
-    shape = dict(trainable="last_block", batch=args.batch, seq_len=args.seq_len, steps=args.steps, warmup=1)
-    systems = {"jaxcls": lambda: measure.measure_train(cfg, **shape)}
+    shape = dict(batch=args.batch, seq_len=args.seq_len, steps=args.steps, warmup=1)
+    if args.infer:
+        ours_fn, peer_fn, mode = measure.measure_infer, peers.measure_infer, "infer"
+    else:
+        shape["trainable"] = "last_block"
+        ours_fn, peer_fn, mode = measure.measure_train, peers.measure_train, "train"
+    systems = {"jaxcls": lambda: ours_fn(cfg, **shape)}
     from jaxcls.cpu_gemm import decide_dtype
 
     auto, why = decide_dtype("auto", width=cfg.n_embd)  # as `jaxcls train` decides for this model
     if auto != "float32" and not args.no_jaxcls_auto:
-        systems[f"jaxcls-{auto}"] = lambda: measure.measure_train(cfg.replace(dtype=auto), **shape)
+        systems[f"jaxcls-{auto}"] = lambda: ours_fn(cfg.replace(dtype=auto), **shape)
     ours = list(systems)
-    for c in peers.peer_configs(compile=not args.no_compile, bf16=not args.no_bf16):
-        systems[c.system] = (lambda c=c: peers.measure_train(c.impl, pc, threads=threads, compile=c.compile,
-                                                              dtype=c.dtype, **shape))
+    keep = None if args.peers is None else set(args.peers.split(","))
+    for c in peers.peer_configs(compile=not args.no_compile, bf16=not args.no_bf16, infer=args.infer):
+        if keep is None or c.system in keep:
+            systems[c.system] = (lambda c=c: peer_fn(c.impl, pc, threads=threads, compile=c.compile,
+                                                     dtype=c.dtype, **shape))
+    if keep is not None and keep - set(systems):
+        raise SystemExit(f"ab_train_step: unknown peer systems {sorted(keep - set(systems))}")
     names = list(systems)
     runs = {k: [] for k in names}
     failed = {}
@@ -83,7 +98,7 @@ def main(argv=None) -> dict:
     speedups = {o: {k: system.spread([p / j for p, j in zip(med[k], med[o])]) for k in peer_names}
                 for o in ours if o in med}
     speedup = speedups["jaxcls"]
-    record = {"kind": "ab_train_step", "command": f"{COMMAND} {' '.join(sys.argv[1:] if argv is None else argv)}",
+    record = {"kind": "ab_train_step", "mode": mode, "command": f"{COMMAND} {' '.join(sys.argv[1:] if argv is None else argv)}",
               "size": args.size, "dtype": "float32", **shape, "failed": failed, "rounds": args.rounds, "threads": threads,
               "system_info": info, "runs": runs, "step_time_s": summary,
               "jaxcls_speedup": speedup, "fastest_peer": fastest,

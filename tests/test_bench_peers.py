@@ -139,3 +139,28 @@ def test_ab_train_step_quick_runs_every_eager_peer(tmp_path, monkeypatch):
     assert record["fastest_peer"] == quickest
     assert record["jaxcls_speedup_vs_fastest_peer"] == record["jaxcls_speedup"][quickest]
     assert list(record["speedup_vs_fastest_peer"]) == ours
+
+
+def test_ab_train_step_infer_mode_times_inference_against_the_chosen_peers(tmp_path, monkeypatch):
+    """`--infer --peers A,B`: jaxcls's predictor step against only the named peers, which may be
+    inference-only bfloat16-weights configurations; an unknown name is refused. Planted:
+    `infer=args.infer` dropped from the peer_configs call (no bf16-weights peer to choose) -> fails;
+    measure_train kept in infer mode -> the record's step times are the train step's (mode check and
+    the bf16-weights peer, which measure_train refuses, fail)."""
+    import jaxcls.cpu_gemm
+
+    monkeypatch.setattr(jaxcls.cpu_gemm, "decide_dtype", lambda requested, **kw: ("float32", "test"))
+    chosen = ["pytorch-book-eager", "hf-transformers-bf16-weights"]
+    seen = []
+    import benchmarks.measure
+
+    real = benchmarks.measure.measure_infer
+    monkeypatch.setattr(benchmarks.measure, "measure_infer", lambda *a, **k: seen.append(k) or real(*a, **k))
+    record = ab_train_step.main(["--size", "tiny", "--seq-len", "16", "--quick", "--infer", "--batch", "4",
+                                 "--peers", ",".join(chosen), "--results", str(tmp_path / "r.jsonl")])
+    assert record["mode"] == "infer" and record["failed"] == {}
+    assert list(record["runs"]) == ["jaxcls", *chosen] and seen and seen[0]["batch"] == 4
+    assert record["fastest_peer"] in chosen
+    with pytest.raises(SystemExit, match="unknown peer systems"):
+        ab_train_step.main(["--size", "tiny", "--quick", "--infer", "--peers", "no-such-peer",
+                            "--results", str(tmp_path / "r.jsonl")])
