@@ -136,6 +136,31 @@ def test_offline_flag_trains_the_random_preset_without_any_download(tmp_path, mo
         offline.choose_model(_args(offline=True), ModelSpec(checkpoint="gpt2-medium"), TrainConfig())
 
 
+def test_offline_imdb_needs_the_cached_archive_or_a_path(tmp_path, monkeypatch, no_network, capsys):
+    """`train --data imdb --offline` without the cache's archive stops in one line naming it and
+    --data-path, exit 2, before the run folder exists; the cached copy or --data-path passes, as
+    does the flag's absence. Planted: check_data's call removed from cmd_train -> the download is
+    attempted (no_network fails the test)."""
+    from jaxcls.cli import main
+    from jaxcls.config import DataSpec
+    from jaxcls.data.imdb import IMDB_FILE
+
+    monkeypatch.setenv("JAXCLS_HOME", str(tmp_path / "home"))
+    out = tmp_path / "run"
+    code = main(["train", "--data", "imdb", "--offline", "--checkpoint", "mini", "--weights", "random",
+                 "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    cached = tmp_path / "home" / "data" / "imdb" / IMDB_FILE
+    assert code == 2 and err.count("\n") == 1 and str(cached) in err and "--data-path" in err, err
+    assert not out.exists()
+    offline.check_data(_args(offline=False), DataSpec(data="imdb"))
+    offline.check_data(_args(offline=True), DataSpec(data="imdb", data_path="reviews.tar.gz"))
+    offline.check_data(_args(offline=True), DataSpec())  # sms-spam: packaged
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+    offline.check_data(_args(offline=True), DataSpec(data="imdb"))
+
+
 def test_only_an_unreachable_host_means_no_network(tmp_path, monkeypatch):
     """Fails if any download failure (an HTTP 404, a bad checksum) silently swaps in random weights
     (planted: `why = f"no network ({e})"` in place of the UnreachableError check)."""

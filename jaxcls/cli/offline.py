@@ -1,5 +1,6 @@
-"""`jaxcls train` without network: the default job falls back to a random-init preset, and the
-log says which copy of the tokenizer and of the SMS data a run read."""
+"""`jaxcls train` without network: the default job falls back to a random-init preset, --offline
+refuses a data set it would have to download, and the log says which copy of the tokenizer and of
+the SMS data a run read."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ FALLBACK = {"checkpoint": "mini", "weights": "random"}
 FALLBACK_TRAIN = {"trainable": "all", "lr": 5e-4}
 OFFLINE_HELP = ("download nothing: a released size must already be in the cache; the default "
                 f"{DEFAULT_CHECKPOINT}, when it is not, becomes the random-init {FALLBACK['checkpoint']!r} "
-                "preset (as happens without network)")
+                "preset (as happens without network); --data imdb needs the cache's copy or --data-path")
 
 
 def add_flag(group) -> None:
@@ -57,6 +58,21 @@ def choose_model(args, model: ModelSpec, cfg: TrainConfig) -> tuple[ModelSpec, T
           f"{model.checkpoint}` (with network), or --checkpoint DIR (a GPT-2 folder you have)",
           file=sys.stderr, flush=True)
     return model.replace(**FALLBACK), cfg.replace(**train_changes)
+
+
+def check_data(args, data) -> None:
+    """--offline with `--data imdb` and no --data-path: the cache's archive, or one line saying so
+    before the run folder is made (the SMS data never downloads: a copy ships with jaxcls)."""
+    if not args.offline or data.data != "imdb" or data.data_path:
+        return
+    from jaxcls.data.imdb import IMDB_FILE
+    from jaxcls.download import cache_home
+    from jaxcls.errors import DataError
+
+    cached = cache_home() / "data" / "imdb" / IMDB_FILE
+    if not cached.is_file():
+        raise DataError(f"--offline, and the IMDB archive is not in the cache ({cached}): run once "
+                        f"without --offline to download it, or pass --data-path {IMDB_FILE}")
 
 
 def log_copies(data, clf, log) -> None:

@@ -122,6 +122,7 @@ def cmd_train(args) -> int:
     data, model, cfg = (spec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(spec)}) for spec in SPECS)
     if not args.init_from:  # with --init-from no checkpoint is read
         model, cfg = offline.choose_model(args, model, cfg)
+    offline.check_data(args, data)
     check_merge_lora(args.merge_lora, cfg.trainable)
     model, used, why = (model, None, "as saved in --init-from") if args.init_from else _resolve_dtype(model)
     out = Path(cfg.out or f"runs/{Path(data.data).stem}")
