@@ -592,3 +592,21 @@ def test_lora_update_is_scaled_by_alpha_not_alpha_over_rank():
         np.testing.assert_allclose(outs[alpha], alpha * (x @ lin.lora_a[...]) @ lin.lora_b[...], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(outs[4.0], 4 * outs[1.0], rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(outs[1.0]).max()) > 0.1
+
+
+@pytest.mark.parametrize("padding,train_lengths,want", [("16", (70, 20, 10), [2, 2]), ("longest", (40, 20, 10), [0, 1])])
+def test_a_text_cut_twice_is_counted_once(padding, train_lengths, want):
+    """`truncated` counts texts, not cuts: a text longer than n_ctx (64; cut there by the encoder)
+    and then to a pad length shorter than n_ctx is one truncated text. --padding 16: train's 70 and
+    20, test's 90 and 30; longest (40, train's longest): test's 90 only. Planted: `truncated += ...`
+    in prepare_split (the old count) -> [3, 3] and [0, 2]."""
+    from jaxcls.train.batches import prepare_data
+
+    words = lambda n: " ".join(["w"] * n)  # noqa: E731 - one token per word below
+    model = SimpleNamespace(config=SimpleNamespace(n_ctx=64, n_vocab=100), pooling="last_real")
+    enc = lambda t: [1] * len(t.split())  # noqa: E731
+    train = TextDataset(tuple(map(words, train_lengths)), np.array([0, 1, 0]), ("a", "b"), "train")
+    test = TextDataset((words(90), words(30), words(5)), np.array([0, 1, 0]), ("a", "b"), "test")
+    d = prepare_data(model, enc, DataSplits(train, None, test, ("a", "b")), TrainConfig(padding=padding),
+                     lambda s: None)
+    assert [d.splits["train"].truncated, d.splits["test"].truncated] == want

@@ -121,7 +121,9 @@ def prepare_split(name, seqs, labels, *, mode: str, pad_length: int | None, n_ct
     labels = labels.astype(np.float32) if labels.ndim == 2 else labels.astype(np.int32)
     if pad_length is not None:
         cut = np.array([len(s) > pad_length for s in seqs]).reshape(-1, r)
-        truncated += int(cut.any(axis=1).sum())
+        # an example the encoder cut reaches its max_length, so a shorter pad length cuts it again:
+        # these cuts include the encoder's whenever there are any, and a text is counted once
+        truncated = max(truncated, int(cut.any(axis=1).sum()))
         seqs = [s[:pad_length] for s in seqs]
         targets = np.full(len(seqs) // r, pad_length)
     else:
