@@ -5,6 +5,7 @@ as the task says; `jaxcls classify` on a table and a saved-and-loaded folder giv
 import csv
 import functools
 import json
+import re
 
 import jax
 import numpy as np
@@ -280,6 +281,24 @@ def test_predict_classify_and_saved_folder_per_task(enc, tmp_path, name, capsys)
         else:
             assert row["index"] == w and row["probs"] == pytest.approx(p[:len(e["choices"])].tolist(), abs=1e-5)
             assert row["choices"] == e["choices"]
+
+
+def test_classify_progress_counts_examples_for_tasks_of_several_fields(enc, tmp_path, capsys, monkeypatch):
+    """The progress bar and summary of a pair model's `classify --input` say "examples", a text
+    model's "texts". Planted: the bar's unit fixed to "texts" (as it was) -> fails."""
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich draws the bar as on a terminal
+    for name, unit in (("pair", "examples"), ("single", "texts")):
+        clf = classifier(enc, name)
+        examples = examples_for(clf.task, 3, seed=2)
+        folder = clf.save(tmp_path / name)
+        table = write_table(tmp_path / f"{name}.csv", clf.task, examples)
+        capsys.readouterr()
+        assert main(["classify", "--model", str(folder), "--input", str(table), "--output",
+                     str(tmp_path / f"{name}.jsonl")]) == 0
+        err = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", capsys.readouterr().err)
+        other = "texts" if unit == "examples" else "examples"
+        assert f"3 {unit}" in err and f"3 {other}" not in err, err
+        assert f"classified 3 {unit} from {table}" in err
 
 
 def test_classify_usage_errors_per_task(enc, tmp_path, capsys):

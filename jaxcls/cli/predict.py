@@ -185,7 +185,8 @@ def _classify_stream(args, clf, predictor, err) -> None:
                                   resume=args.resume)
     else:
         writer = PredictionWriter(clf.label_names, stream=sys.stdout, top_k=args.top_k, task=clf.task)
-    progress = Progress(TextColumn("classifying"), BarColumn(), TextColumn("{task.fields[n]} texts"),
+    unit = "texts" if clf.task.inputs.kind == "text" else "examples"
+    progress = Progress(TextColumn("classifying"), BarColumn(), TextColumn(f"{{task.fields[n]}} {unit}"),
                         TimeElapsedColumn(), console=err, disable=args.quiet)
     with writer, progress:
         task = progress.add_task("classify", total=reader.total_bytes, n=0)
@@ -201,7 +202,7 @@ def _classify_stream(args, clf, predictor, err) -> None:
             progress.update(task, completed=reader.bytes_read, n=reader.rows)
     if not args.quiet:
         where = f" to {args.output}" if args.output else ""
-        err.print(f"classified {reader.rows} {'texts' if clf.task.inputs.kind == 'text' else 'examples'} from {args.input}{where}", highlight=False)
+        err.print(f"classified {reader.rows} {unit} from {args.input}{where}", highlight=False)
     if reader.invalid_lines:
         err.print(f"warning: {reader.invalid_lines} lines of {args.input} were not valid UTF-8 "
                   f"(first: line {reader.first_invalid_line}); bad bytes were read as U+FFFD",
