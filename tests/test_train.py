@@ -610,3 +610,36 @@ def test_a_text_cut_twice_is_counted_once(padding, train_lengths, want):
     d = prepare_data(model, enc, DataSplits(train, None, test, ("a", "b")), TrainConfig(padding=padding),
                      lambda s: None)
     assert [d.splits["train"].truncated, d.splits["test"].truncated] == want
+
+
+def test_resume_refuses_a_run_with_other_frozen_weights(tmp_path):
+    """The trained parameters of a save restored over other frozen weights (another checkpoint,
+    --weights or --init-from: none of them in the settings) would be another model: refused
+    naming the save; the run's own weights resume it. Saves made before the check (no digest)
+    still resume. Planted: the digest left out of the settings in fit -> the resume over seed 1's
+    weights goes through -> fails."""
+    cfg = BASE.replace(trainable="last_block", max_steps=2, save_every=1, eval_freq=100, epochs=1)
+    run(cfg, out=tmp_path)
+    saved = trainstate.saved_steps(tmp_path / "state")
+    assert saved[-1] == 2
+    meta = trainstate.StateStore(tmp_path / "state").meta(2)
+    assert len(meta["config"][trainstate.FROZEN_KEY]) == 16
+    longer = cfg.replace(max_steps=3)
+    with pytest.raises(ConfigError, match=r"step_0+2: saved by a run whose frozen weights differ"):
+        fit(model(1), encode, toy_splits(), longer, out=tmp_path, resume=True, progress=False, log=lambda s: None)
+    resumed = fit(model(0), encode, toy_splits(), longer, out=tmp_path, resume=True, progress=False,
+                  log=lambda s: None)
+    assert resumed.report["steps"] == 3
+    assert trainstate.frozen_fingerprint({"a": np.ones(3, np.float32)}) != trainstate.frozen_fingerprint(
+        {"a": np.full(3, 2, np.float32)})
+    # a save without the digest (older jaxcls) resumes under the same settings
+    old = {"lr": 1e-3}
+    store = trainstate.StateStore(tmp_path / "old")
+    try:
+        tree = {"trainable": {"w": np.ones(3, np.float32)}, "opt_state": {"count": np.int32(1)}}
+        store.save(1, tree, trainstate.LoopState(**tree, step=1).meta(old))
+        store.wait()
+        got = trainstate.restore(trainstate.LoopState(**tree), store, {**old, trainstate.FROZEN_KEY: "x"})
+        assert got[0].step == 1 and got[2] == []
+    finally:
+        store.close()

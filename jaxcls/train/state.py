@@ -7,12 +7,14 @@ a temporary name and renames it into place when complete, so a half-written save
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxcls.errors import CheckpointError, ConfigError
@@ -176,6 +178,26 @@ def resumable(cfg, model, splits) -> dict:
     return json.loads(json.dumps(d))
 
 
+FROZEN_KEY = "frozen_weights"
+
+
+def frozen_fingerprint(frozen) -> str | None:
+    """A digest of the parameters no step changes: per floating leaf, its path and the float64 sums
+    of x and x^2, taken on the host so any placement gives the same digest. The settings do not say
+    where these weights came from (the checkpoint, --weights, --init-from), and a resume that
+    restored the trained parameters over other frozen ones would be another model. None where a
+    leaf is not all on this process (multi-process runs), which are then not checked."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(frozen):
+        if not hasattr(leaf, "dtype") or not jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
+            continue
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return None
+        x = np.asarray(leaf, np.float64 if leaf.dtype.itemsize < 8 else leaf.dtype)
+        h.update(f"{jax.tree_util.keystr(path)} {x.shape} {x.sum()!r} {np.square(x).sum()!r};".encode())
+    return h.hexdigest()[:16]
+
+
 def _finished(meta: dict) -> bool:
     """Whether a save is the last of its run: its epochs done, or its --max-steps reached."""
     cfg = meta["config"]
@@ -191,7 +213,13 @@ def restore(state: LoopState, store: StateStore, settings: dict) -> tuple[LoopSt
     if step is None:
         return None
     latest, meta = store.path(step), store.meta(step)
+    if FROZEN_KEY not in meta["config"]:  # saved before the check, or by a multi-process run
+        settings = {k: v for k, v in settings.items() if k != FROZEN_KEY}
     diff = sorted(k for k in {*meta["config"], *settings} if meta["config"].get(k) != settings.get(k))
+    if FROZEN_KEY in diff:
+        raise ConfigError(f"{latest}: saved by a run whose frozen weights differ from this one's (another "
+                          "--checkpoint, --weights or --init-from?); resume with the run's own options or "
+                          "use a new --out")
     if diff and not (set(diff) <= set(EXTENDABLE) and _finished(meta)):
         raise ConfigError(f"{latest}: saved with other settings ({', '.join(diff)}); "
                           "resume with the same options or use a new --out")
