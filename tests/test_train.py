@@ -616,7 +616,7 @@ def test_resume_refuses_a_run_with_other_frozen_weights(tmp_path):
     """The trained parameters of a save restored over other frozen weights (another checkpoint,
     --weights or --init-from: none of them in the settings) would be another model: refused
     naming the save; the run's own weights resume it. Saves made before the check (no digest)
-    still resume. Planted: the digest left out of the settings in fit -> the resume over seed 1's
+    still resume. Planted: fit calling resumable without the frozen parameters -> the resume over seed 1's
     weights goes through -> fails."""
     cfg = BASE.replace(trainable="last_block", max_steps=2, save_every=1, eval_freq=100, epochs=1)
     run(cfg, out=tmp_path)

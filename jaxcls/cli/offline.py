@@ -65,11 +65,10 @@ def check_data(args, data) -> None:
     before the run folder is made (the SMS data never downloads: a copy ships with jaxcls)."""
     if not args.offline or data.data != "imdb" or data.data_path:
         return
-    from jaxcls.data.imdb import IMDB_FILE
-    from jaxcls.download import cache_home
+    from jaxcls.data.imdb import IMDB_FILE, imdb_cache_file
     from jaxcls.errors import DataError
 
-    cached = cache_home() / "data" / "imdb" / IMDB_FILE
+    cached = imdb_cache_file()
     if not cached.is_file():
         raise DataError(f"--offline, and the IMDB archive is not in the cache ({cached}): run once "
                         f"without --offline to download it, or pass --data-path {IMDB_FILE}")

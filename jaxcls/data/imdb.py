@@ -70,14 +70,21 @@ def read_reviews(tar_path: Path) -> list[tuple[str, int]]:
     return rows
 
 
+def imdb_cache_file() -> Path:
+    """Where the archive is kept once downloaded (`--offline` looks here)."""
+    from jaxcls.download import cache_home
+
+    return cache_home() / "data" / "imdb" / IMDB_FILE
+
+
 def imdb_file(path: str | Path | None = None, *, url: str = IMDB_URL, sha256: str | None = IMDB_SHA256,
               progress: bool = True) -> Path:
     """The archive `load_imdb(path)` reads: `path`, or aclImdb_v1.tar.gz in the folder `path`,
     else the cache's copy, downloaded from `url` only when it is not there."""
     if path is None:
-        from jaxcls.download import cache_home, download_file
+        from jaxcls.download import download_file
 
-        return download_file(url, cache_home() / "data" / "imdb" / IMDB_FILE, sha256=sha256, progress=progress)
+        return download_file(url, imdb_cache_file(), sha256=sha256, progress=progress)
     path = Path(path)
     if path.is_dir():
         path = path / IMDB_FILE

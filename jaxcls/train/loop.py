@@ -121,9 +121,7 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
     if prog.mesh is None:  # with a mesh, the first step of each shape compiles instead
         compile_s, n_shapes = precompile(prog, data, state, lambda n: _progress(progress, n, "compile"))
         log(f"compiled {n_shapes} step shapes in {compile_s:.1f}s")
-    settings = state_lib.resumable(cfg, model, splits)
-    if out and (frozen := state_lib.frozen_fingerprint(prog.frozen)):
-        settings[state_lib.FROZEN_KEY] = frozen
+    settings = state_lib.resumable(cfg, model, splits, prog.frozen if out else None)
     if task.name != "single":  # runs saved before tasks existed resume as they were
         settings["task"] = task.to_json()
     for key in EARLY_STOP_FIELDS:  # and so do runs saved before early stopping, when it is off

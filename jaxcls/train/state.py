@@ -165,19 +165,6 @@ class LoopState:
                 "history": self.history, "best": self.best, "stale": self.stale, "stopped": self.stopped}
 
 
-def resumable(cfg, model, splits) -> dict:
-    """The settings a resumed run must share with the saved one: the loop's (less where saves go
-    and how the cache and devices are arranged), the model's switches and the data's sources."""
-    d = dataclasses.asdict(cfg)
-    for k in NOT_RESUMABLE:
-        d.pop(k)
-    d.update(dataclasses.asdict(model.config))
-    d.update(pooling=model.pooling, label_names=list(splits.label_names),
-             data={name: ds.source for name in ("train", "validation", "test")
-                   if (ds := getattr(splits, name)) is not None})
-    return json.loads(json.dumps(d))
-
-
 FROZEN_KEY = "frozen_weights"
 
 
@@ -198,6 +185,22 @@ def frozen_fingerprint(frozen) -> str | None:
         sums = " ".join(f"{x[i:i + (1 << 22)].sum(dtype=np.float64):.9e}" for i in range(0, x.size, 1 << 22))
         h.update(f"{jax.tree_util.keystr(path)} {np.shape(leaf)} {sums};".encode())
     return h.hexdigest()[:16]
+
+
+def resumable(cfg, model, splits, frozen=None) -> dict:
+    """The settings a resumed run must share with the saved one: the loop's (less where saves go
+    and how the cache and devices are arranged), the model's switches, the data's sources and,
+    given the `frozen` parameters, their digest (`frozen_fingerprint`)."""
+    d = dataclasses.asdict(cfg)
+    for k in NOT_RESUMABLE:
+        d.pop(k)
+    d.update(dataclasses.asdict(model.config))
+    d.update(pooling=model.pooling, label_names=list(splits.label_names),
+             data={name: ds.source for name in ("train", "validation", "test")
+                   if (ds := getattr(splits, name)) is not None})
+    if frozen is not None and (digest := frozen_fingerprint(frozen)):
+        d[FROZEN_KEY] = digest
+    return json.loads(json.dumps(d))
 
 
 def _finished(meta: dict) -> bool:
