@@ -55,13 +55,18 @@ class _Stop(Exception):
 def test_overwrite_clears_only_jaxcls_files_before_work_then_trains(first_run, tmp_path, monkeypatch):
     """When work starts, only unknown files are left, so a run killed midway mixes nothing. Fails if
     --overwrite leaves the old run's files (planted: the clearing loop removed from
-    prepare_run_folder) or deletes unknown ones (planted: shutil.rmtree(out) before the loop)."""
+    prepare_run_folder), among them a prefix cache it kept in the folder with --keep-cache
+    (planted: the kept-cache names left out), or deletes unknown ones (planted: shutil.rmtree(out)
+    before the loop)."""
     import shutil
 
     out = tmp_path / "run"
     shutil.copytree(first_run[1], out)
     (out / "notes.txt").write_text("mine")
     (out / "extra").mkdir()
+    (out / "prefix-cache-0123456789ab.bin").write_bytes(b"\0" * 64)  # what --keep-cache leaves
+    (out / "prefix-cache.json").write_text('{"file": "prefix-cache-0123456789ab.bin"}')
+    (out / "prefix-cache-mine.bin").write_bytes(b"not jaxcls's name")
     seen = {}
 
     def look(*a, **k):
@@ -72,7 +77,7 @@ def test_overwrite_clears_only_jaxcls_files_before_work_then_trains(first_run, t
         m.setattr(jaxcls.data, "load_spec", look)
         with pytest.raises(_Stop):
             _train(tmp_path, out, "--overwrite")
-    assert seen["files"] == ["extra", "notes.txt"], seen
+    assert seen["files"] == ["extra", "notes.txt", "prefix-cache-mine.bin"], seen
     assert _train(tmp_path, out, "--overwrite") == 0
     assert (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in (out / "state").iterdir()) == ["step_000000001", "step_000000002"]

@@ -142,6 +142,8 @@ def _device_free_bytes() -> int | None:
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
 
+# A spilled cache kept with --keep-cache: its file, and the description naming it.
+KEPT_FILE, KEPT_INDEX = re.compile(r"prefix-cache-[0-9a-f]{12}\.bin"), "prefix-cache.json"
 _SPILL_TMP = re.compile(r"\.tmp-prefix-cache-(.+)-(\d+)-[0-9a-f]+\.bin")
 
 
@@ -217,7 +219,7 @@ class Spill:
         self._cleanup.detach()
         final = self.folder / f"prefix-cache-{self.id}.bin"
         os.replace(self.path, final)
-        atomic_write_json(self.folder / "prefix-cache.json",
+        atomic_write_json(self.folder / KEPT_INDEX,
                           {"file": final.name, "dtype": self.dtype.name, "bytes": final.stat().st_size,
                            "shapes": [list(s) for s in self.shapes]})
         return final

@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxcls.errors import CheckpointError, ConfigError
+from jaxcls.train.prefix_cache import KEPT_FILE, KEPT_INDEX
 
 KEEP = 2
 # Settings a resumed run may change: where saves go, how often, how the cache and devices are
@@ -110,10 +111,11 @@ def saved_steps(folder: Path) -> list[int]:
         return []
 
 
-# What a run writes into --out; --overwrite deletes exactly these, nothing else.
+# What a run writes into --out; --overwrite deletes exactly these, nothing else: a prefix cache
+# kept with --keep-cache is the run's too when it was spilled into --out (no --cache-dir).
 RUN_MARKERS = ("classifier.json", "metrics.json", "metrics.jsonl", "state")
 RUN_FILES = (*RUN_MARKERS, "weights.safetensors", "best", "loss.png", "accuracy.png",
-             "encoder.json", "vocab.bpe", "vocab.json", "merges.txt")
+             "encoder.json", "vocab.bpe", "vocab.json", "merges.txt", KEPT_INDEX)
 
 
 def prepare_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -137,7 +139,8 @@ def prepare_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     if overwrite:
-        for name in RUN_FILES:
+        kept = [p.name for p in out.iterdir() if KEPT_FILE.fullmatch(p.name)]
+        for name in (*RUN_FILES, *kept):
             path = out / name
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
