@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator, Sequence
@@ -39,6 +40,17 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OverflowError, ValueError):
         return True  # someone else's live process, or a pid we cannot judge: leave its file
     return True
+
+
+def host_tag() -> str:
+    """This host's name as a file-name part without '-': temp names that carry it beside a PID
+    let a cleanup judge only this host's processes (another host may share the disk)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def dead_here(host: str, pid: int) -> bool:
+    """A temp name's (host, PID) is a process of this host that no longer runs, and not us."""
+    return host == host_tag() and pid != os.getpid() and not _alive(pid)
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:

@@ -294,6 +294,48 @@ def test_folder_write_is_atomic_and_never_overwrites_by_accident(trained, tmp_pa
     assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
 
 
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_an_export_killed_mid_way_is_put_right_by_the_next(trained, tmp_path):
+    """SIGKILL leaves what no cleanup removes. Killed between a replacement's two renames, OUT is
+    gone and the earlier export sits in `.out.old-*`: the next export puts it back (and so refuses
+    to overwrite it without --overwrite), and removes the dead process's temp folders, but not a
+    live process's nor another host's. Fails if the earlier export is not restored or the dead
+    temps stay (both planted: `_recover_interrupted` not called; the restore removed)."""
+    from jaxcls.fileio import host_tag
+
+    clf, _, _ = trained
+    out = tmp_path / "out"
+    clf.export_hf(out, log=quiet)
+    before = (out / "model.safetensors").read_bytes()
+    dead, host = _dead_pid(), host_tag()
+    aside = tmp_path / f".out.old-{host}-{dead}-abcd1234"
+    aside.mkdir()
+    os.replace(out, aside / "export")
+    half = tmp_path / f".out.export-{host}-{dead}-efgh5678"
+    half.mkdir()
+    (half / "config.json").write_text("{")
+    live = tmp_path / f".out.export-{host}-{os.getppid()}-ijkl9012"
+    elsewhere = tmp_path / f".out.old-otherhost-{dead}-mnop3456"
+    live.mkdir(), elsewhere.mkdir()
+    with pytest.raises(ConfigError, match="not empty; choose another or pass --overwrite"):
+        clf.export_hf(out, log=quiet)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, elsewhere.name])
+    leftover = tmp_path / f".out.old-{host}-{dead}-qrst7890"  # killed while removing the replaced export
+    (leftover / "export").mkdir(parents=True)
+    clf.export_hf(out, overwrite=True, log=quiet)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, elsewhere.name])
+
+
 def test_cli_export(trained, tmp_path, capsys):
     """Exit 0 and the folder, which `jaxcls classify --model` reads; exit 2 with one line for an
     unknown --format, an existing OUT, and OUT = --model even with --overwrite."""

@@ -50,7 +50,7 @@ def test_spilled_cache_trains_bit_for_bit_like_the_in_memory_cache(tmp_path, dty
 def test_spill_file_is_kept_when_asked_and_dead_runs_files_are_removed(tmp_path):
     """Fails if a run does not clear a dead run's temporary spill (planted: remove_dead_spills
     call dropped from _open_spill), or deletes a live process's or another host's one."""
-    from jaxcls.train.prefix_cache import _host
+    from jaxcls.fileio import host_tag as _host
 
     dead = tmp_path / f".tmp-prefix-cache-{_host()}-999999999-abc123.bin"
     live = tmp_path / f".tmp-prefix-cache-{_host()}-{os.getppid()}-abc123.bin"

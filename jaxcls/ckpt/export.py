@@ -22,7 +22,9 @@ bias; labels come from id2label; `problem_type` picks the task."""
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -150,9 +152,34 @@ def export_tensors(model: GPT2Classifier, task: TaskBase, log: Callable[[str], N
     return out
 
 
+_TEMP = re.compile(r"\.(?P<out>.+)\.(?P<kind>export|old)-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[A-Za-z0-9_]+")
+
+
+def _temp_folder(out: Path, kind: str) -> Path:
+    """A temp folder beside `out` whose name says what it is and whose (host, PID) made it."""
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{fileio.host_tag()}-{os.getpid()}-", dir=out.parent))
+
+
+def _recover_interrupted(out: Path) -> None:
+    """What an export killed mid-way (SIGKILL, power) left beside `out`: an earlier export moved
+    aside by a replacement killed before its second rename goes back to `out`; then every temp
+    folder of a dead process of this host is removed (a live one's, or another host's, stays)."""
+    if not out.parent.is_dir():
+        return
+    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
+        m = _TEMP.fullmatch(path.name)
+        if m is None or m["out"] != out.name or not path.is_dir() or not fileio.dead_here(m["host"], int(m["pid"])):
+            continue
+        if m["kind"] == "old" and (path / "export").is_dir() and not os.path.lexists(out):
+            os.replace(path / "export", out)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
     """Refuse an OUT that is a file, or a non-empty folder unless `overwrite` and it is an
-    earlier export (never anything else: a saved classifier, a checkpoint)."""
+    earlier export (never anything else: a saved classifier, a checkpoint). First, what a killed
+    export left beside it is put right (`_recover_interrupted`)."""
+    _recover_interrupted(out)
     if out.is_file() or (out.exists() and not out.is_dir()):
         raise ConfigError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -168,7 +195,7 @@ def _write_folder(out: Path, files: dict[str, bytes], overwrite: bool) -> Path:
     what it was before. An earlier export being replaced is moved aside first and removed last."""
     _prepare_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    tmp = _temp_folder(out, "export")
     old = None
     try:
         for name, data in files.items():
@@ -178,7 +205,7 @@ def _write_folder(out: Path, files: dict[str, bytes], overwrite: bool) -> Path:
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o777 & ~fileio._umask())  # mkdtemp's 0700 -> what mkdir would give
         if out.is_dir() and any(out.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = _temp_folder(out, "old")
             os.replace(out, old / "export")
         os.replace(tmp, out)
     except BaseException:

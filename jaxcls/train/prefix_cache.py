@@ -11,7 +11,6 @@ import os
 import queue
 import re
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -25,7 +24,7 @@ import numpy as np
 
 from jaxcls import data as data_lib
 from jaxcls.config import TrainConfig
-from jaxcls.fileio import _alive, atomic_write_json
+from jaxcls.fileio import atomic_write_json, dead_here, host_tag
 from jaxcls.train.batches import Group, Prepared
 from jaxcls.train.step import StepSpec, make_features_step
 
@@ -154,15 +153,11 @@ def remove_dead_spills(folder: Path) -> list[Path]:
     removed = []
     for path in folder.glob(".tmp-prefix-cache-*.bin"):
         m = _SPILL_TMP.fullmatch(path.name)
-        if m is None or m.group(1) != _host() or int(m.group(2)) == os.getpid() or _alive(int(m.group(2))):
+        if m is None or not dead_here(m.group(1), int(m.group(2))):
             continue
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 
 
 def _open_spill(data: Prepared, pooled: bool, n_embd: int, store, need: int, cfg: TrainConfig):
@@ -195,7 +190,7 @@ class Spill:
     def __init__(self, folder: Path, shapes: list[tuple[int, ...]], dtype: np.dtype, *, keep: bool):
         self.folder, self.keep, self.shapes, self.dtype = folder, keep, shapes, dtype
         self.id = uuid.uuid4().hex[:12]
-        self.path = folder / f".tmp-prefix-cache-{_host()}-{os.getpid()}-{self.id}.bin"
+        self.path = folder / f".tmp-prefix-cache-{host_tag()}-{os.getpid()}-{self.id}.bin"
         total = sum(int(np.prod(s)) for s in shapes)
         self._map = np.memmap(self.path, dtype=dtype, mode="w+", shape=(max(total, 1),))
         self._cleanup = weakref.finalize(self, _unlink, self.path)  # an error or exit mid-run
