@@ -81,6 +81,18 @@ def test_without_a_folder_an_over_budget_cache_is_not_spilled():
     assert any("give --cache-dir or --out to spill it" in line for line in logs), logs
 
 
+def test_fit_spills_into_its_out_folder_as_the_cli_does(tmp_path):
+    """`fit(out=...)` from Python is a run folder as `--out` is: a cache over the budget spills
+    there. Fails if only cfg.out counts (planted: the `cfg.replace(out=...)` in fit removed)."""
+    from test_train import BASE, encode, model, toy_splits
+
+    r = fit(model(0), encode, toy_splits(), BASE.replace(trainable="last_block", cache=True, cache_budget_mb=0,
+                                                          keep_cache=True),
+            out=tmp_path / "run", progress=False, log=lambda s: None)
+    assert r.report["cache_memory"] == "disk"
+    assert (tmp_path / "run" / "prefix-cache.json").is_file()
+
+
 def test_prefetch_reads_ahead_in_plan_order_and_restarts_where_asked():
     """Fails if a batch asked for out of order (a resumed epoch) is served from the old read-ahead
     (planted: `if self._thread is None:` in Prefetch.get)."""

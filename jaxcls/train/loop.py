@@ -105,6 +105,8 @@ def fit(model, encode: Callable[[str], list[int]], splits: data_lib.DataSplits, 
     if out and not resume and (saved := state_lib.saved_steps(Path(out) / "state")):
         raise ConfigError(f"{Path(out) / 'state'}: holds saves of another run (up to step {saved[-1]}); "
                           "resume it, or train into a new folder")
+    if out and not cfg.out:  # the run folder is also where a cache over the budget spills
+        cfg = cfg.replace(out=str(out))
     if cfg.compilation_cache:
         from jaxcls.compile_cache import enable_compilation_cache
 
