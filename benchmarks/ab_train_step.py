@@ -66,12 +66,13 @@ def main(argv=None) -> dict:
         systems[f"jaxcls-{auto}"] = lambda: ours_fn(cfg.replace(dtype=auto), **shape)
     ours = list(systems)
     keep = None if args.peers is None else set(args.peers.split(","))
-    for c in peers.peer_configs(compile=not args.no_compile, bf16=not args.no_bf16, infer=args.infer):
+    configs = peers.peer_configs(compile=not args.no_compile, bf16=not args.no_bf16, infer=args.infer)
+    if keep is not None and keep - {c.system for c in configs}:  # jaxcls's own names are not peers
+        raise SystemExit(f"ab_train_step: unknown peer systems {sorted(keep - {c.system for c in configs})}")
+    for c in configs:
         if keep is None or c.system in keep:
             systems[c.system] = (lambda c=c: peer_fn(c.impl, pc, threads=threads, compile=c.compile,
                                                      dtype=c.dtype, **shape))
-    if keep is not None and keep - set(systems):
-        raise SystemExit(f"ab_train_step: unknown peer systems {sorted(keep - set(systems))}")
     names = list(systems)
     runs = {k: [] for k in names}
     failed = {}
@@ -99,7 +100,7 @@ def main(argv=None) -> dict:
                 for o in ours if o in med}
     speedup = speedups["jaxcls"]
     record = {"kind": "ab_train_step", "mode": mode, "command": f"{COMMAND} {' '.join(sys.argv[1:] if argv is None else argv)}",
-              "size": args.size, "dtype": "float32", **shape, "failed": failed, "rounds": args.rounds, "threads": threads,
+              "size": args.size, "dtype": "float32", "dtypes": {o: o.partition("-")[2] or "float32" for o in ours}, **shape, "failed": failed, "rounds": args.rounds, "threads": threads,
               "system_info": info, "runs": runs, "step_time_s": summary,
               "jaxcls_speedup": speedup, "fastest_peer": fastest,
               "jaxcls_speedup_vs_fastest_peer": speedup[fastest], "dtype_auto": {"used": auto, "why": why},

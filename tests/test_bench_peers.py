@@ -146,7 +146,8 @@ def test_ab_train_step_infer_mode_times_inference_against_the_chosen_peers(tmp_p
     inference-only bfloat16-weights configurations; an unknown name is refused. Planted:
     `infer=args.infer` dropped from the peer_configs call (no bf16-weights peer to choose) -> fails;
     measure_train kept in infer mode -> the record's step times are the train step's (mode check and
-    the bf16-weights peer, which measure_train refuses, fail)."""
+    the bf16-weights peer, which measure_train refuses, fail); the unknown-name check made against
+    every system -> `--peers jaxcls` is accepted (fails)."""
     import jaxcls.cpu_gemm
 
     monkeypatch.setattr(jaxcls.cpu_gemm, "decide_dtype", lambda requested, **kw: ("float32", "test"))
@@ -161,6 +162,7 @@ def test_ab_train_step_infer_mode_times_inference_against_the_chosen_peers(tmp_p
     assert record["mode"] == "infer" and record["failed"] == {}
     assert list(record["runs"]) == ["jaxcls", *chosen] and seen and seen[0]["batch"] == 4
     assert record["fastest_peer"] in chosen
-    with pytest.raises(SystemExit, match="unknown peer systems"):
-        ab_train_step.main(["--size", "tiny", "--quick", "--infer", "--peers", "no-such-peer",
-                            "--results", str(tmp_path / "r.jsonl")])
+    for name in ("no-such-peer", "jaxcls"):  # jaxcls itself is not a peer
+        with pytest.raises(SystemExit, match="unknown peer systems"):
+            ab_train_step.main(["--size", "tiny", "--quick", "--infer", "--peers", name,
+                                "--results", str(tmp_path / "r.jsonl")])
