@@ -112,6 +112,54 @@ def _stall(address, n):
     return socks
 
 
+def _raw(address, data: bytes) -> bytes:
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(4096):
+            out += chunk
+    return out
+
+
+def _json_answer(raw: bytes):
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def test_connection_limit_and_bad_http_answer_in_json(clf):
+    """max_connections=4: with 3 idle connections open a request is served; with a 4th, a request
+    gets 503 in JSON with Retry-After (uvicorn's own is plain text), and once they close it is
+    served again. A malformed request line, and 20 KiB of a header with no end yet (over
+    MAX_HEADER_BYTES), get a JSON 400. Fails with
+    uvicorn's limit (planted: limit_concurrency=lim.max_connections back, and `over` never true:
+    its 503 is text, and it refuses at 4 connections, not 5) or uvicorn's 400 (planted: the
+    send_400_response override removed)."""
+    with make_server(clf, predictor_kw=KW, header_timeout=5, max_connections=4) as srv:
+        idle = [socket.create_connection(srv.address, timeout=10) for _ in range(3)]
+        try:
+            time.sleep(0.3)
+            assert post(srv.address, {"text": "fourth"})[0] == 200
+            idle.append(socket.create_connection(srv.address, timeout=10))
+            time.sleep(0.3)
+            status, out, headers = post(srv.address, {"text": "fifth"})
+            assert status == 503 and headers["retry-after"] == "1", (status, headers)
+            assert "max_connections" in out["error"], out
+        finally:
+            for c in idle:
+                c.close()
+        deadline = time.monotonic() + 5
+        while len(srv.uvicorn.server_state.connections) > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert post(srv.address, {"text": "again"})[0] == 200
+        for raw in (b"NOT HTTP AT ALL\r\n\r\n",
+                    b"POST /classify HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (20 << 10)):  # no end in sight
+            status, headers, out = _json_answer(_raw(srv.address, raw))
+            assert status == 400 and headers["content-type"] == "application/json", (status, headers)
+            assert out["error"].startswith("bad HTTP request"), out
+
+
 def test_stalled_connections_neither_block_nor_linger(server):
     """200 open connections that send nothing or half a header: a normal request still answers
     within 1 s, and the server closes every stalled one within its 2 s header timeout (those that

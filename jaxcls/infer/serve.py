@@ -7,7 +7,10 @@ Needs the `serve` extra (starlette, uvicorn, prometheus_client). What each limit
 * The port is bound by `bind` before anything loads or compiles, so a busy or invalid port fails
   at once; the socket listens (uvicorn, `backlog`) only once the model is warm, so no client
   connects to a server that cannot answer yet.
-* `max_connections` is uvicorn's `limit_concurrency`: past it a request gets uvicorn's 503.
+* `max_connections` bounds open connections and requests in flight together, as uvicorn's
+  `limit_concurrency` does, but `_TimedH11` applies it so that the 503 past it is JSON with a
+  Retry-After, like every other error of the API (uvicorn's own is plain text). A malformed
+  request or one with headers over MAX_HEADER_BYTES gets a JSON 400 for the same reason.
 * `keep_alive_timeout` is uvicorn's: an idle connection after an answer is closed.
 * uvicorn has no timeout for a connection that has not sent a whole request line and headers
   (its keep-alive clock starts only after a first answer, and stops at the next byte), so an
@@ -24,6 +27,7 @@ Binds 127.0.0.1 unless told otherwise; there is no authentication.
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 import sys
 import threading
@@ -41,15 +45,46 @@ from jaxcls.infer.serve_app import ClassifierApp
 MAX_HEADER_BYTES = 16 * 1024  # request line and headers; more is h11's 400
 
 
+_BUSY = json.dumps({"error": "the server is at its connection limit (max_connections); retry later"}).encode()
+
+
 class _TimedH11(H11Protocol):
-    """uvicorn's h11 protocol plus a deadline for each request's line and headers."""
+    """uvicorn's h11 protocol plus a deadline for each request's line and headers, and the
+    connection limit answered in JSON."""
 
     header_timeout = 10.0
+    max_connections: int | None = None
     _header_timer = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        app = self.app
+
+        async def limited(scope, receive, send):
+            # uvicorn's test, made once this request's task is in self.tasks (hence `>`)
+            over = self.max_connections is not None and (
+                len(self.connections) > self.max_connections or len(self.tasks) > self.max_connections)
+            if not over:
+                return await app(scope, receive, send)
+            await send({"type": "http.response.start", "status": 503, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", b"%d" % len(_BUSY)),
+                (b"retry-after", b"1"), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": _BUSY})
+
+        self.app = limited
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._arm()
+
+    def send_400_response(self, msg: str) -> None:
+        """h11's refusal of a malformed request (or headers over MAX_HEADER_BYTES), in JSON."""
+        body = json.dumps({"error": f"bad HTTP request: {msg}"}).encode()
+        for event in (h11.Response(status_code=400, reason=b"Bad Request", headers=[
+                (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                (b"connection", b"close")]), h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def _arm(self) -> None:
         if self._header_timer is None:
@@ -121,11 +156,12 @@ class Server:
     def __init__(self, service: ClassifierApp, sock: socket.socket, *, log: bool = False):
         self.service, self.sock, self.limits = service, sock, service.limits
         lim = self.limits
-        protocol = type("TimedH11", (_TimedH11,), {"header_timeout": lim.header_timeout})
+        protocol = type("TimedH11", (_TimedH11,), {"header_timeout": lim.header_timeout,
+                                                   "max_connections": lim.max_connections})
         config = uvicorn.Config(
             service.app, http=protocol, loop="asyncio", lifespan="off", log_config=LOGGING_CONFIG if log else None,
             log_level="info" if log else "warning", access_log=log,
-            limit_concurrency=lim.max_connections, backlog=lim.backlog,
+            limit_concurrency=None, backlog=lim.backlog,  # max_connections: _TimedH11
             timeout_keep_alive=lim.keep_alive_timeout, timeout_graceful_shutdown=lim.shutdown_timeout,
             h11_max_incomplete_event_size=MAX_HEADER_BYTES, server_header=False)
         self.uvicorn = _Uvicorn(config)
