@@ -160,6 +160,28 @@ def test_connection_limit_and_bad_http_answer_in_json(clf):
             assert out["error"].startswith("bad HTTP request"), out
 
 
+def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(server):
+    """After an answer on a kept-alive connection, the server closes it once --keep-alive-timeout
+    (2 s here) passes with nothing sent. Fails if the limit does not reach uvicorn (planted:
+    timeout_keep_alive left at uvicorn's 5 s default: still open at 3.5 s)."""
+    body = json.dumps({"text": "hello"}).encode()
+    with socket.create_connection(server.address, timeout=10) as s:
+        s.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        first = b""
+        while b"\r\n\r\n" not in first or len(first.partition(b"\r\n\r\n")[2]) < int(
+                re.search(rb"content-length: (\d+)", first.lower()).group(1)):
+            first += s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 "), first
+        t0 = time.monotonic()
+        s.settimeout(3.5)
+        rest = b""
+        while chunk := s.recv(4096):  # a timeout here means the server kept it open
+            rest += chunk
+        waited = time.monotonic() - t0
+    assert rest == b"" and 1.5 < waited < 3.5, (rest, waited)
+
+
 def test_stalled_connections_neither_block_nor_linger(server):
     """200 open connections that send nothing or half a header: a normal request still answers
     within 1 s, and the server closes every stalled one within its 2 s header timeout (those that
