@@ -75,7 +75,8 @@ def prepare_data(model, encode: Callable[[str], list[int]], splits: data_lib.Dat
             for name, (s, t, y) in enc.items()}
     for name, d in data.items():
         if d.truncated:
-            log(f"{name}: {d.truncated} of {len(d)} texts truncated to {pad_length or n_ctx} tokens")
+            noun = "texts" if task.inputs.kind == "text" else "examples"
+            log(f"{name}: {d.truncated} of {len(d)} {noun} truncated to {pad_length or n_ctx} tokens")
     return Prepared(data, mode, pad_length, pooling)
 
 
