@@ -91,6 +91,16 @@ def test_choice_accuracy():
     assert choice_report([0, 2, 1, 1], [0, 2, 0, 1]) == {"n": 4, "accuracy": 0.75}
 
 
+def test_best_f1_threshold_ties_go_to_the_candidate_nearest_the_default():
+    """docs/tasks.md: among equal F1s the candidate nearest 0.5 wins. Scores .95 .75 .6 .45 .3 .1:
+    labels 1 1 0 0 1 1 tie at thresholds .2 and .675 (F1 2/3; .675 is nearer), labels 1 0 0 1 0 0
+    at .375 and .85 (F1 2/3; .375 is nearer). Fails if the lowest tied candidate wins (planted:
+    `best[0]`) or the farthest does (planted: argmax for argmin)."""
+    scores = [0.95, 0.75, 0.6, 0.45, 0.3, 0.1]
+    assert best_f1_threshold([1, 1, 0, 0, 1, 1], scores) == pytest.approx(0.675)
+    assert best_f1_threshold([1, 0, 0, 1, 0, 0], scores) == pytest.approx(0.375)
+
+
 def test_best_f1_threshold_by_hand():
     """labels 1 1 0 1 0, scores .9 .35 .3 .32 .1. At 0.5 only .9 is positive: F1 1/2. Midpoint
     candidates .2 (F1 6/7), .31 (all three positives, no negative: F1 1), .335 (4/5), .625 (1/2).

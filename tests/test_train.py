@@ -239,6 +239,9 @@ def test_loss_falls_and_report_is_complete():
 
 
 def test_label_smoothing_and_class_weights_change_the_loss():
+    """Each term by hand: plain cross-entropy, weights normalised by their sum, smoothing toward
+    the uniform distribution, (1 - a) one-hot + a / K (planted: smoothing applied as a / (K - 1)
+    off the true class: a different loss)."""
     logits = jnp.array([[2.0, -1.0], [0.5, 0.2]])
     labels = jnp.array([0, 1])
     w = jnp.ones(2)
@@ -248,7 +251,16 @@ def test_label_smoothing_and_class_weights_change_the_loss():
     ce = -jax.nn.log_softmax(logits)[jnp.arange(2), labels]
     np.testing.assert_allclose(plain[0], ce.sum(), rtol=1e-6)
     np.testing.assert_allclose(weighted[0] / weighted[1], (ce[0] + 3 * ce[1]) / 4, rtol=1e-6)
-    assert not np.isclose(smooth[0], plain[0])
+    smoothed = jax.nn.one_hot(labels, 2) * 0.8 + 0.2 / 2  # (1 - a) one-hot + a / K
+    np.testing.assert_allclose(smooth[0], -(smoothed * jax.nn.log_softmax(logits)).sum(), rtol=1e-6)
+
+
+def test_label_smoothing_reaches_the_task_fit_trains():
+    """`--label-smoothing` (TrainConfig.label_smoothing) is the smoothing of the loss fit trains
+    (planted: `label_smoothing=0.0` in task_for)."""
+    from jaxcls.train.loop import task_for
+
+    assert task_for(toy_splits(), BASE.replace(label_smoothing=0.3)).label_smoothing == 0.3
 
 
 def test_nan_loss_stops_with_step_and_batch_named():
