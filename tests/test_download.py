@@ -231,6 +231,20 @@ def test_checkpoint_end_to_end_and_cached(server, tmp_path):
     assert len(server.requests) == len(OPENAI_FILES)
 
 
+def test_cli_download_takes_cache_dir_base_url_and_quiet(server, tmp_path, capsys):
+    """`jaxcls download gpt2-small --cache-dir D --base-url U --quiet` (the default OpenAI source):
+    the files land under D from U, stdout is the folder alone and stderr is empty. Fails if a flag
+    does not reach download_checkpoint (planted: `base_url=None` in cmd_download: the real host,
+    unreachable here; `progress=True`: a progress line on stderr)."""
+    from jaxcls.cli import main
+
+    capsys.readouterr()
+    rc = main(["download", "gpt2-small", "--cache-dir", str(tmp_path), "--base-url", server.url + "/models", "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out == f"{tmp_path / 'models' / '124M'}\n" and err == "", (out, err)
+    assert _leftovers(tmp_path / "models" / "124M") == sorted(OPENAI_FILES)
+
+
 def test_checkpoint_refetches_known_file_with_bad_hash(server, tmp_path, monkeypatch):
     monkeypatch.setenv("JAXCLS_BASE_URL", server.url + "/models/")
     folder = tmp_path / "models" / "124M"
