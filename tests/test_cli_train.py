@@ -325,7 +325,8 @@ def test_abbreviated_flags_are_refused(capsys):
 
 
 def _documented_commands():
-    """Every `jaxcls ...` command line in the fenced blocks of README.md and docs/*.md."""
+    """Every `jaxcls ...` command line in the fenced blocks of README.md and docs/*.md, and in
+    their indented code blocks (four spaces)."""
     import re
     import shlex
 
@@ -335,7 +336,7 @@ def _documented_commands():
             if line.startswith("```"):
                 fenced = not fenced
                 continue
-            if fenced:
+            if fenced or re.match(r"    (?:\$ )?jaxcls ", line):
                 lines.append(line)
             elif lines:
                 lines.append("")
@@ -349,11 +350,13 @@ def _documented_commands():
 
 def test_documented_commands_parse():
     """Each command README.md and docs/ show still parses. Fails if a documented flag is renamed
-    or removed (planted: eval's --json renamed --as-json)."""
+    or removed (planted: eval's --json renamed --as-json), including the commands of indented
+    code blocks (planted: only fenced blocks read: README's multi-label command is missed)."""
     from jaxcls.cli import build_parser
 
     commands = list(_documented_commands())
     assert len(commands) >= 15 and any(w[0] == "eval" for _, w in commands)
+    assert any("--thresholds" in w for _, w in commands)  # README's indented multi-label command
     for where, words in commands:
         try:
             build_parser().parse_args(words)
