@@ -29,6 +29,23 @@ def tiny(**kw) -> Classifier:
     return Classifier.from_pretrained(FIXTURE / "openai", label_names=["ham", "spam"], **kw)
 
 
+@requires_shared
+def test_predictions_after_fit_come_from_the_trained_weights():
+    """`clf.predictor(...)` is cached per setting (the same object for the same keywords), and a
+    fit replaces the weights it was built on: predictions after fit are those of a fresh
+    classifier holding the trained model, not the cached predictor's old ones. Fails if fit keeps
+    the cache (planted: `self._predictors.clear()` removed from Classifier.fit)."""
+    clf = tiny(trainable="all")
+    assert clf.predictor(batch_size=4) is clf.predictor(batch_size=4)
+    before = clf.predict_proba(TEXTS, batch_size=4)
+    clf.fit((TEXTS, LABELS), **QUIET)
+    after = clf.predict_proba(TEXTS, batch_size=4)
+    fresh = Classifier(clf.model, clf.tokenizer, clf.label_names, task=clf.task,
+                       pad_length=clf.pad_length).predict_proba(TEXTS, batch_size=4)
+    np.testing.assert_allclose(after, fresh, rtol=1e-6, atol=1e-7)
+    assert np.abs(after - before).max() > 1e-3
+
+
 def test_fit_trainable_all_trains_every_parameter():
     """Fails if fit ignores `trainable` and keeps from_pretrained's preset (the bug it fixes:
     'trainable: 3.3K of 811.8K parameters', the embeddings unchanged)."""

@@ -120,6 +120,22 @@ def test_pooling_reads_true_lengths_not_padding_ids():
     assert pool(hidden, lengths, "mean")[:, 0].tolist() == [0.5, 5.5]
 
 
+def test_last_pooling_runs_unmasked_over_the_padding_as_the_book():
+    """`--pooling last` reads the last position of the padded row and, as the book's model does,
+    lets every position attend to the padding tokens before it: the float64 reference without a
+    padding mask, which the masked one differs from here. Fails if `last` masks the padding
+    (planted: uses_padding_mask returning True)."""
+    cfg = GPT2Config(n_vocab=60, n_ctx=16, n_embd=16, n_head=2, n_layer=2)
+    clf = GPT2Classifier(cfg, 3, pooling="last", rngs=nnx.Rngs(3))
+    ids = np.array([[5, 9, 50, 7, 59, 59, 59], [8, 3, 12, 40, 41, 2, 59]])
+    lengths = np.array([4, 6])
+    got = np.asarray(clf(jnp.asarray(ids), jnp.asarray(lengths)))
+    p = params_np(clf)
+    head = lambda h: h[:, -1] @ p["head/kernel"] + p["head/bias"]  # noqa: E731
+    np.testing.assert_allclose(got, head(np_forward(p, ids, 2)), atol=2e-5)
+    assert np.abs(head(np_forward(p, ids, 2, lengths=lengths)) - got).max() > 1e-3
+
+
 def test_classifier_last_real_is_padding_invariant():
     cfg = GPT2Config(n_vocab=60, n_ctx=128, n_embd=16, n_head=2, n_layer=2, causal=False)
     clf = GPT2Classifier(cfg, 3, pooling="last_real", rngs=nnx.Rngs(0))

@@ -93,6 +93,24 @@ def test_fit_spills_into_its_out_folder_as_the_cli_does(tmp_path):
     assert (tmp_path / "run" / "prefix-cache.json").is_file()
 
 
+def test_too_little_disk_falls_back_to_uncached_training_naming_the_folder(tmp_path, monkeypatch):
+    """docs/scaling.md: a folder with less free space than the cache falls back to uncached
+    training with a log line naming the folder. Fails if the room is not checked (planted: the
+    `need > free` test removed: the spill is attempted on a full disk)."""
+    import collections
+
+    import jaxcls.train.prefix_cache as pc
+    from test_train import BASE, encode, model, toy_splits
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(pc.shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 1024, 1024))
+    logs = []
+    r = fit(model(0), encode, toy_splits(), BASE.replace(trainable="last_block", cache=True, cache_budget_mb=0,
+                                                          cache_dir=str(tmp_path)), progress=False, log=logs.append)
+    assert not r.report["cached_prefix"] and list(tmp_path.iterdir()) == []
+    assert any(f"{tmp_path} has 0 MiB free, too little to spill it" in line for line in logs), logs
+
+
 def test_prefetch_reads_ahead_in_plan_order_and_restarts_where_asked():
     """Fails if a batch asked for out of order (a resumed epoch) is served from the old read-ahead
     (planted: `if self._thread is None:` in Prefetch.get)."""
