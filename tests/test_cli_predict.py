@@ -67,6 +67,34 @@ def test_classify_input_file_to_output(model_dir, clf, tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_classify_texts_top_k_adds_the_ranked_classes(model_dir, clf, capsys):
+    """`--top-k 2` on TEXT arguments adds a `top 2` column: both classes, most likely first, with
+    their probabilities. Fails if the column is not drawn (planted: show_top = False)."""
+    assert main(["classify", "--model", str(model_dir), "--top-k", "2", TEXTS[1]]) == 0
+    out = capsys.readouterr().out
+    _, probs = expected(clf, TEXTS[1:2])
+    names = [clf.label_names[j] for j in np.argsort(-probs[0], kind="stable")]
+    assert "top 2" in out
+    assert f"{names[0]} {probs[0].max():.3f}, {names[1]} {probs[0].min():.3f}" in out, out
+
+
+def test_invalid_utf8_lines_are_classified_and_counted(model_dir, clf, tmp_path, capsys):
+    """docs/predict.md: invalid UTF-8 does not stop classify; bad bytes are read as U+FFFD, every
+    line keeps its prediction, and one warning names how many lines and the first. Fails if the
+    warning is not printed (planted: its err.print removed) or a bad line is dropped."""
+    src = tmp_path / "bad.txt"
+    src.write_bytes(b"fine text\nbad \xff byte\nalso fine\n\xfe\xfe again bad\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["classify", "--model", str(model_dir), "--input", str(src), "--output", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: 2 lines of {src} were not valid UTF-8 (first: line 2); bad bytes were read as U+FFFD"
+            in err.replace("\n", " ")), err
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["text"] for r in rows] == ["fine text", "bad \ufffd byte", "also fine", "\ufffd\ufffd again bad"]
+    labels, _ = expected(clf, [r["text"] for r in rows])
+    assert [r["label"] for r in rows] == labels
+
+
 def test_classify_csv_and_stdin_to_stdout(model_dir, tmp_path, capsys, monkeypatch):
     src = tmp_path / "in.csv"
     with open(src, "w", newline="", encoding="utf-8") as f:

@@ -208,6 +208,20 @@ def test_default_folder_that_cannot_be_made_turns_the_cache_off_with_a_line(tmp_
         jax.config.update("jax_enable_compilation_cache", True)
 
 
+def test_the_cache_folder_is_created_private(tmp_path):
+    """JAX runs what it finds in the cache folder, so jaxcls creates it 0700 (docs/predict.md), the
+    default one under $JAXCLS_HOME included, whatever the umask allows. Fails if it is made with
+    mkdir's default mode (planted: `mode=0o700` dropped in enable_compilation_cache)."""
+    home = tmp_path / "home"
+    code = ("import os; os.umask(0o022); from jaxcls.compile_cache import default_cache_dir, "
+            "enable_compilation_cache; print(enable_compilation_cache(default_cache_dir()))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "JAXCLS_HOME": str(home)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    folder = r.stdout.strip().splitlines()[-1]
+    assert folder.startswith(str(home)) and os.stat(folder).st_mode & 0o777 == 0o700
+
+
 # ---- the ProgramStore: whole inference programs, found without tracing ---------------------------
 
 def _tiny_predictor(seed, batch_size=2):
