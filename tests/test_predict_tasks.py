@@ -242,7 +242,9 @@ def test_predict_classify_and_saved_folder_per_task(enc, tmp_path, name, capsys)
     loaded folder predicts the same; `jaxcls classify --input table.csv` on it writes the same
     answers. Planted: MultiLabel.decide comparing with 0.5 instead of the thresholds -> fails;
     Regression.probabilities returning the logits (standardisation not undone) -> fails;
-    PredictionWriter not cutting choice probabilities to the example's options -> fails."""
+    PredictionWriter not cutting choice probabilities to the example's options -> fails; the CSV
+    and TSV tables hold docs/predict.md's columns (planted: csv_header giving regression
+    `target_` columns; multi-label labels joined by commas instead of JSON) -> fails."""
     clf = classifier(enc, name)
     examples = examples_for(clf.task, 6, seed=5)
     want, probs = clf.predict(examples, batch_size=4, return_probs=True)
@@ -281,6 +283,43 @@ def test_predict_classify_and_saved_folder_per_task(enc, tmp_path, name, capsys)
         else:
             assert row["index"] == w and row["probs"] == pytest.approx(p[:len(e["choices"])].tolist(), abs=1e-5)
             assert row["choices"] == e["choices"]
+    if name != "single":  # single-label text has its own writer, tested in test_cli_predict
+        check_task_table(folder, table, tmp_path, clf, rows)
+
+
+TABLE_COLUMNS = {  # docs/predict.md's "CSV columns after the inputs", for the classifiers of TASKS
+    "multilabel": ["labels", "p_a", "p_b", "p_c"], "pair": ["labels", "p_a", "p_b", "p_c"],
+    "regression": ["value_x", "value_y"], "similarity": ["label", "probability", "p_a", "p_b", "p_c"],
+    "choice": ["index", "probability", "probs"],
+}
+INPUT_COLUMNS = {"text": ["text"], "pair": ["text", "text_pair"], "similarity": ["text", "text_pair"],
+                 "choice": ["context", "question", "choices"]}
+
+
+def check_task_table(folder, table, tmp_path, clf, jsonl_rows):
+    """`classify --output .csv` and `.tsv` for a task: the documented columns, inputs first, and
+    the answers the JSONL output gave (lists as JSON)."""
+    name = next(k for k, make in TASKS.items() if make() == clf.task)
+    for suffix, delimiter in ((".csv", ","), (".tsv", "\t")):
+        out = tmp_path / f"out{suffix}"
+        assert main(["classify", "--model", str(folder), "--input", str(table), "--output", str(out),
+                     "--batch-size", "4", "--quiet"]) == 0
+        with open(out, newline="", encoding="utf-8") as f:
+            header, *rows = list(csv.reader(f, delimiter=delimiter))
+        assert header == INPUT_COLUMNS[clf.task.inputs.kind] + TABLE_COLUMNS[name], (suffix, header)
+        assert len(rows) == len(jsonl_rows)
+        for row, want in zip(rows, jsonl_rows):
+            got = dict(zip(header, row))
+            if "labels" in got:
+                assert json.loads(got["labels"]) == want["labels"]
+            if "probs" in got:
+                assert json.loads(got["probs"]) == pytest.approx(want["probs"], abs=1e-5)
+                assert json.loads(got["choices"]) == want["choices"] and int(got["index"]) == want["index"]
+            if "value_x" in got:
+                assert [float(got["value_x"]), float(got["value_y"])] == pytest.approx(
+                    list(want["values"].values()), rel=1e-5)
+            if "p_a" in got:
+                assert [float(got[f"p_{n}"]) for n in NAMES] == pytest.approx(list(want["probs"].values()), abs=1e-5)
 
 
 def test_classify_progress_counts_examples_for_tasks_of_several_fields(enc, tmp_path, capsys, monkeypatch):
