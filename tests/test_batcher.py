@@ -55,6 +55,17 @@ def test_gathers_same_key_from_anywhere_and_others_run_next_in_order():
     assert results == [["FIRST"], ["A1"], ["B1"], ["A2"], ["C1"], ["B2"], ["A3"]]
 
 
+def test_no_delay_turns_gathering_off_each_item_runs_alone():
+    """`max_delay_s=0` (`--max-batch-delay-ms 0`): items queued together, keyed alike or not, each
+    run as their own call, in order. Fails if gathering still takes what is queued (planted: the
+    `self.max_delay_s > 0` condition dropped from the gathering loop)."""
+    b, gate, first = held(max_batch_size=8, max_delay_s=0)
+    futures = [b.submit([t], key=k) for t, k in [("a1", 16), ("a2", 16), ("b1", None), ("b2", None)]]
+    results = finish(b, gate, [first] + futures)
+    assert gate.calls == [["first"], ["a1"], ["a2"], ["b1"], ["b2"]]
+    assert results == [["FIRST"], ["A1"], ["A2"], ["B1"], ["B2"]]
+
+
 def test_an_unkeyed_oldest_item_gathers_whatever_follows_it():
     """Fails if a key-None leader gathers only key-None items (planted: `item.key != key` also
     for key None) -- that would split requests of several texts from everything else."""

@@ -256,6 +256,31 @@ def test_a_chunked_body_is_accepted_and_its_size_checked_while_reading(server):
     assert status == 413 and "over the limit of 8192 bytes" in out["error"], out
 
 
+def test_a_model_error_is_500_named_and_the_server_goes_on_until_the_worker_stops():
+    """docs/predict.md: a server error is 500 with the exception named, and the server keeps
+    serving; /health answers 503 once the model worker has stopped. Fails if the error is not
+    JSON naming the exception (planted: `_internal_error` not registered: starlette's plain-text
+    500) or /health ignores the worker (planted: `if not self.batcher.alive` made `if False`)."""
+    enc = encoding_from_files(TOKENIZER_DIR / "vocab.bpe", TOKENIZER_DIR / "encoder.json")
+    clf = Classifier(GPT2Classifier(TINY_SIZES["tiny"], 3, rngs=nnx.Rngs(0)), enc, ["ham", "spam", "other"])
+    with make_server(clf, "127.0.0.1", 0, predictor_kw=KW) as srv:
+        batcher = srv.service.batcher
+        real = batcher.run
+
+        def run(texts):
+            if any("explode" in str(getattr(t, "text", t)) for t in texts):
+                raise RuntimeError("boom in the model")
+            return real(texts)
+
+        batcher.run = run
+        status, out = request(srv, "POST", "/classify", {"text": "please explode"})
+        assert status == 500 and out == {"error": "RuntimeError: boom in the model"}, (status, out)
+        assert request(srv, "POST", "/classify", {"text": "still fine"})[0] == 200
+        assert request(srv, "GET", "/health") == (200, {"status": "ok"})
+        batcher.close(timeout=10)
+        assert request(srv, "GET", "/health") == (503, {"error": "the model worker has stopped"})
+
+
 # ---- tasks beyond single-label text: pairs, choice, per-field limits, errors from the model -----
 
 def task_server(task, seed=0, max_texts=6, **limits):
