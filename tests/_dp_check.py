@@ -3,6 +3,7 @@ count and jax.distributed must be set before JAX starts):
 
     python tests/_dp_check.py local DATA.csv OUT.json           # FSDP, XLA_FLAGS forcing 4 devices
     python tests/_dp_check.py proc DATA.csv OUT.json ADDR N I   # one of N processes: FSDP, then DP
+    python tests/_dp_check.py cached DATA.csv OUT.json          # DP over the frozen-prefix cache
 
 Every run is `jaxcls.train.fit` itself on the tiny GPT-2 fixture and a 60-row CSV, with the
 settings `jaxcls train` gets from `cli_flags()`: the single-device reference, the runs here and
@@ -87,6 +88,33 @@ def run_fit(data: Path, **extra):
     return info, flat(result.trainable), init
 
 
+# the default `jaxcls train` path for a multi-GPU user: a suffix trains, so the prefix is cached
+CACHED = dict(trainable="last_block", cache=True)
+
+
+def run_cached(data: Path, **extra):
+    """run_fit's run with CACHED settings, plus where the cache lived and what fit logged of it."""
+    from jaxcls.classifier import Classifier
+    from jaxcls.config import TrainConfig
+    from jaxcls.data import load_data
+    from jaxcls.train import fit
+
+    cfg = TrainConfig(**{**TRAIN, **CACHED, **extra})
+    splits = load_data(str(data), progress=False, seed=cfg.seed)
+    clf = Classifier.from_pretrained(FIXTURE / "openai", label_names=splits.label_names,
+                                     trainable=cfg.trainable, seed=cfg.seed)
+    logs = []
+    result = fit(clf.model, clf.encode, splits, cfg, progress=False, log=logs.append)
+    r = result.report
+    info = {"devices": r["devices"], "cached_prefix": r["cached_prefix"], "cache_memory": r["cache_memory"],
+            "steps_run": r["steps_run"], "cache_log": [line for line in logs if "cache" in line],
+            "train_loss": [h["train_loss"] for h in result.history if "train_loss" in h],
+            "val_loss": [h["val_loss"] for h in result.history if "train_loss" in h],
+            "splits": {k: {"loss": v["loss"], "confusion": v["confusion_matrix"]}
+                       for k, v in r["splits"].items()}}
+    return info, flat(result.trainable)
+
+
 def _save(out: Path, mode: str, info, params):
     np.savez(out.with_suffix(f".{mode}.npz"), **params)
     return info
@@ -102,6 +130,11 @@ def main(argv):
         addr, n, i = argv[3], int(argv[4]), int(argv[5])
         dist.initialize(addr, n, i, timeout_s=60)
         dist.initialize(addr, n, i)  # idempotent
+    if argv[0] == "cached":
+        res = {mode: _save(out, mode, *run_cached(data, data_parallel=True, **extra))
+               for mode, extra in (("dp_cached", {}), ("dp_cached_device", {"cache_memory": "device"}))}
+        out.write_text(json.dumps(res))
+        return
     rows = dist.process_slice(ROWS)
     res = {"process_count": jax.process_count(), "devices": jax.device_count(),
            "local_devices": jax.local_device_count(), "slice": [rows.start, rows.stop]}

@@ -92,6 +92,36 @@ def runs(tmp_path_factory):
     return tmp, ref, logs
 
 
+def test_data_parallel_over_the_frozen_prefix_cache_trains_as_one_device(tmp_path):
+    """docs/scaling.md: with data parallelism the cached states stay in host memory and each
+    step's batch is sharded over the mesh; `--cache-memory device` says in the log that it
+    applies to one device and keeps the host. Two forced host devices, `last_block` with the
+    cache (the default multi-GPU path): losses and trained parameters are the single-device cached
+    run's. Fails if the mesh path loses the cache or places it on a device (planted: `_place`
+    ignoring multi_device: the states go to one device of the mesh)."""
+    data = check.write_csv(tmp_path / "sms.csv")
+    p = subprocess.run([sys.executable, str(HERE / "_dp_check.py"), "cached", str(data), str(tmp_path / "c.json")],
+                       env=_env(2), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    got = json.loads((tmp_path / "c.json").read_text())
+    ref, ref_params = check.run_cached(data)
+    assert ref["cached_prefix"] and ref["devices"] == 1
+    for mode in ("dp_cached", "dp_cached_device"):
+        info = got[mode]
+        assert info["devices"] == 2 and info["cached_prefix"] and info["cache_memory"] == "host", (mode, info)
+        _assert_same_losses(info, ref)
+        params = _params(tmp_path / f"c.{mode}.npz")
+        assert params.keys() == ref_params.keys()
+        for k in ref_params:
+            got_k, want = params[k], ref_params[k]
+            if k.endswith("attn/c_attn/bias"):  # the key bias: no gradient, Adam's noise (see above)
+                keys = np.s_[want.shape[0] // 3: 2 * want.shape[0] // 3]
+                got_k, want = np.delete(got_k, keys), np.delete(want, keys)
+            np.testing.assert_allclose(got_k, want, rtol=0, atol=PARAM_TOL, err_msg=k)
+    assert any("--cache-memory device keeps the cache on one device" in line
+               for line in got["dp_cached_device"]["cache_log"]), got["dp_cached_device"]["cache_log"]
+
+
 def _params(path):
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
