@@ -241,6 +241,26 @@ def test_distributed_flag_joins_the_detected_job(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_coordinator_flags_reach_the_distributed_start(tmp_path, monkeypatch):
+    """`--coordinator HOST:PORT --num-processes N --process-id I` (README's multi-host command) join
+    the job with exactly those, before any data is read. Fails if a flag is dropped (planted:
+    `distributed.initialize(args.coordinator, args.num_processes, None)`)."""
+    from jaxcls.train import distributed
+
+    class Joined(Exception):
+        pass
+
+    def initialize(*args):
+        raise Joined(args)
+
+    monkeypatch.setattr(distributed, "initialize", initialize)
+    with pytest.raises(Joined) as e:
+        main(["train", "--checkpoint", "tiny", "--weights", "random", "--data", str(tmp_path / "none.csv"),
+              "--coordinator", "10.0.0.1:1234", "--num-processes", "4", "--process-id", "2",
+              "--out", str(tmp_path / "o")])
+    assert e.value.args[0] == ("10.0.0.1:1234", 4, 2)
+
+
 def _subcommands():
     import argparse
 
