@@ -58,6 +58,12 @@ def test_health_info_and_page(server):
     assert status == 200
     assert info["labels"] == ["ham", "spam", "other"] and info["pooling"] == "last_real"
     assert info["pad_length"] is None and info["max_length"] == info["n_ctx"] == 64
+    # every limit, as the server runs with it (docs/predict.md; planted: the limits left out of info)
+    from jaxcls.infer.limits import Limits
+
+    assert {k: info[k] for k in Limits.__dataclass_fields__} == {
+        **{k: f.default for k, f in Limits.__dataclass_fields__.items()},
+        "max_texts": 5, "max_body_bytes": 8192, "max_text_chars": 300}
     # both shapes compiled at startup (fewer if another test compiled the same shapes first)
     assert info["num_compiles"] <= 2 == len(server.predictor.shapes())
     assert server.predictor.warmup() == 0  # every shape was ready before the first request
