@@ -1,5 +1,5 @@
-"""Atomic writes (a reader never sees a half-written file under its final name), strict JSON reads
-and file hashes."""
+"""Atomic writes (a reader never sees a half-written file under its final name), strict JSON reads,
+file hashes, and the one rule for whose temp files may be removed (host and PID in the name)."""
 
 from __future__ import annotations
 
