@@ -224,11 +224,13 @@ class Run:
         return dist.to_host(tree)
 
     def save(self) -> None:
-        """A resumable save, written in the background; every process writes its own shards."""
+        """A resumable save, written in the background; every process writes its own shards. A
+        run stopped on an epoch's last step saved that step before the epoch's end; resumed, it
+        saves the same step again after that work, replacing the earlier save of it."""
         if self.store is not None:
             st = self.state
             self.store.save(st.step, {"trainable": st.trainable, "opt_state": st.opt_state},
-                            st.meta(self.settings))
+                            st.meta(self.settings), replace=self.store.latest() == st.step)
 
     def best_store(self) -> state_lib.StateStore:
         if self._best is None:
