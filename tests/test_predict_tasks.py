@@ -323,8 +323,9 @@ def check_task_table(folder, table, tmp_path, clf, jsonl_rows):
 
 
 def test_classify_progress_counts_examples_for_tasks_of_several_fields(enc, tmp_path, capsys, monkeypatch):
-    """The progress bar and summary of a pair model's `classify --input` say "examples", a text
-    model's "texts". Planted: the bar's unit fixed to "texts" (as it was) -> fails."""
+    """The progress bar (drawn on stderr, docs/predict.md) and summary of a pair model's `classify
+    --input` say "examples", a text model's "texts". Planted: the bar's unit fixed to "texts" (as
+    it was) -> fails; the bar disabled (the summary alone held "3 examples") -> fails."""
     monkeypatch.setenv("FORCE_COLOR", "1")  # rich draws the bar as on a terminal
     for name, unit in (("pair", "examples"), ("single", "texts")):
         clf = classifier(enc, name)
@@ -338,6 +339,8 @@ def test_classify_progress_counts_examples_for_tasks_of_several_fields(enc, tmp_
         other = "texts" if unit == "examples" else "examples"
         assert f"3 {unit}" in err and f"3 {other}" not in err, err
         assert f"classified 3 {unit} from {table}" in err
+        bar = [line for line in err.splitlines() if line.startswith("classifying")]  # on stderr, drawn
+        assert bar and "━" in bar[-1] and f"3 {unit}" in bar[-1], err
 
 
 def test_classify_usage_errors_per_task(enc, tmp_path, capsys):
