@@ -182,6 +182,23 @@ def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(server):
     assert rest == b"" and 1.5 < waited < 3.5, (rest, waited)
 
 
+def test_shutdown_waits_for_requests_in_flight_only_as_long_as_the_shutdown_timeout(clf):
+    """A request whose body never finishes is in flight when the server is told to stop: with
+    --shutdown-timeout 1 the server is gone after about a second, not after the 30 s body
+    timeout. Fails if the limit does not reach uvicorn (planted: timeout_graceful_shutdown=None:
+    uvicorn waits for the request, here until the body timeout)."""
+    srv = make_server(clf, predictor_kw=KW, shutdown_timeout=1, body_timeout=30).start()
+    body = json.dumps({"text": "never finished"}).encode()
+    with socket.create_connection(srv.address, timeout=10) as s:
+        s.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        srv.stop(timeout=20)
+        took = time.monotonic() - t0
+    assert not srv._thread.is_alive() and 0.8 < took < 5, took
+
+
 def test_stalled_connections_neither_block_nor_linger(server):
     """200 open connections that send nothing or half a header: a normal request still answers
     within 1 s, and the server closes every stalled one within its 2 s header timeout (those that
