@@ -79,6 +79,19 @@ def test_doc_quotes_each_book_row_it_names(seven):
         assert f"{seven.BOOK_ROWS[int(row)][2][2]:.2f}" == acc, f"book row {row}"
 
 
+def test_print_commands_and_several_seeds(seven, capsys):
+    """`--print-commands` prints each chosen experiment's `jaxcls` command with the first seed and
+    trains nothing; with several seeds a table cell is their mean and each seed's value. Fails if
+    the commands ignore --seeds (planted: seed=123 in main's print loop) or a cell drops the
+    per-seed values (planted: cell returning the mean alone)."""
+    assert seven.main(["--only", "baseline,first", "--seeds", "7,8", "--print-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == ["jaxcls " + " ".join(seven.flags(seven.BY_NAME[n], epochs=2, seed=7, preset=None,
+                                                         max_steps=None)) for n in ("baseline", "first")]
+    assert all("--seed 7" in line for line in lines)
+    assert seven.cell([90.0, 92.5]) == "91.25% (90.00, 92.50)" and seven.cell([90.0]) == "90.00%"
+
+
 def test_unknown_experiment_is_one_line(seven, capsys):
     """--only with a name the script does not know exits 2 with one line naming the flag. Fails if the
     check goes (planted: parse_args without the unknown-name check: a KeyError traceback)."""
