@@ -261,6 +261,24 @@ def test_coordinator_flags_reach_the_distributed_start(tmp_path, monkeypatch):
     assert e.value.args[0] == ("10.0.0.1:1234", 4, 2)
 
 
+def test_only_process_0_writes_the_classifier_and_metrics(tmp_path, monkeypatch):
+    """docs/scaling.md: process 0 writes --out. A process that is not process 0 trains and exits
+    0 without clearing, or writing the classifier, weights or metrics.json into, the folder.
+    Fails if the CLI's guard goes (planted: `if not is_main_process(): return 0` removed). The
+    loop's own guards (metrics.jsonl, the log) need a real second process and are not covered."""
+    from jaxcls.train import distributed
+
+    monkeypatch.setattr(distributed, "is_main_process", lambda: False)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")  # process 0's, from an earlier run: not ours to clear
+    assert main(["train", "--checkpoint", "tiny", "--weights", "random", "--tokenizer", str(TOKENIZER_DIR),
+                 "--data", str(write_sms_csv(tmp_path / "sms.csv", 40)), "--max-steps", "1",
+                 "--batch-size", "4", "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert (out / "metrics.json").read_text() == "{}"
+    assert not (out / "classifier.json").exists() and not (out / "weights.safetensors").exists()
+
+
 def _subcommands():
     import argparse
 
