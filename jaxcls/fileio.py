@@ -48,6 +48,15 @@ def host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 
 
+# How `owner_tag()` appears in a temp name, for the pattern that finds it again.
+OWNER = r"(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)"
+
+
+def owner_tag() -> str:
+    """`host-pid` of this process, the part of a temp name that `dead_here` judges later."""
+    return f"{host_tag()}-{os.getpid()}"
+
+
 def dead_here(host: str, pid: int) -> bool:
     """A temp name's (host, PID) is a process of this host that no longer runs, and not us."""
     return host == host_tag() and pid != os.getpid() and not _alive(pid)

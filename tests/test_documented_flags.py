@@ -5,6 +5,7 @@ import json
 import random
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -92,14 +93,8 @@ def test_padding_auto_is_longest_for_last_pooling_and_served_the_same_way(tmp_pa
     text = "Free entry in 2 a wkly comp"
     ids = clf.encode(text)
     padded = jnp.asarray([ids + [50256] * (24 - len(ids))], jnp.int32)
-    want = np.asarray(jax_softmax(clf.model(padded, jnp.asarray([len(ids)]))))[0]
+    want = np.asarray(jax.nn.softmax(clf.model(padded, jnp.asarray([len(ids)])).astype(jnp.float32)))[0]
     np.testing.assert_allclose(clf.predict_proba([text])[0], want, rtol=1e-5, atol=1e-6)
-
-
-def jax_softmax(x):
-    import jax
-
-    return jax.nn.softmax(x.astype(jnp.float32), axis=-1)
 
 
 @requires_shared

@@ -489,6 +489,8 @@ def test_a_stop_on_an_epochs_last_step_resumes_to_the_same_end(tmp_path):
     import os
     import signal
 
+    import jax
+
     from jaxcls.train import fit
     from jaxcls.train.hooks import Interrupted
     from test_train import BASE, encode, model, toy_splits
@@ -508,9 +510,7 @@ def test_a_stop_on_an_epochs_last_step_resumes_to_the_same_end(tmp_path):
         fit(model(0), encode, toy_splits(), cfg, out=out, progress=False, log=lambda s: None, on_step=stop_there)
     assert trainstate.saved_steps(out / "state") == [last_of_first]
     again = fit(model(0), encode, toy_splits(), cfg, out=out, resume=True, progress=False, log=lambda s: None)
-    import jax
-
-    for a, b in zip(jax.tree.leaves(again.trainable), jax.tree.leaves(ref.trainable)):
+    for a, b in zip(jax.tree.leaves(again.trainable), jax.tree.leaves(ref.trainable), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     epochs = lambda r: [h for h in r.history if "val_loss_full" in h]  # noqa: E731
     assert [h["step"] for h in epochs(again)] == [h["step"] for h in epochs(ref)] == [last_of_first, len(steps)]

@@ -152,12 +152,12 @@ def export_tensors(model: GPT2Classifier, task: TaskBase, log: Callable[[str], N
     return out
 
 
-_TEMP = re.compile(r"\.(?P<out>.+)\.(?P<kind>export|old)-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[A-Za-z0-9_]+")
+_TEMP = re.compile(rf"\.(?P<out>.+)\.(?P<kind>export|old)-{fileio.OWNER}-[A-Za-z0-9_]+")
 
 
 def _temp_folder(out: Path, kind: str) -> Path:
     """A temp folder beside `out` whose name says what it is and whose (host, PID) made it."""
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{fileio.host_tag()}-{os.getpid()}-", dir=out.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{fileio.owner_tag()}-", dir=out.parent))
 
 
 def _recover_interrupted(out: Path) -> None:

@@ -73,9 +73,9 @@ def prepare_data(model, encode: Callable[[str], list[int]], splits: data_lib.Dat
     data = {name: prepare_split(name, s, y, mode=mode, pad_length=pad_length, n_ctx=n_ctx, truncated=t,
                                 pad_id=pad_id_for(model.config.n_vocab), rows_per_example=rows)
             for name, (s, t, y) in enc.items()}
+    noun = "texts" if task.inputs.kind == "text" else "examples"
     for name, d in data.items():
         if d.truncated:
-            noun = "texts" if task.inputs.kind == "text" else "examples"
             log(f"{name}: {d.truncated} of {len(d)} {noun} truncated to {pad_length or n_ctx} tokens")
     return Prepared(data, mode, pad_length, pooling)
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxcls import data as data_lib
 from jaxcls.config import TrainConfig
-from jaxcls.fileio import atomic_write_json, dead_here, host_tag
+from jaxcls.fileio import OWNER, atomic_write_json, dead_here, owner_tag
 from jaxcls.train.batches import Group, Prepared
 from jaxcls.train.step import StepSpec, make_features_step
 
@@ -143,7 +143,7 @@ def _device_free_bytes() -> int | None:
 
 # A spilled cache kept with --keep-cache: its file, and the description naming it.
 KEPT_FILE, KEPT_INDEX = re.compile(r"prefix-cache-[0-9a-f]{12}\.bin"), "prefix-cache.json"
-_SPILL_TMP = re.compile(r"\.tmp-prefix-cache-(.+)-(\d+)-[0-9a-f]+\.bin")
+_SPILL_TMP = re.compile(rf"\.tmp-prefix-cache-{OWNER}-[0-9a-f]+\.bin")
 
 
 def remove_dead_spills(folder: Path) -> list[Path]:
@@ -153,7 +153,7 @@ def remove_dead_spills(folder: Path) -> list[Path]:
     removed = []
     for path in folder.glob(".tmp-prefix-cache-*.bin"):
         m = _SPILL_TMP.fullmatch(path.name)
-        if m is None or not dead_here(m.group(1), int(m.group(2))):
+        if m is None or not dead_here(m["host"], int(m["pid"])):
             continue
         path.unlink(missing_ok=True)
         removed.append(path)
@@ -190,7 +190,7 @@ class Spill:
     def __init__(self, folder: Path, shapes: list[tuple[int, ...]], dtype: np.dtype, *, keep: bool):
         self.folder, self.keep, self.shapes, self.dtype = folder, keep, shapes, dtype
         self.id = uuid.uuid4().hex[:12]
-        self.path = folder / f".tmp-prefix-cache-{host_tag()}-{os.getpid()}-{self.id}.bin"
+        self.path = folder / f".tmp-prefix-cache-{owner_tag()}-{self.id}.bin"
         total = sum(int(np.prod(s)) for s in shapes)
         self._map = np.memmap(self.path, dtype=dtype, mode="w+", shape=(max(total, 1),))
         self._cleanup = weakref.finalize(self, _unlink, self.path)  # an error or exit mid-run
