@@ -23,29 +23,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxcls import cpu_amx
+from jaxcls.cpu_amx import host_flags
+
 TARGET = "jaxcls_mkl_gemm_bf16"
 FAST_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 # Narrower models lose: each MKL call is a Python callback, and at the `mini` preset's width (128)
 # bfloat16 on MKL trained 1.5-2.3x slower than float32 on XLA (docs/benchmarks.md); gpt2-small won.
 MIN_MKL_WIDTH = 768  # /proc/cpuinfo names of the units MKL's bf16 GEMM uses
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
-
-
-def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The first processor's feature flags (empty where the file is missing, e.g. not Linux)."""
-    try:
-        text = Path(path).read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.partition(":")[2].split())
-    return frozenset()
-
-
-@functools.cache
-def host_flags() -> frozenset[str]:
-    return cpu_flags()
 
 
 def _mkl_paths() -> list[str]:
@@ -228,6 +214,17 @@ def _gemm_target(trans_a: bool, trans_b: bool) -> str:
 for _ta, _tb in ((False, False), (False, True), (True, False)):
     _gemm_target(_ta, _tb)
 
+AMX_TARGET = "jaxcls_amx_gemm_bf16"
+
+
+@ffi_target(AMX_TARGET, "jaxcls AMX GEMM")
+def _amx_gemm(args, rets):
+    """C = A @ B with B in cpu_amx's packed layout [N/32, K/32, 2, 16, 16, 2]."""
+    a, p, c = args[0].contents, args[1].contents, rets[0].contents
+    if cpu_amx.library().jaxcls_amx_gemm(a.data, p.data, c.data, a.dims[0], p.dims[0] * cpu_amx.TILE,
+                                         p.dims[1] * cpu_amx.TILE):
+        raise MemoryError("no memory for the activations' tile-order copy")
+
 
 def fast_path_available(flags: frozenset[str] | None = None) -> bool:
     """MKL is importable, the CPU has bfloat16 units, the backend is the CPU, and nobody said no."""
@@ -277,9 +274,17 @@ def activation_dtype(dtype):
     return jnp.dtype(jnp.float32) if dtype == jnp.bfloat16 and fast_path_available() else dtype
 
 
-def matmul(x, w, dtype=None):
-    """x [..., K] @ w [K, N] with operands in `dtype` (default: x's): on MKL's bfloat16 GEMM, float32
-    out, when that is bfloat16 and the fast path is available, else XLA's dot in `dtype`."""
+def matmul(x, w, dtype=None, cols: slice = slice(None)):
+    """x [..., K] @ w[:, cols] (w [K, N]) with operands in `dtype` (default: x's): on MKL's bfloat16
+    GEMM, float32 out, when that is bfloat16 and the fast path is available, else XLA's dot in
+    `dtype`. A kernel packed for the AMX kernel (cpu_amx.pack; precision.inference_state makes
+    them) runs there, float32 out; it has no gradient, as nothing trains on packed kernels."""
+    if cpu_amx.is_packed(w):
+        w = cpu_amx.columns(w, cols)
+        lead, n = x.shape[:-1], w.shape[0] * cpu_amx.TILE
+        a = x.reshape(-1, x.shape[-1]).astype(jnp.bfloat16)
+        return ffi_call(AMX_TARGET, (a.shape[0], n), a, w).reshape(*lead, n)
+    w = w[:, cols]
     dtype = jnp.dtype(x.dtype if dtype is None else dtype)
     if dtype == jnp.bfloat16 and w.ndim == 2 and fast_path_available():
         return _mkl_matmul(x, w, x.dtype.name, w.dtype.name)

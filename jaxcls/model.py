@@ -86,7 +86,7 @@ class Linear(nnx.Module):
     def __call__(self, x, cols: slice = slice(None)):
         """x @ kernel + bias, or only the output columns `cols` of it (the query part of c_attn)."""
         x = x.astype(self.dtype)
-        y = matmul(x, self.kernel[:, cols], self.operands).astype(self.dtype) + self.bias[cols].astype(self.dtype)
+        y = matmul(x, self.kernel[...], self.operands, cols).astype(self.dtype) + self.bias[cols].astype(self.dtype)
         if self.lora_a is not None:
             low = adapter_update(x, self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype), cols)
             y = y + self.lora_scale * low

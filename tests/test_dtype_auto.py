@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import TOKENIZER_DIR, write_sms_csv
-from jaxcls import cpu_gemm
+from jaxcls import cpu_amx, cpu_gemm
 from jaxcls.cli import main
 
 AMX = frozenset({"avx512f", "amx_tile", "amx_bf16"})
@@ -53,8 +53,8 @@ def test_cpu_flags_read_from_cpuinfo(tmp_path):
     """Fails if the flags line is misparsed (planted: split(':') keeps 'flags\\t' as a flag)."""
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nmodel name\t: Xeon\nflags\t\t: fpu avx512f amx_bf16\n\nprocessor\t: 1\n")
-    assert cpu_gemm.cpu_flags(str(info)) == {"fpu", "avx512f", "amx_bf16"}
-    assert cpu_gemm.cpu_flags(str(tmp_path / "missing")) == frozenset()
+    assert cpu_amx.cpu_flags(str(info)) == {"fpu", "avx512f", "amx_bf16"}
+    assert cpu_amx.cpu_flags(str(tmp_path / "missing")) == frozenset()
 
 
 @pytest.mark.parametrize("mkl, why", [(None, "MKL is not installed"), (object(), "width 16")])
