@@ -132,7 +132,7 @@ def _without_persistent_cache():
 
 
 _FUNCTION = re.compile(r"<function ([\w.<>]+) at 0x[0-9a-f]+>")
-_ENV = ("JAX_", "XLA_", "LIBTPU", "TPU_", "CUDA_", "NVIDIA_", "JAXCLS_CPU_GEMM")  # what a program may depend on
+_ENV = ("JAX_", "XLA_", "LIBTPU", "TPU_", "CUDA_", "NVIDIA_", "JAXCLS_CPU_GEMM", "JAXCLS_AMX_KERNEL")  # what a program may depend on
 
 
 @functools.cache
@@ -147,6 +147,7 @@ def _source_digest() -> str:
 
 def _context() -> str:
     """What a trace or its compile depends on besides the function and its arguments."""
+    from jaxcls.cpu_amx import unavailable_reason
     from jaxcls.cpu_gemm import fast_path_available, host_flags
 
     backend = jax.devices()[0].client
@@ -155,7 +156,7 @@ def _context() -> str:
                                                    "jax_default_prng_impl", "jax_numpy_rank_promotion")}
     versions = [(m.__name__, m.__version__) for m in (jax, jaxlib, flax, np)]
     return repr((versions, backend.platform, backend.platform_version, [d.device_kind for d in jax.devices()],
-                 sorted(host_flags()), fast_path_available(), _source_digest(), env, config))
+                 sorted(host_flags()), fast_path_available(), unavailable_reason(), _source_digest(), env, config))
 
 
 class ProgramStore:

@@ -40,14 +40,35 @@ typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; u
 static __thread uint16_t *block;      /* this thread's activations in tile order */
 static __thread size_t block_bytes;
 
+/* GPT-2's GELU, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), computed as
+   x / (1 + exp(-2u)); exp by 2^n and a degree-6 polynomial on |r| <= ln(2)/2 (relative error ~1e-7). */
+static inline __m512 gelu(__m512 x) {
+    __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+    __m512 y = _mm512_mul_ps(_mm512_set1_ps(-1.5957691216057308f), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), x3, x));
+    y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.4426950408889634f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), y);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_scalef_ps(p, n)));
+}
+
 /* Linux hands out the AMX tile state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA). */
 int jaxcls_amx_init(void) { return (int)syscall(SYS_arch_prctl, 0x1023, 18); }
 
 /* C[M, N] (float32) = A[M, K] (bfloat16, row-major) @ B, B given packed as
    P[N/32][K/32][2][16][16][2]: 32-column panels, 32-row K steps, two 16-column tiles of 16 rows of
    (B[2r, n], B[2r + 1, n]) pairs. N and K multiples of 32. Threads split the 32-row blocks (or the
-   panels when there are few rows); each walks A in ~1 MiB blocks, every panel over each block. */
-int jaxcls_amx_gemm(const uint16_t *A, const uint16_t *P, float *C, long M, long N, long K) {
+   panels when there are few rows); each walks A in ~1 MiB blocks, every panel over each block.
+   With `bias` (N floats), out is bfloat16: gelu(A @ B + bias) when `act` is 1, else A @ B + bias. */
+int jaxcls_amx_gemm(const uint16_t *A, const uint16_t *P, void *out, const float *bias, int act,
+                    long M, long N, long K) {
     long kb = K / 32, np = N / 32, mb = (M + 31) / 32;
     long per = (1L << 20) / (64L * K);
     int failed = 0;
@@ -85,6 +106,8 @@ int jaxcls_amx_gemm(const uint16_t *A, const uint16_t *P, float *C, long M, long
                     }
                 for (long p = p0; p < p1; p++) {
                     const uint16_t *bp = P + p * kb * 1024;
+                    __m512 bias0 = bias ? _mm512_loadu_ps(bias + p * 32) : _mm512_setzero_ps();
+                    __m512 bias1 = bias ? _mm512_loadu_ps(bias + p * 32 + 16) : _mm512_setzero_ps();
                     for (long b = c0; b < c1; b++) {
                         const uint16_t *a = block + (b - c0) * 32 * K;
                         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
@@ -98,9 +121,19 @@ int jaxcls_amx_gemm(const uint16_t *A, const uint16_t *P, float *C, long M, long
                             _tile_dpbf16ps(2, 5, 6);
                             _tile_dpbf16ps(3, 5, 7);
                         }
-                        float *c = C + b * 32 * N + p * 32;
+                        float *c = (float *)out + b * 32 * N + p * 32;
                         long rows = M - b * 32 < 32 ? M - b * 32 : 32;
-                        if (rows == 32) {
+                        if (bias) {
+                            _tile_stored(0, s, 128); _tile_stored(1, s + 16, 128);
+                            _tile_stored(2, s + 512, 128); _tile_stored(3, s + 528, 128);
+                            uint16_t *o = (uint16_t *)out + b * 32 * N + p * 32;
+                            for (long r = 0; r < rows; r++) {
+                                __m512 x0 = _mm512_add_ps(_mm512_load_ps(s + r * 32), bias0);
+                                __m512 x1 = _mm512_add_ps(_mm512_load_ps(s + r * 32 + 16), bias1);
+                                if (act) { x0 = gelu(x0); x1 = gelu(x1); }
+                                _mm512_storeu_si512((void *)(o + r * N), (__m512i)_mm512_cvtne2ps_pbh(x1, x0));
+                            }
+                        } else if (rows == 32) {
                             _tile_stored(0, c, N * 4); _tile_stored(1, c + 16, N * 4);
                             _tile_stored(2, c + 16 * N, N * 4); _tile_stored(3, c + 16 * N + 16, N * 4);
                         } else {
@@ -214,7 +247,7 @@ def library():
         _reason.append(reason or "unknown")
         return None
     c_long, c_void_p = ctypes.c_long, ctypes.c_void_p
-    lib.jaxcls_amx_gemm.argtypes = [c_void_p, c_void_p, c_void_p, c_long, c_long, c_long]
+    lib.jaxcls_amx_gemm.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, ctypes.c_int, c_long, c_long, c_long]
     lib.jaxcls_amx_gemm.restype = ctypes.c_int
     return lib
 
@@ -225,8 +258,10 @@ def unavailable_reason() -> str | None:
 
 
 def fits(k: int, n: int) -> bool:
-    """Whether a [K, N] weight can go through the kernel (and the kernel is here)."""
-    return k % TILE == 0 and n % TILE == 0 and library() is not None
+    """Whether a [K, N] weight can go through the kernel: whole tiles, the CPU backend, the kernel here."""
+    import jax
+
+    return k % TILE == 0 and n % TILE == 0 and jax.default_backend() == "cpu" and library() is not None
 
 
 def pack(w):

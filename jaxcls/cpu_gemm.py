@@ -191,10 +191,10 @@ def register_all() -> None:
         _register(name)
 
 
-def ffi_call(name: str, shape, *operands):
-    """The registered target `name` on `operands`, one float32 result of `shape`."""
+def ffi_call(name: str, shape, *operands, dtype=jnp.float32):
+    """The registered target `name` on `operands`, one result of `shape` (float32 unless `dtype`)."""
     _register(name)
-    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")
+    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(shape, dtype), vmap_method="sequential")
     return call(*operands)
 
 
@@ -215,15 +215,23 @@ for _ta, _tb in ((False, False), (False, True), (True, False)):
     _gemm_target(_ta, _tb)
 
 AMX_TARGET = "jaxcls_amx_gemm_bf16"
+AMX_GELU_TARGET = "jaxcls_amx_gemm_bias_gelu_bf16"
 
 
-@ffi_target(AMX_TARGET, "jaxcls AMX GEMM")
-def _amx_gemm(args, rets):
-    """C = A @ B with B in cpu_amx's packed layout [N/32, K/32, 2, 16, 16, 2]."""
-    a, p, c = args[0].contents, args[1].contents, rets[0].contents
-    if cpu_amx.library().jaxcls_amx_gemm(a.data, p.data, c.data, a.dims[0], p.dims[0] * cpu_amx.TILE,
-                                         p.dims[1] * cpu_amx.TILE):
-        raise MemoryError("no memory for the activations' tile-order copy")
+def _amx_target(name: str, gelu: bool) -> None:
+    @ffi_target(name, f"jaxcls AMX GEMM {name}")
+    def gemm(args, rets):
+        """A @ B, B in cpu_amx's packed layout [N/32, K/32, 2, 16, 16, 2]; with `gelu`, the third
+        operand is the bias and the result gelu(A @ B + bias) in bfloat16."""
+        a, p, c = args[0].contents, args[1].contents, rets[0].contents
+        bias = args[2].contents.data if gelu else None
+        if cpu_amx.library().jaxcls_amx_gemm(a.data, p.data, c.data, bias, int(gelu), a.dims[0],
+                                             p.dims[0] * cpu_amx.TILE, p.dims[1] * cpu_amx.TILE):
+            raise MemoryError("no memory for the activations' tile-order copy")
+
+
+_amx_target(AMX_TARGET, False)
+_amx_target(AMX_GELU_TARGET, True)
 
 
 def fast_path_available(flags: frozenset[str] | None = None) -> bool:
@@ -280,15 +288,32 @@ def matmul(x, w, dtype=None, cols: slice = slice(None)):
     `dtype`. A kernel packed for the AMX kernel (cpu_amx.pack; precision.inference_state makes
     them) runs there, float32 out; it has no gradient, as nothing trains on packed kernels."""
     if cpu_amx.is_packed(w):
-        w = cpu_amx.columns(w, cols)
-        lead, n = x.shape[:-1], w.shape[0] * cpu_amx.TILE
-        a = x.reshape(-1, x.shape[-1]).astype(jnp.bfloat16)
-        return ffi_call(AMX_TARGET, (a.shape[0], n), a, w).reshape(*lead, n)
+        return _amx_matmul(x, cpu_amx.columns(w, cols))
     w = w[:, cols]
     dtype = jnp.dtype(x.dtype if dtype is None else dtype)
     if dtype == jnp.bfloat16 and w.ndim == 2 and fast_path_available():
         return _mkl_matmul(x, w, x.dtype.name, w.dtype.name)
     return x.astype(dtype) @ w.astype(dtype)
+
+
+def _amx_matmul(x, packed, bias=None):
+    """x [..., K] @ the packed kernel, float32; or, given the bias, gelu(x @ w + bias) in bfloat16."""
+    lead, n = x.shape[:-1], packed.shape[0] * cpu_amx.TILE
+    a = x.reshape(-1, x.shape[-1]).astype(jnp.bfloat16)
+    if bias is None:
+        return ffi_call(AMX_TARGET, (a.shape[0], n), a, packed).reshape(*lead, n)
+    out = ffi_call(AMX_GELU_TARGET, (a.shape[0], n), a, packed, bias.astype(jnp.float32), dtype=jnp.bfloat16)
+    return out.reshape(*lead, n)
+
+
+def matmul_gelu(x, w, bias, dtype=None):
+    """gelu(x @ w + bias) (GPT-2's tanh form) for a layer whose output only feeds a bfloat16 matmul
+    (the MLP's c_fc): on the AMX kernel, fused and returned in bfloat16 where w is packed, which
+    is the rounding the next matmul applies anyway; else matmul, then XLA's bias and GELU."""
+    if cpu_amx.is_packed(w):
+        return _amx_matmul(x, w, bias)
+    dtype = jnp.dtype(x.dtype if dtype is None else dtype)
+    return jax.nn.gelu(matmul(x, w, dtype).astype(x.dtype) + bias.astype(x.dtype), approximate=True)
 
 
 def decide_dtype(requested: str, platform: str | None = None, flags: frozenset[str] | None = None,

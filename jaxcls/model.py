@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxcls.config import POOLINGS, GPT2Config, head_hidden
 from jaxcls.cpu_attention import attention_on_mkl, head_context, head_scores
-from jaxcls.cpu_gemm import activation_dtype, matmul
+from jaxcls.cpu_gemm import activation_dtype, matmul, matmul_gelu
 from jaxcls.errors import ConfigError
 from jaxcls.lora import LoRAHead, adapter_update, init_adapter, lora_parts, lora_scale, merged_lora_params
 
@@ -148,7 +148,12 @@ class MLP(nnx.Module):
                              lora_pairs=lora_parts(config, "mlp.c_proj"), adapter=True)
 
     def __call__(self, x):
-        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))
+        fc = self.c_fc
+        if fc.lora_a is None and fc.adapter is None:  # the AMX kernel fuses bias and GELU (cpu_gemm)
+            h = matmul_gelu(x.astype(fc.dtype), fc.kernel[...], fc.bias[...], fc.operands)
+        else:
+            h = jax.nn.gelu(fc(x), approximate=True)
+        return self.c_proj(h)
 
 
 def layer_norm(config: GPT2Config, rngs: nnx.Rngs) -> nnx.LayerNorm:

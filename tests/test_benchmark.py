@@ -166,7 +166,7 @@ def test_sms_inference_smoke(tmp_path, monkeypatch):
     assert record["jaxcls_speedup_vs_fastest_peer"] == quickest["jaxcls_speedup"]
 
 
-SCRIPTS = ["throughput", "sms_inference", "ab_train_step", "bf16_probe", "choice_prefix", "first_run",
+SCRIPTS = ["throughput", "sms_inference", "ab_train_step", "bf16_probe", "choice_prefix", "first_run", "amx_kernel",
            "hf_classify"]
 
 

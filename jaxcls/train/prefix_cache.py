@@ -25,6 +25,7 @@ import numpy as np
 from jaxcls import data as data_lib
 from jaxcls.config import TrainConfig
 from jaxcls.fileio import OWNER, atomic_write_json, dead_here, owner_tag
+from jaxcls.precision import cast_kernels
 from jaxcls.train.batches import Group, Prepared
 from jaxcls.train.step import StepSpec, make_features_step
 
@@ -69,6 +70,7 @@ def build(model, graphdef, trainable, frozen, data: Prepared, spec: StepSpec, st
         log(f"{over}: spilling it to {spill.path}")
     t0 = time.perf_counter()
     features_step = make_features_step(graphdef, cached_spec)
+    frozen = cast_kernels(frozen, model.config, pack=True)  # the fill is inference: the AMX kernel's layout
     # Padding is masked, so each chunk of length-sorted texts can run at the finer bucket of its
     # own longest text; the book's 'last' pooling reads padding and needs it all.
     lengths = data_lib.fine_bucket_lengths(model.config.n_ctx) if data.pooling != "last" else None
