@@ -340,4 +340,7 @@ def decide_dtype(requested: str, platform: str | None = None, flags: frozenset[s
     if width is not None and width < MIN_MKL_WIDTH:
         return "float32", (f"cpu with {'+'.join(units)} and MKL, but at width {width} (under {MIN_MKL_WIDTH}) "
                            "MKL's per-call overhead outweighs its speed")
-    return "bfloat16", f"cpu with {'+'.join(units)}: bfloat16 matmuls on MKL's GEMM"
+    kernel = cpu_amx.why_not(host_flags() if flags is None else flags)
+    where = ("MKL's GEMM, inference's on jaxcls's AMX kernel" if kernel is None
+             else f"MKL's GEMM (jaxcls's AMX kernel unused: {kernel})")
+    return "bfloat16", f"cpu with {'+'.join(units)}: bfloat16 matmuls on {where}"

@@ -54,6 +54,10 @@ ALLOWED_SKIPS: dict[str, str] = {
         "needs MKL (the optional jaxcls[amx] extra); the XLA fallback is tested regardless",
     "tests/test_amx.py::test_model_on_mkl_matches_xla":
         "needs MKL (the optional jaxcls[amx] extra); the XLA fallback is tested regardless",
+    "tests/test_cpu_amx.py::test_kernel_matches_a_float64_product":
+        "runs the AMX kernel: needs an AMX CPU, a C compiler and MKL; the MKL path it replaces is tested regardless",
+    "tests/test_cpu_amx.py::test_inference_reads_packed_kernels_and_matches_mkl":
+        "runs the AMX kernel: needs an AMX CPU, a C compiler and MKL; the MKL path it replaces is tested regardless",
 }
 
 

@@ -1,5 +1,5 @@
 """jaxcls.cpu_amx: the hand-written AMX GEMM, its build at first use, the packed kernels inference
-reads, and the MKL path wherever it cannot run. Tests marked `needs_amx` run the kernel and so need
+reads, and the MKL path wherever it cannot run. Tests taking the `amx` fixture run the kernel and so need
 an AMX CPU and a C compiler; the rest run anywhere."""
 
 import os
@@ -17,8 +17,14 @@ from jaxcls.infer.predictor import predict_step
 from jaxcls.model import GPT2Classifier, path_str
 from jaxcls.precision import cast_kernels, inference_state
 
-needs_amx = pytest.mark.skipif(cpu_amx.library() is None or cpu_gemm.load_mkl() is None,
-                               reason=f"the AMX kernel does not run here: {cpu_amx.unavailable_reason()}")
+
+
+@pytest.fixture
+def amx():
+    """Skips where the kernel cannot run; asked at run time, so the build lands in the tests'
+    private JAXCLS_HOME (conftest), not the user's cache."""
+    if cpu_amx.library() is None or cpu_gemm.load_mkl() is None:
+        pytest.skip(f"the AMX kernel does not run here: {cpu_amx.unavailable_reason() or 'MKL is absent'}")
 
 
 def test_pack_puts_each_weight_where_the_tiles_read_it():
@@ -93,9 +99,8 @@ def _reference(x, w):
     return np.asarray(x, np.float64) @ np.asarray(w, np.float64)
 
 
-@needs_amx
 @pytest.mark.parametrize("m", [1, 5, 37, 96])
-def test_kernel_matches_a_float64_product(m):
+def test_kernel_matches_a_float64_product(amx, m):
     """x @ w (float32 out) and gelu(x @ w + b) (bfloat16 out) against float64 on the same bfloat16
     operands, for row counts that are and are not multiples of 32, K over the ~1 MiB block size.
     Fails if the tail rows are dropped (planted: `rows` fixed at 32 in the kernel's store) or the
@@ -120,8 +125,7 @@ def _packed(state) -> list[str]:
     return [path_str(p) for p, v in nnx.to_flat_state(state) if cpu_amx.is_packed(v.get_value())]
 
 
-@needs_amx
-def test_inference_reads_packed_kernels_and_matches_mkl(monkeypatch):
+def test_inference_reads_packed_kernels_and_matches_mkl(amx):
     """The predictor's state holds every block kernel packed (the head and the float32 model's
     weights are left alone), its lowered program calls the AMX kernel, and its logits match the
     MKL path's on the same model. Fails if inference stops packing (planted: `pack=False` in
@@ -140,3 +144,16 @@ def test_inference_reads_packed_kernels_and_matches_mkl(monkeypatch):
     assert not _packed(cast_kernels(full, cfg))  # training's operands stay [K, N]
     assert np.linalg.norm(amx - mkl) <= 2e-2 * np.linalg.norm(mkl)
     assert not _packed(inference_state(GPT2Classifier(cfg.replace(dtype="float32"), 3, rngs=nnx.Rngs(0)))[1])
+
+
+def test_without_the_kernel_inference_keeps_the_mkl_path(monkeypatch):
+    """Where the kernel cannot run (no AMX, no compiler, switched off), inference's state holds
+    the same [K, N] kernels as before it existed, so the programs are MKL's or XLA's own. Fails if
+    packing ignores the kernel's absence (planted: `fits` without `library() is not None`)."""
+    monkeypatch.setattr(cpu_gemm, "host_flags", lambda: frozenset({"amx_bf16"}))
+    monkeypatch.setattr(cpu_amx, "library", lambda: None)
+    cfg = preset("mini").replace(dtype="bfloat16")
+    _, state = inference_state(GPT2Classifier(cfg, 2, rngs=nnx.Rngs(0)))
+    assert not _packed(state)
+    kernel = state["h"][0]["mlp"]["c_fc"]["kernel"].get_value()
+    assert kernel.shape == (cfg.n_embd, 4 * cfg.n_embd)
