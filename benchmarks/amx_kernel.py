@@ -1,34 +1,27 @@
-"""jaxcls's own AMX GEMM (jaxcls.cpu_amx) against MKL's, on gpt2-small's shapes, and the tile unit's ceilings.
+"""jaxcls's own AMX GEMM (jaxcls.cpu_amx) against MKL's, on gpt2-small's shapes.
 
-    python -m benchmarks.amx_kernel                      # from the repo root; needs gcc, an AMX CPU, .[amx]
+    python -m benchmarks.amx_kernel                      # from the repo root; needs a C compiler, an AMX CPU, .[amx]
     python -m benchmarks.amx_kernel --rows 960,1920 --rounds 3
 
 Issue 18's inference gap was the GEMM kernel: PyTorch's oneDNN 3.12 runs gpt2-small's 48 GEMMs at
 about twice MKL's rate at 1,920 rows (docs/benchmarks.md), and no wheel outside PyTorch ships that
-kernel, so jaxcls carries its own (built with the machine's C compiler at first use). Three
-readings, each the median over --rounds interleaved rounds:
+kernel, so jaxcls carries its own (built with the machine's C compiler at first use). Readings
+are the median over --rounds interleaved rounds:
 
-1. The tile unit's ceilings on these cores (a small C probe compiled here with gcc): `TDPBF16PS`
-   alone on resident tiles; the 2 x 2 pattern every AMX GEMM streams over K (2 A tiles, 2 B
-   tiles, 4 accumulators: 4 tile loads per 4 products, all from L1); only the A tiles reloaded.
-2. The 48 GEMMs of one gpt2-small forward pass (12 layers x 768->2304, 768->768, 768->3072,
+1. The 48 GEMMs of one gpt2-small forward pass (12 layers x 768->2304, 768->768, 768->3072,
    3072->768, 12 distinct weights per shape, bfloat16 inputs) at each --rows: MKL's
    `cblas_gemm_bf16bf16f32` (float32 out) against jaxcls's kernel on packed weights, float32 out,
    and with c_fc's bias and GELU fused (bfloat16 out), as inference runs them.
-3. Each kernel result checked against NumPy in float32 (the script fails on a wrong product).
+2. Each kernel result checked against NumPy in float64 (the script fails on a wrong product).
 
 A JSON record is appended to benchmarks/results.jsonl."""
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,75 +30,6 @@ from benchmarks import system
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out) of c_attn, c_proj, c_fc, mlp c_proj
 LAYERS = 12
 KINDS = ("mkl", "jaxcls", "jaxcls-gelu-fused")
-CEILINGS = {0: "products only (resident tiles)", 2: "2 x 2 GEMM pattern, 4 loads per 4 products",
-            3: "only the 2 A tiles reloaded"}
-
-C_SOURCE = r"""
-#include <immintrin.h>
-#include <stdint.h>
-#include <string.h>
-#include <unistd.h>
-#include <sys/syscall.h>
-#include <omp.h>
-
-typedef struct { uint8_t palette, start_row, res[14]; uint16_t colsb[16]; uint8_t rows[16]; } tilecfg;
-
-/* Linux hands out AMX tile state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA). */
-int amx_init(void) { return (int)syscall(SYS_arch_prctl, 0x1023, 18); }
-
-static void config(void) {
-    tilecfg c; memset(&c, 0, sizeof c); c.palette = 1;
-    for (int t = 0; t < 8; t++) { c.rows[t] = 16; c.colsb[t] = 64; }
-    _tile_loadconfig(&c);
-}
-
-void ceiling(uint16_t *buf, long iters, int mode) {
-    #pragma omp parallel
-    {
-        config();
-        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        _tile_loadd(4, buf, 64); _tile_loadd(5, buf + 512, 64);
-        _tile_loadd(6, buf + 1024, 64); _tile_loadd(7, buf + 1536, 64);
-        for (long i = 0; i < iters; i++) {
-            if (mode == 2) {
-                _tile_loadd(4, buf, 64); _tile_loadd(6, buf + 1024, 64); _tile_dpbf16ps(0, 4, 6);
-                _tile_loadd(7, buf + 1536, 64); _tile_dpbf16ps(1, 4, 7);
-                _tile_loadd(5, buf + 512, 64); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-            } else if (mode == 3) {
-                _tile_loadd(4, buf, 64); _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
-                _tile_loadd(5, buf + 512, 64); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-            } else {
-                _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-            }
-        }
-        _tile_stored(0, buf + 2048 + 1024 * omp_get_thread_num(), 64);
-        _tile_release();
-    }
-}
-
-"""
-
-
-def build(folder: Path):
-    """The compiled ceiling probe as a ctypes library with AMX enabled for this process; SystemExit
-    with one line where gcc, the CPU's AMX or the kernel's permission is missing."""
-    if not shutil.which("gcc"):
-        raise SystemExit("amx_kernel: gcc not found (the ceiling probe is compiled here, at run time)")
-    if not system.cpu_features().get("amx_bf16"):
-        raise SystemExit("amx_kernel: this CPU has no AMX-BF16 tiles (lscpu: no amx_bf16)")
-    src, lib = folder / "amx_kernel.c", folder / "libamx_kernel.so"
-    src.write_text(C_SOURCE)
-    cmd = ["gcc", "-O3", "-mavx512f", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp", "-shared",
-           "-fPIC", str(src), "-o", str(lib)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"amx_kernel: gcc failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
-    so = ctypes.CDLL(str(lib))
-    if so.amx_init() != 0:
-        raise SystemExit("amx_kernel: the kernel refused AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)")
-    vp, cl = ctypes.c_void_p, ctypes.c_long
-    so.ceiling.argtypes = [vp, cl, ctypes.c_int]
-    return so
 
 
 def main(argv=None) -> dict:
@@ -131,74 +55,53 @@ def main(argv=None) -> dict:
     if kernel is None:
         raise SystemExit(f"amx_kernel: jaxcls's AMX kernel does not run here: {cpu_amx.unavailable_reason()}")
     info = system.system_info(threads)
-    folder = Path(tempfile.mkdtemp(prefix="jaxcls-amx-"))
-    try:
-        so = build(folder)
-        rng = np.random.default_rng(0)
-        buf = np.zeros(2048 + 1024 * threads, np.uint16)
+    rng = np.random.default_rng(0)
+    weights = [[rng.standard_normal(s).astype(ml_dtypes.bfloat16) for s in SHAPES] for _ in range(LAYERS)]
+    packed = [[np.ascontiguousarray(cpu_amx.pack(w)) for w in ws] for ws in weights]
+    bias = {n: rng.standard_normal(n).astype(np.float32) for n in (768, 2304, 3072)}
+    record = {"benchmark": "amx_kernel", "threads": threads, "rounds": args.rounds, "sequence_gflops": {},
+              "kernel": str(cpu_amx.library_path())}
+    readings: dict[str, list[float]] = {}
+    rows = [int(r) for r in args.rows.split(",")]
+    for m in rows:
+        x = {k: rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16) for k in (768, 3072)}
+        out32 = {n: np.empty((m, n), np.float32) for n in (768, 2304, 3072)}
+        out16 = {n: np.empty((m, n), ml_dtypes.bfloat16) for n in (768, 2304, 3072)}
 
-        def ceiling(mode: int) -> float:
-            iters = 400_000
-            so.ceiling(buf.ctypes.data, 1000, mode)
-            t = time.perf_counter()
-            so.ceiling(buf.ctypes.data, iters, mode)
-            return threads * iters * 4 * 2 * 16 * 16 * 32 / (time.perf_counter() - t) / 1e9
+        def run(kind: str, layer: int, i: int):
+            k, n = SHAPES[i]
+            if kind == "mkl":
+                mkl(101, 111, 111, m, n, k, 1.0, x[k].ctypes.data, k, weights[layer][i].ctypes.data, n,
+                    0.0, out32[n].ctypes.data, n)
+            elif kind == "jaxcls" or i != 2:  # float32 out; c_fc alone has its GELU fused
+                kernel.jaxcls_amx_gemm(x[k].ctypes.data, packed[layer][i].ctypes.data, out32[n].ctypes.data,
+                                       None, 0, m, n, k)
+            else:
+                kernel.jaxcls_amx_gemm(x[k].ctypes.data, packed[layer][i].ctypes.data, out16[n].ctypes.data,
+                                       bias[n].ctypes.data, 1, m, n, k)
 
-        weights = [[rng.standard_normal(s).astype(ml_dtypes.bfloat16) for s in SHAPES] for _ in range(LAYERS)]
-        packed = [[np.ascontiguousarray(cpu_amx.pack(w)) for w in ws] for ws in weights]
-        bias = {n: rng.standard_normal(n).astype(np.float32) for n in (768, 2304, 3072)}
-        record = {"benchmark": "amx_kernel", "threads": threads, "rounds": args.rounds,
-                  "ceilings_gflops": {}, "sequence_gflops": {}}
-        readings: dict[str, list[float]] = {}
-        rows = [int(r) for r in args.rows.split(",")]
-        for m in rows:
-            x = {k: rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16) for k in (768, 3072)}
-            out32 = {n: np.empty((m, n), np.float32) for n in (768, 2304, 3072)}
-            out16 = {n: np.empty((m, n), ml_dtypes.bfloat16) for n in (768, 2304, 3072)}
+        for i, (k, n) in enumerate(SHAPES):  # 2. the products are right
+            want = x[k].astype(np.float64) @ weights[0][i].astype(np.float64)
+            run("jaxcls", 0, i)
+            err = float(np.abs(out32[n] - want).max() / np.abs(want).max())
+            if err > 1e-5:
+                raise SystemExit(f"amx_kernel: the kernel's {m}x{k}x{n} product is wrong (relative error {err:.2e})")
+        flop = sum(2 * m * k * n for k, n in SHAPES) * LAYERS
 
-            def run(kind: str, layer: int, i: int):
-                k, n = SHAPES[i]
-                if kind == "mkl":
-                    mkl(101, 111, 111, m, n, k, 1.0, x[k].ctypes.data, k, weights[layer][i].ctypes.data, n,
-                        0.0, out32[n].ctypes.data, n)
-                elif kind == "jaxcls" or i != 2:  # float32 out; c_fc alone has its GELU fused
-                    kernel.jaxcls_amx_gemm(x[k].ctypes.data, packed[layer][i].ctypes.data, out32[n].ctypes.data,
-                                           None, 0, m, n, k)
-                else:
-                    kernel.jaxcls_amx_gemm(x[k].ctypes.data, packed[layer][i].ctypes.data, out16[n].ctypes.data,
-                                           bias[n].ctypes.data, 1, m, n, k)
+        def sequence(kind: str) -> float:
+            ts = []
+            for _ in range(args.repeats + 1):
+                t = time.perf_counter()
+                for layer in range(LAYERS):
+                    for i in range(len(SHAPES)):
+                        run(kind, layer, i)
+                ts.append(time.perf_counter() - t)
+            return flop / statistics.median(ts[1:]) / 1e9
 
-            for i, (k, n) in enumerate(SHAPES):  # 3. the products are right
-                want = x[k].astype(np.float64) @ weights[0][i].astype(np.float64)
-                run("jaxcls", 0, i)
-                err = float(np.abs(out32[n] - want).max() / np.abs(want).max())
-                if err > 1e-5:
-                    raise SystemExit(f"amx_kernel: the kernel's {m}x{k}x{n} product is wrong (relative error {err:.2e})")
-            flop = sum(2 * m * k * n for k, n in SHAPES) * LAYERS
-
-            def sequence(kind: str) -> float:
-                ts = []
-                for _ in range(args.repeats + 1):
-                    t = time.perf_counter()
-                    for layer in range(LAYERS):
-                        for i in range(len(SHAPES)):
-                            run(kind, layer, i)
-                    ts.append(time.perf_counter() - t)
-                return flop / statistics.median(ts[1:]) / 1e9
-
-            for _ in range(args.rounds):
-                for kind in KINDS:
-                    readings.setdefault(f"{m}/{kind}", []).append(sequence(kind))
-                if m == rows[0]:
-                    for mode in CEILINGS:
-                        readings.setdefault(f"ceiling/{mode}", []).append(ceiling(mode))
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        for _ in range(args.rounds):
+            for kind in KINDS:
+                readings.setdefault(f"{m}/{kind}", []).append(sequence(kind))
     print(f"# {info['cpu_model']}, {threads} threads; GFLOP/s, median of {args.rounds} rounds (min-max)")
-    for mode, what in CEILINGS.items():
-        s = system.spread(readings[f"ceiling/{mode}"])
-        record["ceilings_gflops"][what] = s
-        print(f"tile unit, {what}: {s['median']:,.0f} ({s['min']:,.0f}-{s['max']:,.0f})")
     for m in rows:
         for kind in KINDS:
             s = system.spread(readings[f"{m}/{kind}"])

@@ -2,13 +2,15 @@
 
 Why by hand: on gpt2-small's shapes MKL's `cblas_gemm_bf16bf16f32` (cpu_gemm) runs at about 1.3
 TFLOP/s on a 2-core Xeon with AMX, half of what PyTorch's oneDNN 3.12 reaches there, and no wheel
-outside PyTorch ships a faster kernel (docs/benchmarks.md, issue 18). The tile unit itself reaches
-7 TFLOP/s on those cores (benchmarks/amx_kernel.py), so the gap is blocking, which this kernel
-handles for GPT-2's shapes: a 2 x 2 micro-kernel of `TDPBF16PS` (32 x 32 outputs, 8 tiles), the
-weights in the VNNI pair layout the B tiles read (`pack`, which XLA fuses with their bfloat16
-rounding), the activations copied to tile order a ~1 MiB block at a time (zero rows past M, so any
-M works), float32 out. N and K must be multiples of 32 (every GPT-2 width is); anything else stays
-on MKL.
+outside PyTorch ships a faster kernel (docs/benchmarks.md, issue 18). This one reaches about 1.75
+there (benchmarks/amx_kernel.py). It is written for GPT-2's shapes and for inference:
+- a 2 x 2 micro-kernel of `TDPBF16PS` (32 x 32 outputs from the 8 tiles);
+- the weights in the VNNI pair layout the B tiles read (`pack`), packed once by
+  precision.inference_state: packed in every call, the transpose cost more than the kernel saved;
+- the activations copied to tile order about 1 MiB at a time, zero rows past M, so any M works;
+- float32 out, or, for c_fc, bias and GELU applied while the results are in L1 and bfloat16 out.
+N and K must be multiples of 32 (every GPT-2 width is); anything else stays on MKL. Packed kernels
+have no gradient: training stays on MKL.
 
 Built the way torch.compile builds its CPU code: once, with `$CC` (default gcc), into
 `$JAXCLS_HOME/kernels/` under a name that hashes the source and the flags, written to a temporary
@@ -235,8 +237,6 @@ def library():
     reason = why_not()
     lib = None
     if reason is None:
-        # libgomp's idle threads spin after each call by default, taking the cores from XLA's threads
-        os.environ.setdefault("GOMP_SPINCOUNT", "0")
         try:
             lib = ctypes.CDLL(str(build(library_path())))
             if lib.jaxcls_amx_init() != 0:

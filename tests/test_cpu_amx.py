@@ -157,3 +157,19 @@ def test_without_the_kernel_inference_keeps_the_mkl_path(monkeypatch):
     assert not _packed(state)
     kernel = state["h"][0]["mlp"]["c_fc"]["kernel"].get_value()
     assert kernel.shape == (cfg.n_embd, 4 * cfg.n_embd)
+
+
+def test_amx_kernel_benchmark_records_both_gemms(amx, tmp_path):
+    """`python -m benchmarks.amx_kernel`, one small round: it checks the kernel's products against
+    NumPy, then records MKL's and the kernel's GFLOP/s over the 48 GEMMs with the CPU named. Never
+    asserts a speed. Fails if a kind goes unmeasured (planted: KINDS without "jaxcls-gelu-fused")."""
+    import json
+
+    from benchmarks import amx_kernel
+
+    results = tmp_path / "r.jsonl"
+    amx_kernel.main(["--rows", "32", "--rounds", "1", "--repeats", "1", "--results", str(results)])
+    record = json.loads(results.read_text())
+    assert set(record["sequence_gflops"]) == {"32/mkl", "32/jaxcls", "32/jaxcls-gelu-fused"}
+    assert all(s["median"] > 0 for s in record["sequence_gflops"].values())
+    assert record["system_info"]["cpu_features"]["amx_bf16"]
