@@ -16,7 +16,6 @@ from typing import IO, Iterator, Sequence
 from jaxcls.errors import CheckpointError
 
 
-_TMP_NAME = re.compile(r"\..+\.(\d+)\.[a-z0-9_]{8}\.tmp")
 
 
 def _umask() -> int:
@@ -43,13 +42,16 @@ def _alive(pid: int) -> bool:
 
 
 def host_tag() -> str:
-    """This host's name as a file-name part without '-': temp names that carry it beside a PID
-    let a cleanup judge only this host's processes (another host may share the disk)."""
-    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+    """This host's name as a file-name part without '-' or '.': temp names that carry it beside
+    a PID let a cleanup judge only this host's processes (another host may share the disk), and
+    without a dot it parses back out of a name whose own part has dots."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
 
 
 # How `owner_tag()` appears in a temp name, for the pattern that finds it again.
-OWNER = r"(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)"
+OWNER = r"(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)"
+# atomic_open's temp files: `.NAME.HOST-PID.XXXXXXXX.tmp` (mkstemp's 8 characters)
+_TMP_NAME = re.compile(rf"\..+\.{OWNER}\.[a-z0-9_]{{8}}\.tmp")
 
 
 def owner_tag() -> str:
@@ -63,14 +65,15 @@ def dead_here(host: str, pid: int) -> bool:
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
-    """Delete `atomic_open`'s temp files in `folder` left by processes that no longer run (a
-    killed run never reaches its cleanup); returns what was removed."""
+    """Delete `atomic_open`'s temp files in `folder` left by processes of this host that no longer
+    run (a killed run never reaches its cleanup); another host's, on a shared disk, stay. Returns
+    what was removed."""
     removed = []
     with contextlib.suppress(OSError):
         with os.scandir(folder) as entries:
             for entry in entries:
                 m = _TMP_NAME.fullmatch(entry.name)
-                if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+                if m is None or not dead_here(m["host"], int(m["pid"])):
                     continue
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
@@ -80,13 +83,13 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temp file `.NAME.PID.XXXXXXXX.tmp` beside `path`; on success fsync and rename it
+    """Open a temp file `.NAME.HOST-PID.XXXXXXXX.tmp` beside `path`; on success fsync and rename it
     over `path`, else delete it. The file gets the mode a plain open() would (0666 less the
     umask), not mkstemp's 0600; stale temp files of dead processes in the folder are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())

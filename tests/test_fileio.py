@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxcls.fileio import atomic_open, atomic_write_bytes, atomic_write_json
+from jaxcls.fileio import atomic_open, atomic_write_bytes, atomic_write_json, host_tag
 
 JAXCLS_DIR = Path(__file__).resolve().parents[1] / "jaxcls"
 
@@ -46,15 +46,15 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask, expected):
     assert _mode(tmp_path / "sub" / "classifier.json") == expected
 
 
-def test_temp_name_carries_the_pid(tmp_path):
-    """Fails if the temp name does not hold the pid (planted: prefix=f".{path.name}." in
-    atomic_open), which stale-file cleanup relies on."""
+def test_temp_name_carries_the_host_and_pid(tmp_path):
+    """Fails if the temp name does not hold the host and pid (planted: prefix=f".{path.name}.{os.getpid()}."
+    in atomic_open), which stale-file cleanup relies on."""
     target = tmp_path / "metrics.json"
     with atomic_open(target) as f:
         f.write(b"{}")
         temps = [p.name for p in tmp_path.iterdir()]
     assert len(temps) == 1
-    assert re.fullmatch(rf"\.metrics\.json\.{os.getpid()}\.[a-z0-9_]{{8}}\.tmp", temps[0]), temps
+    assert re.fullmatch(rf"\.metrics\.json\.{host_tag()}-{os.getpid()}\.[a-z0-9_]{{8}}\.tmp", temps[0]), temps
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
@@ -80,16 +80,20 @@ def test_killed_writer_leaves_a_temp_that_the_next_write_removes(tmp_path):
 
 
 def test_cleanup_spares_live_writers_and_other_files(tmp_path):
-    """Only pattern-matching temps of dead pids go. Fails if liveness is not checked (planted:
-    _alive returns False), or if the pattern is loose (planted: _TMP_NAME = r"\\..*\\.(\\d+)\\..*")."""
-    dead = _dead_pid()
+    """Only pattern-matching temps of this host's dead pids go: a live writer's, our own, another
+    host's (its pid means nothing here) and anything else stay. Fails if liveness is not checked
+    (planted: _alive returns False), if the host is not (planted: `dead_here` without
+    `host == host_tag()`), or if the pattern is loose (planted: `\\.tmp` dropped from _TMP_NAME)."""
+    dead, host = _dead_pid(), host_tag()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        stale = tmp_path / f".model.safetensors.{dead}.abcd_123.tmp"
-        busy = tmp_path / f".model.safetensors.{live.pid}.efgh4567.tmp"
-        own = tmp_path / f".metrics.json.{os.getpid()}.ijkl8901.tmp"
-        others = [tmp_path / n for n in (f"notes.{dead}.abcdefgh.tmp", ".swap.tmp",
-                                         f".x.{dead}.tmp", f".x.{dead}.abcdefgh.tmp.bak")]
+        stale = tmp_path / f".model.safetensors.{host}-{dead}.abcd_123.tmp"
+        busy = tmp_path / f".model.safetensors.{host}-{live.pid}.efgh4567.tmp"
+        own = tmp_path / f".metrics.json.{host}-{os.getpid()}.ijkl8901.tmp"
+        others = [tmp_path / n for n in (f"notes.{host}-{dead}.abcdefgh.tmp", ".swap.tmp",
+                                         f".x.{host}-{dead}.tmp", f".x.{host}-{dead}.abcdefgh.tmp.bak",
+                                         f".x.other_host-{dead}.abcdefgh.tmp",  # another host's, on a shared disk
+                                         f".x.{dead}.abcdefgh.tmp")]  # before hosts were named: its host unknown
         for p in [stale, busy, own, *others]:
             p.write_bytes(b"")
         atomic_write_bytes(tmp_path / "LATEST", b"{}")
