@@ -2,7 +2,7 @@
 
 Why by hand: on gpt2-small's shapes MKL's `cblas_gemm_bf16bf16f32` (cpu_gemm) runs at about 1.3
 TFLOP/s on a 2-core Xeon with AMX, half of what PyTorch's oneDNN 3.12 reaches there, and no wheel
-outside PyTorch ships a faster kernel (docs/benchmarks.md, issue 18). This one reaches about 1.75
+outside PyTorch ships a faster kernel (docs/benchmarks.md, issue 18). This one reaches 2.0-2.2
 there (benchmarks/amx_kernel.py). It is written for GPT-2's shapes and for inference:
 - a 2 x 2 micro-kernel of `TDPBF16PS` (32 x 32 outputs from the 8 tiles);
 - the weights in the VNNI pair layout the B tiles read (`pack`), packed once by

@@ -103,8 +103,8 @@ def _reference(x, w):
 def test_kernel_matches_a_float64_product(amx, m):
     """x @ w (float32 out) and gelu(x @ w + b) (bfloat16 out) against float64 on the same bfloat16
     operands, for row counts that are and are not multiples of 32, K over the ~1 MiB block size.
-    Fails if the tail rows are dropped (planted: `rows` fixed at 32 in the kernel's store) or the
-    GELU is off (planted: 0.044715 -> 0.04)."""
+    Fails if the last rows are lost (planted: `row < M - 1` in the copy to tile order; the final
+    `while (pdone < prows)` flush removed) or the GELU is off (planted: 0.044715 -> 0.04)."""
     rng = np.random.default_rng(m)
     k, n = 96 if m < 96 else 9216, 64
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
