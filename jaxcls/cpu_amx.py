@@ -271,8 +271,8 @@ def fits(k: int, n: int) -> bool:
 
 
 def pack(w):
-    """w [K, N] (bfloat16) in the kernel's B layout, [N/32, K/32, 2, 16, 16, 2]: a transpose XLA fuses
-    with the bfloat16 rounding that precedes it."""
+    """w [K, N] (bfloat16) in the kernel's B layout, [N/32, K/32, 2, 16, 16, 2]; a NumPy array works
+    too. Done once per state (precision.inference_state), never per call."""
     k, n = w.shape
     return w.reshape(k // TILE, 16, 2, n // TILE, 2, 16).transpose(3, 0, 4, 1, 5, 2)
 
