@@ -19,7 +19,6 @@ A JSON record is appended to benchmarks/results.jsonl."""
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -40,8 +39,6 @@ def main(argv=None) -> dict:
     p.add_argument("--results", default=str(Path(__file__).with_name("results.jsonl")))
     args = p.parse_args(argv)
     threads = system.usable_cores()
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    os.environ.setdefault("KMP_BLOCKTIME", "0")
     import ml_dtypes
     import numpy as np
 

@@ -147,7 +147,7 @@ def _source_digest() -> str:
 
 def _context() -> str:
     """What a trace or its compile depends on besides the function and its arguments."""
-    from jaxcls.cpu_amx import unavailable_reason
+    from jaxcls.cpu_amx import why_not
     from jaxcls.cpu_gemm import fast_path_available, host_flags
 
     backend = jax.devices()[0].client
@@ -156,7 +156,7 @@ def _context() -> str:
                                                    "jax_default_prng_impl", "jax_numpy_rank_promotion")}
     versions = [(m.__name__, m.__version__) for m in (jax, jaxlib, flax, np)]
     return repr((versions, backend.platform, backend.platform_version, [d.device_kind for d in jax.devices()],
-                 sorted(host_flags()), fast_path_available(), unavailable_reason(), _source_digest(), env, config))
+                 sorted(host_flags()), fast_path_available(), why_not(), _source_digest(), env, config))
 
 
 class ProgramStore:

@@ -16,7 +16,7 @@ have no gradient: training stays on MKL.
 Built the way torch.compile builds its CPU code: once, with `$CC` (default gcc), into
 `$JAXCLS_HOME/kernels/` under a name that hashes the source and the flags, written to a temporary
 name and renamed, so processes may share the folder. Where there is no compiler, no AMX, no Linux,
-or JAXCLS_AMX_KERNEL=0, `library()` is None (`why_not()` says why) and the matmuls stay on MKL."""
+or JAXCLS_AMX_KERNEL=0, `library()` is None (`unavailable_reason()` says why) and the matmuls stay on MKL."""
 
 from __future__ import annotations
 
@@ -234,33 +234,32 @@ def build(path: Path) -> Path:
     return path
 
 
-_reason: list[str] = []
-
-
 @functools.cache
-def library():
-    """The built kernel as a ctypes library with the tile state granted, or None (see why_not)."""
+def _load():
+    """(the built kernel as a ctypes library with the tile state granted, None) or (None, why not)."""
     reason = why_not()
-    lib = None
-    if reason is None:
-        try:
-            lib = ctypes.CDLL(str(build(library_path())))
-            if lib.jaxcls_amx_init() != 0:
-                reason, lib = "Linux refused the AMX tile state (arch_prctl)", None
-        except (OSError, subprocess.SubprocessError) as e:
-            reason, lib = str(e), None
-    if lib is None:
-        _reason.append(reason or "unknown")
-        return None
+    if reason is not None:
+        return None, reason
+    try:
+        lib = ctypes.CDLL(str(build(library_path())))
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, str(e)
+    if lib.jaxcls_amx_init() != 0:
+        return None, "Linux refused the AMX tile state (arch_prctl)"
     c_long, c_void_p = ctypes.c_long, ctypes.c_void_p
     lib.jaxcls_amx_gemm.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, ctypes.c_int, c_long, c_long, c_long]
     lib.jaxcls_amx_gemm.restype = ctypes.c_int
-    return lib
+    return lib, None
+
+
+def library():
+    """The built kernel as a ctypes library, or None (unavailable_reason says why)."""
+    return _load()[0]
 
 
 def unavailable_reason() -> str | None:
-    """After library(): why it is None (None when it loaded)."""
-    return None if library() is not None else _reason[-1]
+    """Why library() is None (None when it loaded)."""
+    return _load()[1]
 
 
 def fits(k: int, n: int) -> bool:

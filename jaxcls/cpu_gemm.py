@@ -306,14 +306,11 @@ def _amx_matmul(x, packed, bias=None):
     return out.reshape(*lead, n)
 
 
-def matmul_gelu(x, w, bias, dtype=None):
-    """gelu(x @ w + bias) (GPT-2's tanh form) for a layer whose output only feeds a bfloat16 matmul
-    (the MLP's c_fc): on the AMX kernel, fused and returned in bfloat16 where w is packed, which
-    is the rounding the next matmul applies anyway; else matmul, then XLA's bias and GELU."""
-    if cpu_amx.is_packed(w):
-        return _amx_matmul(x, w, bias)
-    dtype = jnp.dtype(x.dtype if dtype is None else dtype)
-    return jax.nn.gelu(matmul(x, w, dtype).astype(x.dtype) + bias.astype(x.dtype), approximate=True)
+def matmul_gelu(x, packed, bias):
+    """gelu(x @ w + bias) (GPT-2's tanh form) in bfloat16 on the AMX kernel, bias and GELU fused, for
+    a packed kernel whose output only feeds a bfloat16 matmul (the MLP's c_fc): bfloat16 is the
+    rounding that matmul applies anyway."""
+    return _amx_matmul(x, packed, bias)
 
 
 def decide_dtype(requested: str, platform: str | None = None, flags: frozenset[str] | None = None,

@@ -16,8 +16,6 @@ from typing import IO, Iterator, Sequence
 from jaxcls.errors import CheckpointError
 
 
-
-
 def _umask() -> int:
     """The process umask, read without changing it where Linux shows it (os.umask can only read
     it by setting it, which races with other threads creating files)."""

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxcls import cpu_amx
 from jaxcls.config import POOLINGS, GPT2Config, head_hidden
 from jaxcls.cpu_attention import attention_on_mkl, head_context, head_scores
 from jaxcls.cpu_gemm import activation_dtype, matmul, matmul_gelu
@@ -83,14 +84,20 @@ class Linear(nnx.Module):
         size = config.adapter_size if adapter else 0
         self.adapter = Bottleneck(n_out, size, config=config, rngs=rngs) if size else None
 
-    def __call__(self, x, cols: slice = slice(None)):
-        """x @ kernel + bias, or only the output columns `cols` of it (the query part of c_attn)."""
+    def __call__(self, x, cols: slice = slice(None), *, gelu: bool = False):
+        """x @ kernel + bias, or only the output columns `cols` of it (the query part of c_attn);
+        with `gelu`, GPT-2's GELU of that, fused into the AMX kernel where the kernel is packed
+        for it (bfloat16 out: only the MLP's c_fc asks, and its output feeds a bfloat16 matmul)."""
         x = x.astype(self.dtype)
-        y = matmul(x, self.kernel[...], self.operands, cols).astype(self.dtype) + self.bias[cols].astype(self.dtype)
+        kernel = self.kernel[...]
+        if gelu and cpu_amx.is_packed(kernel) and self.lora_a is None and self.adapter is None:
+            return matmul_gelu(x, cpu_amx.columns(kernel, cols), self.bias[cols])
+        y = matmul(x, kernel, self.operands, cols).astype(self.dtype) + self.bias[cols].astype(self.dtype)
         if self.lora_a is not None:
             low = adapter_update(x, self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype), cols)
             y = y + self.lora_scale * low
-        return y if self.adapter is None else self.adapter(y)
+        y = y if self.adapter is None else self.adapter(y)
+        return jax.nn.gelu(y, approximate=True) if gelu else y
 
 
 class Attention(nnx.Module):
@@ -148,12 +155,7 @@ class MLP(nnx.Module):
                              lora_pairs=lora_parts(config, "mlp.c_proj"), adapter=True)
 
     def __call__(self, x):
-        fc = self.c_fc
-        if fc.lora_a is None and fc.adapter is None:  # the AMX kernel fuses bias and GELU (cpu_gemm)
-            h = matmul_gelu(x.astype(fc.dtype), fc.kernel[...], fc.bias[...], fc.operands)
-        else:
-            h = jax.nn.gelu(fc(x), approximate=True)
-        return self.c_proj(h)
+        return self.c_proj(self.c_fc(x, gelu=True))
 
 
 def layer_norm(config: GPT2Config, rngs: nnx.Rngs) -> nnx.LayerNorm:

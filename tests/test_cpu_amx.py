@@ -43,7 +43,7 @@ def test_columns_are_whole_panels():
     packed = cpu_amx.pack(w)
     np.testing.assert_array_equal(np.asarray(cpu_amx.columns(packed, slice(32, 96))),
                                   np.asarray(cpu_amx.pack(w[:, 32:96])))
-    assert cpu_amx.columns(packed, slice(None)) is not None
+    np.testing.assert_array_equal(np.asarray(cpu_amx.columns(packed, slice(None))), np.asarray(packed))
     with pytest.raises(ValueError, match="32-column panels"):
         cpu_amx.columns(packed, slice(0, 40))
 
@@ -61,6 +61,19 @@ def test_why_not_names_what_is_missing(monkeypatch):
     assert "no C compiler (no-such-compiler-here)" in cpu_amx.why_not(amx)
     monkeypatch.setattr(cpu_amx.platform, "machine", lambda: "aarch64")
     assert "x86-64" in cpu_amx.why_not(amx)
+
+
+def test_dtype_auto_says_whether_inference_runs_on_the_kernel(monkeypatch):
+    """`--dtype auto`'s why names the kernel where it would run, and the reason where it would not
+    (docs/predict.md). Fails if the reason is dropped (planted: `where` always the first text)."""
+    monkeypatch.setattr(cpu_amx.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(cpu_amx.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_amx, "compiler", lambda: "/usr/bin/cc")
+    monkeypatch.delenv("JAXCLS_AMX_KERNEL", raising=False)
+    used, why = cpu_gemm.decide_dtype("auto", "cpu", frozenset(cpu_amx.NEEDED_FLAGS), mkl=True)
+    assert used == "bfloat16" and "inference's on jaxcls's AMX kernel" in why
+    used, why = cpu_gemm.decide_dtype("auto", "cpu", frozenset({"avx512f", "avx512_bf16"}), mkl=True)
+    assert used == "bfloat16" and "AMX kernel unused: the CPU lacks amx_tile, amx_bf16" in why
 
 
 def _fake_compiler(tmp_path, body: str) -> str:
@@ -129,9 +142,14 @@ def test_inference_reads_packed_kernels_and_matches_mkl(amx):
     """The predictor's state holds every block kernel packed (the head and the float32 model's
     weights are left alone), its lowered program calls the AMX kernel, and its logits match the
     MKL path's on the same model. Fails if inference stops packing (planted: `pack=False` in
-    inference_state) or the fused MLP drops its bias (planted: `bias` None in the kernel's call)."""
+    inference_state) or the fused MLP drops its bias (planted: `0 * self.bias[cols]` in Linear's fused
+    call; the biases are set non-zero, as a fresh model's zeros would hide that)."""
     cfg = preset("mini").replace(dtype="bfloat16")
     model = GPT2Classifier(cfg, 3, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        if path[-1] == "bias":
+            var.set_value(jnp.asarray(rng.standard_normal(var.get_value().shape) * 0.5, jnp.float32))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 1000, (3, 40)), jnp.int32)
     lengths = jnp.asarray([40, 33, 7], jnp.int32)
     graphdef, state = inference_state(model)
